@@ -1,0 +1,128 @@
+"""The `dgserve` command line: `make-tiny` and `generate` (one process, no Ray)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from dgserve.model.errors import DGServeError, InputError
+
+
+def _ids(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.replace(" ", "").split(",") if x != ""]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"--prompt-ids: expected comma-separated integers, got {text!r}") from e
+
+
+def _add_sampler_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampler (defaults: the checkpoint's generation_config.json)")
+    g.add_argument("--max-new-tokens", type=int, help="new tokens; output grows by whole canvases")
+    g.add_argument("--max-denoising-steps", type=int)
+    g.add_argument("--entropy-bound", type=float)
+    g.add_argument("--t-min", type=float)
+    g.add_argument("--t-max", type=float)
+    g.add_argument("--stability-threshold", type=int)
+    g.add_argument("--confidence-threshold", type=float)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="dgserve", description="Serve DiffusionGemma with Ray.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    mt = sub.add_parser("make-tiny", help="write a tiny random checkpoint in the real layout")
+    mt.add_argument("dir", type=Path)
+    mt.add_argument("--seed", type=int, default=0)
+    mt.add_argument("--preset", default="tiny", help="tiny (default) | bench")
+    mt.add_argument("--shards", type=int, default=3)
+
+    gen = sub.add_parser("generate", help="generate in this process (no Ray)")
+    gen.add_argument("--model", default=None, help="checkpoint folder or hub id (default: the embedded tiny model)")
+    src = gen.add_mutually_exclusive_group()
+    src.add_argument("--prompt", help="user message; the checkpoint's chat template is applied")
+    src.add_argument("--prompt-ids", type=_ids, help="raw token ids, e.g. 2,651,1234")
+    gen.add_argument("--thinking", action="store_true", help="chat template in thinking mode")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--dtype", default="float32", help="float32 | bfloat16")
+    gen.add_argument("--device", default="cpu", help="cpu | cuda")
+    gen.add_argument("--json", action="store_true", help="print one JSON object on the last line")
+    _add_sampler_args(gen)
+    return ap
+
+
+def _progress_printer(stream):
+    def show(p) -> None:
+        if p.committed is not None:
+            stream.write(f"\rblock {p.block + 1}/{p.blocks}: committed after {p.step} steps{' ' * 20}\n")
+        else:
+            stream.write(f"\rblock {p.block + 1}/{p.blocks}: step {p.step}/{p.max_steps}")
+        stream.flush()
+    return show
+
+
+def cmd_generate(args) -> dict:
+    from dgserve.model.generate import generate
+    from dgserve.model.loader import load_checkpoint
+    from dgserve.model.sampler import SamplerSettings
+    from dgserve.model.tiny import default_model_dir
+    from dgserve.model.tokenizer import chat_prompt_ids, decode, load_tokenizer
+
+    t0 = time.perf_counter()
+    ck = load_checkpoint(args.model or default_model_dir(), dtype=args.dtype, device=args.device)
+    load_s = time.perf_counter() - t0
+    tok = load_tokenizer(ck.folder)
+    if args.prompt_ids is not None:
+        prompt = args.prompt_ids
+    elif args.prompt is not None:
+        prompt = chat_prompt_ids(tok, args.prompt, enable_thinking=args.thinking)
+    else:
+        raise InputError("prompt", "give --prompt TEXT or --prompt-ids IDS")
+    settings = SamplerSettings.from_defaults(
+        ck.generation, max_new_tokens=args.max_new_tokens, max_denoising_steps=args.max_denoising_steps,
+        entropy_bound=args.entropy_bound, t_min=args.t_min, t_max=args.t_max,
+        stability_threshold=args.stability_threshold, confidence_threshold=args.confidence_threshold)
+    show = _progress_printer(sys.stderr) if sys.stderr.isatty() and not args.json else None
+    res = generate(ck.model, prompt, settings, seed=args.seed, on_progress=show)
+    text = decode(tok, res.token_ids, settings.pad_token_id)
+    return {
+        "model": str(ck.folder), "prompt_tokens": len(prompt), "token_ids": res.token_ids, "text": text,
+        "finish_reason": res.finish_reason, "steps_per_block": res.steps_per_block,
+        "decoder_passes": res.decoder_passes, "tokens_per_forward": res.tokens_per_forward,
+        "timings": {"load_s": load_s, **res.timings},
+        "tokens_per_second": len(res.token_ids) / res.timings["total_s"] if res.timings["total_s"] else None,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "make-tiny":
+            from dgserve.model.tiny import make_tiny
+
+            folder = make_tiny(args.dir, seed=args.seed, preset=args.preset, num_shards=args.shards)
+            print(f"wrote tiny checkpoint ({args.preset}, seed {args.seed}) to {folder}")
+            return 0
+        if args.device != "cpu" and not torch.cuda.is_available():
+            raise InputError("device", f"{args.device!r} requested but no CUDA device is available")
+        out = cmd_generate(args)
+    except DGServeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(out["text"] if out["text"] is not None else " ".join(map(str, out["token_ids"])))
+        print(f"[{len(out['token_ids'])} tokens, steps per block {out['steps_per_block']}, "
+              f"{out['tokens_per_forward']:.2f} tokens/forward, {out['timings']['total_s']:.2f}s]", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

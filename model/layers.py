@@ -1,0 +1,53 @@
+"""Norms, rotary embeddings and the gated MLP, with the reference's numerics (MODEL_SPEC 3.1, 3.4).
+
+Casts are explicit where the reference depends on them: norms run in float32 and cast back; RoPE tables are
+float32 and cast to the activation dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .config import RopeSpec
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """x * (mean(x^2) + eps)^-0.5 [* w], in float32, cast back (weight used as-is, not 1 + w)."""
+    xf = x.float()
+    out = xf * torch.pow(xf.pow(2).mean(-1, keepdim=True) + eps, -0.5)
+    if weight is not None:
+        out = out * weight.float()
+    return out.type_as(x)
+
+
+def gated_mlp(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """GeGLU: gelu_tanh(x G^T) * (x U^T) -> D^T."""
+    return F.linear(F.gelu(F.linear(x, gate), approximate="tanh") * F.linear(x, up), down)
+
+
+def rope_inv_freq(spec: RopeSpec, head_dim: int) -> torch.Tensor:
+    """Inverse frequencies [d/2]. Proportional RoPE rotates the first `partial*d/2` pairs and passes the rest."""
+    if spec.rope_type == "default":
+        inv = 1.0 / (spec.theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+        return inv
+    angles = int(spec.partial_rotary_factor * head_dim // 2)
+    inv = 1.0 / (spec.theta ** (torch.arange(0, 2 * angles, 2, dtype=torch.int64).float() / head_dim))
+    nope = head_dim // 2 - angles
+    if nope > 0:
+        inv = torch.cat((inv, torch.zeros(nope, dtype=torch.float32)))
+    return inv / spec.factor
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
+    """cos, sin [T, 1, d] for absolute positions [T] (the extra axis broadcasts over heads)."""
+    freqs = positions[:, None].float() * inv_freq.to(positions.device)[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype)[:, None, :], emb.sin().to(dtype)[:, None, :]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, H, d] rotated with split-half pairing (j, j + d/2)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin

@@ -1,0 +1,198 @@
+"""Checkpoint loading: a local folder or a hub id, sharded safetensors read lazily, tensor by tensor.
+
+A filter chooses which routed experts this process holds (all, some, none), and expert tensors are read as
+row ranges of the stored [E, ...] tensors, so a process never holds the whole checkpoint in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .config import GenerationDefaults, ModelConfig, load_generation_defaults, load_model_config
+from .errors import CheckpointError, ConfigError
+from .moe import ExpertWeights, LocalExperts
+from .transformer import DiffusionGemma
+from .weights import LayerWeights, TensorSpec, TextWeights, expert_specs, global_specs, layer_specs
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model"]
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype) and name in DTYPES.values():
+        return name
+    if name not in DTYPES:
+        raise ConfigError("dtype", name, " | ".join(DTYPES))
+    return DTYPES[name]
+
+
+def resolve_checkpoint(model: str | os.PathLike, revision: str | None = None) -> Path:
+    """A local checkpoint folder, or a hub repo id fetched (or found offline) with `snapshot_download`."""
+    path = Path(model).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise CheckpointError(f"--model {model}: is a file; expected a checkpoint folder or a hub id")
+        return path
+    text = str(model)
+    if text.startswith((".", "/", "~")) or text.count("/") != 1:
+        raise CheckpointError(f"--model {model}: no such folder, and not a hub id of the form 'org/name'")
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id=text, revision=revision, allow_patterns=_HUB_PATTERNS))
+    except LocalEntryNotFoundError as e:
+        if constants.HF_HUB_OFFLINE:
+            raise CheckpointError(
+                f"--model {text}: HF_HUB_OFFLINE=1 is set and the model is not in the local hub cache "
+                f"({constants.HF_HUB_CACHE}); download it once without HF_HUB_OFFLINE, or pass a local folder"
+            ) from e
+        raise CheckpointError(f"--model {text}: could not reach the hub and no cached copy exists ({e})") from e
+    except RepositoryNotFoundError as e:
+        raise CheckpointError(f"--model {text}: no such repository on the hub (or it is private/gated)") from e
+    except HfHubHTTPError as e:
+        raise CheckpointError(f"--model {text}: hub download failed: {e}") from e
+
+
+class CheckpointReader:
+    """Lazy access to the tensors of a (possibly sharded) safetensors checkpoint by their stored names."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        index = folder / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text()).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{index}: no 'weight_map' object")
+        elif (folder / "model.safetensors").is_file():
+            with safe_open(folder / "model.safetensors", framework="pt") as f:
+                weight_map = {k: "model.safetensors" for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+        else:
+            raise CheckpointError(f"{folder}: no model.safetensors.index.json or model.safetensors")
+        missing = sorted({s for s in weight_map.values() if not (folder / s).is_file()})
+        if missing:
+            raise CheckpointError(f"{folder}: shard(s) named in the index are missing: {', '.join(missing)}")
+        self.weight_map: dict[str, str] = weight_map
+        self._stack = ExitStack()
+        self._files: dict[str, object] = {}
+
+    def close(self) -> None:
+        self._stack.close()
+        self._files.clear()
+
+    def _file(self, shard: str):
+        if shard not in self._files:
+            self._files[shard] = self._stack.enter_context(safe_open(self.folder / shard, framework="pt"))
+        return self._files[shard]
+
+    def find(self, spec: TensorSpec) -> str:
+        for name in (spec.name, *spec.fallbacks):
+            if name in self.weight_map:
+                return name
+        raise CheckpointError(f"tensor {spec.name} (shape {list(spec.shape)}) is missing from the checkpoint "
+                              f"{self.folder}")
+
+    def read(self, spec: TensorSpec, dtype: torch.dtype, rows: Sequence[int] | None = None) -> torch.Tensor:
+        """Read one tensor (optionally only some rows of dim 0), checking its shape against `spec`."""
+        name = self.find(spec)
+        sl = self._file(self.weight_map[name]).get_slice(name)
+        shape = tuple(sl.get_shape())
+        if shape != spec.shape:
+            raise CheckpointError(f"tensor {name}: expected shape {list(spec.shape)}, found {list(shape)}")
+        if rows is None:
+            return sl[:].to(dtype)
+        parts = [sl[a:b].to(dtype) for a, b in _runs(rows)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _runs(rows: Sequence[int]) -> list[tuple[int, int]]:
+    """Contiguous [a, b) runs of sorted row ids, so each run is one slice read."""
+    runs: list[tuple[int, int]] = []
+    for r in rows:
+        if runs and runs[-1][1] == r:
+            runs[-1] = (runs[-1][0], r + 1)
+        else:
+            runs.append((r, r + 1))
+    return runs
+
+
+@dataclass
+class LoadedCheckpoint:
+    folder: Path
+    config: ModelConfig
+    generation: GenerationDefaults
+    model: DiffusionGemma
+    expert_ids: tuple[int, ...]
+
+
+def read_text_weights(reader: CheckpointReader, cfg: ModelConfig, dtype: torch.dtype) -> TextWeights:
+    tc = cfg.text
+    g = {k: reader.read(s, dtype) for k, s in global_specs(tc).items()}
+    layers = []
+    for i in range(tc.num_layers):
+        t = {k: reader.read(s, dtype) for k, s in layer_specs(tc, i).items()}
+        t.setdefault("v_proj", None)
+        layers.append(LayerWeights(**t))
+    return TextWeights(layers=layers, **g)
+
+
+def read_experts(reader: CheckpointReader, cfg: ModelConfig, dtype: torch.dtype,
+                 expert_ids: Sequence[int]) -> list[ExpertWeights]:
+    out = []
+    for i in range(cfg.text.num_layers):
+        specs = expert_specs(cfg.text, i)
+        out.append(ExpertWeights(gate_up=reader.read(specs["gate_up"], dtype, expert_ids),
+                                 down=reader.read(specs["down"], dtype, expert_ids)))
+    return out
+
+
+def _expert_selection(experts: Sequence[int] | None, num_experts: int) -> tuple[int, ...]:
+    if experts is None:
+        return tuple(range(num_experts))
+    ids = tuple(sorted(set(int(e) for e in experts)))
+    bad = [e for e in ids if not 0 <= e < num_experts]
+    if bad:
+        raise ConfigError("experts", bad, f"expert ids in 0..{num_experts - 1}")
+    return ids
+
+
+def load_checkpoint(model: str | os.PathLike, dtype: str | torch.dtype = "float32",
+                    experts: Sequence[int] | None = None, revision: str | None = None,
+                    device: str | torch.device = "cpu") -> LoadedCheckpoint:
+    """Load config, generation defaults and weights. `experts`: None = all, [] = none, or the ids to hold.
+
+    With a partial expert set the returned model's backend only serves those experts; the caller replaces
+    `model.experts` with a backend that reaches the others (expert parallelism).
+    """
+    folder = resolve_checkpoint(model, revision)
+    cfg = load_model_config(folder)
+    dt = parse_dtype(dtype)
+    ids = _expert_selection(experts, cfg.text.num_experts)
+    reader = CheckpointReader(folder)
+    try:
+        weights = read_text_weights(reader, cfg, dt)
+        expert_weights = read_experts(reader, cfg, dt, ids) if ids else []
+    finally:
+        reader.close()
+    if str(device) != "cpu":
+        weights = _to_device(weights, device)
+        expert_weights = [ExpertWeights(w.gate_up.to(device), w.down.to(device)) for w in expert_weights]
+    model_ = DiffusionGemma(cfg, weights, LocalExperts(expert_weights, ids, cfg.text.num_experts))
+    return LoadedCheckpoint(folder, cfg, load_generation_defaults(folder), model_, ids)
+
+
+def _to_device(w: TextWeights, device) -> TextWeights:
+    from dataclasses import fields, replace
+
+    layers = [replace(lw, **{f.name: getattr(lw, f.name).to(device) for f in fields(lw)
+                             if getattr(lw, f.name) is not None}) for lw in w.layers]
+    return replace(w, layers=layers, **{f.name: getattr(w, f.name).to(device) for f in fields(w)
+                                        if f.name != "layers"})

@@ -1,0 +1,89 @@
+"""Router and routed experts behind one narrow interface.
+
+`ExpertBackend.__call__(layer, rows [T, D], expert_ids [T, K], weights [T, K]) -> combined rows [T, D]` is the
+only way the layer stack reaches its experts, so experts can later live in other processes (expert ranks
+exchanging rows by all-to-all) without touching attention code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from .layers import rms_norm
+
+
+def route(x_TD: torch.Tensor, proj_ED: torch.Tensor, scale_D: torch.Tensor, per_expert_scale_E: torch.Tensor,
+          top_k: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Router on the raw residual: weights [T, K] (float32) and expert ids [T, K] (MODEL_SPEC 3.5)."""
+    h = rms_norm(x_TD, None, eps) * scale_D * (x_TD.shape[-1] ** -0.5)
+    probs_TE = torch.softmax(F.linear(h, proj_ED), dim=-1, dtype=torch.float32)
+    w_TK, ids_TK = torch.topk(probs_TE, k=top_k, dim=-1)
+    w_TK = w_TK / w_TK.sum(dim=-1, keepdim=True)
+    return w_TK * per_expert_scale_E[ids_TK], ids_TK
+
+
+class ExpertBackend(Protocol):
+    def __call__(self, layer: int, rows_TD: torch.Tensor, expert_ids_TK: torch.Tensor,
+                 weights_TK: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass
+class ExpertWeights:
+    gate_up: torch.Tensor  # [E_local, 2I, D] rows 0..I-1 gate, I..2I-1 up
+    down: torch.Tensor  # [E_local, D, I]
+
+
+def expert_ffn(x_PD: torch.Tensor, counts: list[int], w: ExpertWeights, first_expert: int = 0) -> torch.Tensor:
+    """Rows sorted by expert, `counts[e]` rows for local expert e -> expert outputs [P, D] (unweighted)."""
+    out = torch.empty_like(x_PD)
+    start = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        x = x_PD[start:start + n]
+        gate, up = F.linear(x, w.gate_up[first_expert + e]).chunk(2, dim=-1)
+        out[start:start + n] = F.linear(F.gelu(gate, approximate="tanh") * up, w.down[first_expert + e])
+        start += n
+    return out
+
+
+class LocalExperts:
+    """All experts of every layer in this process (the `replicated` profile, and the reference path)."""
+
+    def __init__(self, layers: list[ExpertWeights], expert_ids: tuple[int, ...] | None = None,
+                 num_experts: int | None = None):
+        self.layers = layers
+        held = layers[0].gate_up.shape[0] if layers else 0
+        self.expert_ids = tuple(range(held)) if expert_ids is None else tuple(expert_ids)
+        self.num_experts = num_experts if num_experts is not None else held
+        # global expert id -> local row; -1 for experts another process holds
+        self._local = torch.full((self.num_experts,), -1, dtype=torch.long)
+        self._local[list(self.expert_ids)] = torch.arange(len(self.expert_ids))
+        self._all_local = len(self.expert_ids) == self.num_experts
+
+    def __call__(self, layer: int, rows_TD: torch.Tensor, expert_ids_TK: torch.Tensor,
+                 weights_TK: torch.Tensor) -> torch.Tensor:
+        T, K = expert_ids_TK.shape
+        flat_ids = expert_ids_TK.reshape(-1)  # [P], P = T*K
+        if not self._all_local:
+            flat_ids = self._local.to(flat_ids.device)[flat_ids]
+            if bool((flat_ids < 0).any()):
+                missing = sorted(set(expert_ids_TK.reshape(-1)[flat_ids < 0].tolist()))
+                raise RuntimeError(f"layer {layer}: experts {missing} are not held by this process")
+        ids_sorted, perm = torch.sort(flat_ids, stable=True)
+        counts = torch.bincount(ids_sorted, minlength=len(self.expert_ids)).tolist()
+        x_PD = rows_TD[perm // K]
+        y_PD = expert_ffn(x_PD, counts, self.layers[layer])
+        y_PD = y_PD * weights_TK.reshape(-1)[perm].unsqueeze(-1)
+        out_PD = torch.empty_like(y_PD)
+        out_PD[perm] = y_PD
+        # Per-token sum over its K experts: independent of the other rows in the batch.
+        return out_PD.view(T, K, -1).sum(dim=1).to(rows_TD.dtype)
+
+    def nbytes(self) -> int:
+        return sum(w.gate_up.numel() * w.gate_up.element_size() + w.down.numel() * w.down.element_size()
+                   for w in self.layers)

@@ -1,0 +1,171 @@
+"""The entropy-bound block-diffusion sampler (MODEL_SPEC 4.1), token-exact with the reference.
+
+Per request, one `torch.Generator` is consumed in the reference's order: one `randint` canvas per block, then per
+step one multinomial draw over the canvas (the CPU kernel draws exponential noise over [C, V]) and one `randint`
+renoise. Everything (entropy, sampling, argmax, stopping, self-conditioning) uses the tempered logits.
+Self-conditioning keeps the soft embedding [C, D], never the logits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+
+import torch
+
+from .config import GenerationDefaults
+from .errors import ConfigError
+
+MAX_DENOISING_STEPS = 1024
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    max_new_tokens: int = 256
+    max_denoising_steps: int = 48
+    entropy_bound: float = 0.1
+    t_min: float = 0.4
+    t_max: float = 0.8
+    stability_threshold: int = 1
+    confidence_threshold: float = 0.005
+    eos_token_ids: tuple[int, ...] = ()
+    pad_token_id: int | None = None
+
+    def __post_init__(self) -> None:
+        def bad(name: str, allowed: str):
+            raise ConfigError(name, getattr(self, name), allowed, "sampler")
+
+        def is_int(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        if not is_int(self.max_new_tokens) or self.max_new_tokens <= 0:
+            bad("max_new_tokens", "an integer >= 1")
+        if not is_int(self.max_denoising_steps) or not 1 <= self.max_denoising_steps <= MAX_DENOISING_STEPS:
+            bad("max_denoising_steps", f"an integer in 1..{MAX_DENOISING_STEPS}")
+        if not isinstance(self.entropy_bound, float) or not self.entropy_bound > 0:
+            bad("entropy_bound", "a float > 0")
+        if not isinstance(self.t_min, float) or not self.t_min >= 0:
+            bad("t_min", "a float >= 0")
+        if not isinstance(self.t_max, float) or not self.t_max > self.t_min:
+            bad("t_max", f"a float > t_min ({self.t_min})")
+        if not is_int(self.stability_threshold) or self.stability_threshold < 0:
+            bad("stability_threshold", "an integer >= 0")
+        if not isinstance(self.confidence_threshold, float) or not self.confidence_threshold > 0:
+            bad("confidence_threshold", "a float > 0")
+
+    @classmethod
+    def from_defaults(cls, defaults: GenerationDefaults, **overrides) -> SamplerSettings:
+        """Checkpoint defaults, with every override that is not None applied (and validated)."""
+        base = {f.name: getattr(defaults, f.name) for f in fields(GenerationDefaults)}
+        known = {f.name for f in fields(cls)}
+        unknown = set(overrides) - known
+        if unknown:
+            raise ConfigError(sorted(unknown)[0], overrides[sorted(unknown)[0]], f"one of {sorted(known)}",
+                              "sampler")
+        for k in ("entropy_bound", "t_min", "t_max", "confidence_threshold"):
+            v = overrides.get(k)
+            if isinstance(v, int) and not isinstance(v, bool):
+                overrides[k] = float(v)
+        base.update({k: v for k, v in overrides.items() if v is not None})
+        if "eos_token_ids" in base:
+            base["eos_token_ids"] = tuple(base["eos_token_ids"])
+        return cls(**base)
+
+    def with_overrides(self, **overrides) -> SamplerSettings:
+        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+    def temperatures(self) -> torch.Tensor:
+        """Float32 temperature for remaining-step n = 1..N at index n (computed with the reference's ops)."""
+        n = torch.arange(0, self.max_denoising_steps + 1, dtype=torch.int32)
+        return self.t_min + ((self.t_max - self.t_min) * (n / self.max_denoising_steps))
+
+
+def entropy(z_CV: torch.Tensor) -> torch.Tensor:
+    """Per-position entropy in nats, computed exactly as `torch.distributions.Categorical(logits=z).entropy()`."""
+    logits = z_CV - z_CV.logsumexp(dim=-1, keepdim=True)
+    probs = torch.softmax(logits, dim=-1)
+    return -(torch.clamp(logits, min=torch.finfo(logits.dtype).min) * probs).sum(-1)
+
+
+@dataclass
+class StepResult:
+    argmax_C: torch.Tensor
+    accepted: int
+    mean_entropy: float
+    stop: bool
+
+
+@dataclass
+class BlockDenoiser:
+    """The diffusion state of one block of one request: canvas, self-conditioning, argmax history."""
+
+    settings: SamplerSettings
+    vocab_size: int
+    canvas_length: int
+    generator: torch.Generator
+    temps: torch.Tensor
+    canvas_C: torch.Tensor = field(init=False)
+    soft_source_CV: torch.Tensor | None = field(init=False, default=None)  # probs whose soft embedding is next
+    argmax_C: torch.Tensor | None = field(init=False, default=None)
+    steps: int = field(init=False, default=0)
+    done: bool = field(init=False, default=False)
+    _history: torch.Tensor | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        self.canvas_C = self._noise()
+
+    def _noise(self) -> torch.Tensor:
+        # Shape (1, C) as the reference draws it; the values are the same as for (C,).
+        return torch.randint(0, self.vocab_size, (1, self.canvas_length), generator=self.generator,
+                             device=self.generator.device)[0]
+
+    @property
+    def remaining(self) -> int:
+        """The reference's step index n, counting down from N to 1."""
+        return self.settings.max_denoising_steps - self.steps
+
+    def step(self, logits_CV: torch.Tensor, sc_dtype: torch.dtype) -> StepResult:
+        s = self.settings
+        z = logits_CV / self.temps[self.remaining].to(logits_CV.device)
+        probs = torch.softmax(z, dim=-1, dtype=torch.float32)
+        sampled = torch.multinomial(probs, num_samples=1, generator=self.generator).squeeze(-1)
+        argmax = torch.argmax(z, dim=-1)
+        h = entropy(z)
+        sorted_h, order = torch.sort(h, dim=-1, descending=False)
+        keep_sorted = torch.cumsum(sorted_h, dim=-1) - sorted_h <= s.entropy_bound
+        accept = torch.scatter(torch.zeros_like(keep_sorted), -1, order, keep_sorted)
+        accepted = torch.where(accept, sampled, self.canvas_C)
+        self.canvas_C = torch.where(~accept, self._noise(), accepted)
+
+        stable = self._stable(argmax)
+        mean_h = float(h.mean())
+        confident = mean_h < s.confidence_threshold
+        self.argmax_C = argmax
+        # Next step's self-conditioning: softmax of the tempered logits cast to the embedding dtype. In float32
+        # that cast is the identity, so the sampling probabilities are reused.
+        self.soft_source_CV = probs if sc_dtype == torch.float32 else torch.softmax(
+            z.to(sc_dtype), dim=-1, dtype=torch.float32)
+        self.steps += 1
+        self.done = (stable and confident) or self.steps >= s.max_denoising_steps
+        return StepResult(argmax, int(accept.sum()), mean_h, stable and confident)
+
+    def _stable(self, argmax_C: torch.Tensor) -> bool:
+        k = self.settings.stability_threshold
+        if k == 0:
+            return True
+        if self._history is None:
+            self._history = torch.full((k, argmax_C.shape[0]), -1, dtype=argmax_C.dtype, device=argmax_C.device)
+        stable = bool((self._history == argmax_C[None]).all())
+        self._history = torch.roll(self._history, shifts=-1, dims=0)
+        self._history[-1] = argmax_C
+        return stable
+
+
+def finalize_block(block_C: list[int], settings: SamplerSettings) -> tuple[list[int], bool]:
+    """Pad everything after the first EOS (EOS kept); returns (tokens, hit_eos)."""
+    eos = set(settings.eos_token_ids)
+    for i, t in enumerate(block_C):
+        if t in eos:
+            if settings.pad_token_id is not None:
+                block_C = block_C[: i + 1] + [settings.pad_token_id] * (len(block_C) - i - 1)
+            return block_C, True
+    return block_C, False

@@ -1,0 +1,131 @@
+"""The DiffusionGemma text stack: one set of layers run two ways (MODEL_SPEC 3.2-3.7).
+
+`forward` runs one packed pass over any mix of work items (encoder chunks that write KV, canvases that read it)
+so an engine can batch them; `encode` and `denoise` are the single-item forms. Experts are reached only through
+the `ExpertBackend` given at construction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .attention import AttnItem, attention
+from .cache import KVCache
+from .config import ModelConfig
+from .layers import gated_mlp, rms_norm, rope_cos_sin, rope_inv_freq
+from .moe import ExpertBackend, route
+from .weights import LayerWeights, TextWeights
+
+
+@dataclass(frozen=True, slots=True)
+class WorkItem:
+    """A span of rows in a packed pass: an encoder chunk (ids) or a canvas (ids + optional soft embedding)."""
+
+    cache: KVCache
+    ids: torch.Tensor  # [T] token ids
+    encode: bool
+    soft_CD: torch.Tensor | None = None  # self-conditioning soft embedding, canvases only
+
+
+class DiffusionGemma:
+    def __init__(self, config: ModelConfig, weights: TextWeights, experts: ExpertBackend):
+        self.config, self.cfg, self.weights, self.experts = config, config.text, weights, experts
+        self.dtype = weights.dtype
+        self.device = weights.embed.device
+        # The reference stores sqrt(D) as a float32 tensor and casts it to the weight dtype (53.0 in bf16).
+        self.embed_scale = torch.tensor(self.cfg.embed_scale, dtype=torch.float32).to(self.dtype)
+        self.inv_freq = {kind: rope_inv_freq(spec, self._head_dim(kind)) for kind, spec in self.cfg.rope.items()}
+
+    def _head_dim(self, kind: str) -> int:
+        return next((s.head_dim for s in self.cfg.layers if s.kind == kind), self.cfg.layers[0].head_dim)
+
+    def new_cache(self) -> KVCache:
+        return KVCache(self.cfg, self.dtype, self.device)
+
+    # -- embeddings and head ------------------------------------------------------------------------------
+    def embed(self, ids_T: torch.Tensor) -> torch.Tensor:
+        return self.weights.embed[ids_T] * self.embed_scale
+
+    def soft_embedding(self, probs_CV: torch.Tensor) -> torch.Tensor:
+        """Self-conditioning input from the previous step's softmax: (p @ E) * scale  [C, D]."""
+        return torch.matmul(probs_CV.to(self.dtype), self.weights.embed) * self.embed_scale
+
+    def decoder_input(self, ids_C: torch.Tensor, soft_CD: torch.Tensor | None) -> torch.Tensor:
+        w, eps = self.weights, self.cfg.rms_norm_eps
+        e = self.embed(ids_C)
+        if soft_CD is not None:
+            # With no previous step the soft input is zero and its MLP adds exactly zero: skip it.
+            e = e + gated_mlp(rms_norm(soft_CD, w.sc_pre_norm, eps), w.sc_gate, w.sc_up, w.sc_down)
+        return rms_norm(e, None, eps)
+
+    def logits(self, hidden_TD: torch.Tensor) -> torch.Tensor:
+        """Tied LM head with the float32 softcap: [T, V] float32."""
+        cap = self.cfg.final_logit_softcapping
+        logits = torch.nn.functional.linear(hidden_TD, self.weights.embed).float()
+        return torch.tanh(logits / cap) * cap
+
+    def final_norm(self, h: torch.Tensor) -> torch.Tensor:
+        return rms_norm(h, self.weights.final_norm, self.cfg.rms_norm_eps)
+
+    # -- the packed pass -----------------------------------------------------------------------------------
+    def forward(self, items: list[WorkItem]) -> torch.Tensor:
+        """Run one pass over all items; returns final-normed hidden states [N, D] in item order."""
+        h_parts, pos_parts, attn_items = [], [], []
+        row = 0
+        for it in items:
+            n = it.ids.shape[0]
+            h_parts.append(self.embed(it.ids) if it.encode else self.decoder_input(it.ids, it.soft_CD))
+            start = it.cache.length
+            pos_parts.append(torch.arange(start, start + n, device=self.device))
+            attn_items.append(AttnItem(row, row + n, start, it.encode))
+            row += n
+        h = h_parts[0] if len(h_parts) == 1 else torch.cat(h_parts)
+        positions = pos_parts[0] if len(pos_parts) == 1 else torch.cat(pos_parts)
+        rope = {kind: rope_cos_sin(inv, positions, self.dtype) for kind, inv in self.inv_freq.items()}
+        for i, lw in enumerate(self.weights.layers):
+            h = self._layer(i, lw, h, rope, items, attn_items)
+        for it in items:
+            if it.encode:
+                it.cache.length += it.ids.shape[0]
+        return self.final_norm(h)
+
+    def _layer(self, i: int, lw: LayerWeights, h: torch.Tensor, rope: dict, items: list[WorkItem],
+               attn_items: list[AttnItem]) -> torch.Tensor:
+        cfg, eps, spec = self.cfg, self.cfg.rms_norm_eps, self.cfg.layers[i]
+        cos, sin = rope[spec.kind]
+        a = attention(rms_norm(h, lw.input_layernorm, eps), lw, spec, cfg.num_attention_heads, eps, cos, sin,
+                      attn_items, [it.cache.layers[i] for it in items], cfg.sliding_window)
+        h = h + rms_norm(a, lw.post_attention_layernorm, eps)
+        r = h
+        dense = rms_norm(gated_mlp(rms_norm(r, lw.pre_feedforward_layernorm, eps), lw.mlp_gate, lw.mlp_up,
+                                   lw.mlp_down), lw.post_feedforward_layernorm_1, eps)
+        weights_TK, ids_TK = route(r, lw.router_proj, lw.router_scale, lw.router_per_expert_scale,
+                                   cfg.top_k_experts, eps)
+        moe = self.experts(i, rms_norm(r, lw.pre_feedforward_layernorm_2, eps), ids_TK, weights_TK)
+        h = r + rms_norm(dense + rms_norm(moe, lw.post_feedforward_layernorm_2, eps),
+                         lw.post_feedforward_layernorm, eps)
+        return self._scale_rows(h, lw, attn_items)
+
+    @staticmethod
+    def _scale_rows(h: torch.Tensor, lw: LayerWeights, attn_items: list[AttnItem]) -> torch.Tensor:
+        modes = {a.encode for a in attn_items}
+        if len(modes) == 1:
+            return h * (lw.encoder_layer_scalar if attn_items[0].encode else lw.layer_scalar)
+        for a in attn_items:
+            h[a.start:a.stop] *= lw.encoder_layer_scalar if a.encode else lw.layer_scalar
+        return h
+
+    # -- single-item forms ---------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def encode(self, cache: KVCache, ids_T: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+        """Causal pass over a prompt or committed block; writes KV. Returns final-normed hidden [T, D]."""
+        outs = [self.forward([WorkItem(cache, ids_T[s:s + chunk], encode=True)])
+                for s in range(0, ids_T.shape[0], chunk)]
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    @torch.inference_mode()
+    def denoise(self, cache: KVCache, canvas_C: torch.Tensor, soft_CD: torch.Tensor | None) -> torch.Tensor:
+        """Bidirectional pass over a canvas reading the cache: softcapped logits [C, V] float32."""
+        return self.logits(self.forward([WorkItem(cache, canvas_C, encode=False, soft_CD=soft_CD)]))

@@ -1,0 +1,97 @@
+"""Helpers that build reference checkpoints with transformers 5.23.0 (tests and benchmarks only)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+
+@dataclass(frozen=True)
+class RefSpec:
+    """A tiny random DiffusionGemma that differs from the others in the shapes the parity tests care about."""
+
+    name: str
+    vocab_size: int = 512
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    moe_intermediate_size: int = 32
+    num_experts: int = 8
+    top_k_experts: int = 2
+    layer_types: tuple[str, ...] = ("sliding_attention", "full_attention", "sliding_attention", "full_attention")
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    head_dim: int = 16
+    global_head_dim: int = 32
+    num_global_key_value_heads: int = 1
+    sliding_window: int = 8
+    canvas_length: int = 16
+    max_position_embeddings: int = 4096
+    generation: dict = field(default_factory=dict)
+    seed: int = 0
+
+
+SPECS = {
+    "a": RefSpec("a"),
+    "b": RefSpec("b", vocab_size=700, hidden_size=48, intermediate_size=96, moe_intermediate_size=24,
+                 num_experts=6, top_k_experts=3,
+                 layer_types=("sliding_attention", "sliding_attention", "full_attention"),
+                 num_attention_heads=6, num_key_value_heads=3, head_dim=8, global_head_dim=16,
+                 num_global_key_value_heads=2, sliding_window=12, canvas_length=8, seed=1),
+    "c": RefSpec("c", vocab_size=400, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                 num_experts=4, top_k_experts=1,
+                 layer_types=("full_attention", "sliding_attention", "sliding_attention", "sliding_attention",
+                              "full_attention"),
+                 num_attention_heads=2, num_key_value_heads=1, head_dim=16, global_head_dim=16,
+                 num_global_key_value_heads=1, sliding_window=5, canvas_length=12, seed=2),
+}
+
+
+def build_reference(spec: RefSpec, folder: Path | None = None, dtype=torch.float32):
+    """A random transformers model with non-trivial norms and scales, optionally saved with save_pretrained."""
+    from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
+    from transformers.models.diffusion_gemma.configuration_diffusion_gemma import DiffusionGemmaTextConfig
+    from transformers.models.diffusion_gemma.generation_diffusion_gemma import DiffusionGemmaGenerationConfig
+    from transformers.models.gemma4.configuration_gemma4 import Gemma4VisionConfig
+
+    torch.manual_seed(spec.seed)
+    tc = DiffusionGemmaTextConfig(
+        vocab_size=spec.vocab_size, hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
+        moe_intermediate_size=spec.moe_intermediate_size, num_experts=spec.num_experts,
+        top_k_experts=spec.top_k_experts, num_hidden_layers=len(spec.layer_types),
+        layer_types=list(spec.layer_types), num_attention_heads=spec.num_attention_heads,
+        num_key_value_heads=spec.num_key_value_heads, head_dim=spec.head_dim,
+        global_head_dim=spec.global_head_dim, num_global_key_value_heads=spec.num_global_key_value_heads,
+        sliding_window=spec.sliding_window, max_position_embeddings=spec.max_position_embeddings,
+        use_bidirectional_attention="vision", final_logit_softcapping=30.0, rms_norm_eps=1e-6,
+        pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    vc = Gemma4VisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                            num_key_value_heads=2, head_dim=8, patch_size=16, pooling_kernel_size=3,
+                            position_embedding_size=64)
+    V = spec.vocab_size
+    cfg = DiffusionGemmaConfig(text_config=tc, vision_config=vc, canvas_length=spec.canvas_length,
+                               boi_token_id=V - 3, eoi_token_id=V - 2, image_token_id=V - 1)
+    model = DiffusionGemmaForBlockDiffusion._from_config(cfg, attn_implementation="sdpa", dtype=torch.float32)
+    randomize(model, spec.seed)
+    model.generation_config = DiffusionGemmaGenerationConfig(**spec.generation)
+    model = model.to(dtype).eval()
+    if folder is not None:
+        model.save_pretrained(folder, max_shard_size="200KB")
+    return model
+
+
+def randomize(model, seed: int) -> None:
+    """Norm weights, router scales and layer scalars away from 1 so every term of the math is exercised."""
+    g = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or name.endswith("router.scale"):
+                p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=g))
+            elif name.endswith("per_expert_scale"):
+                p.copy_(0.5 + torch.rand(p.shape, generator=g))
+            elif p.ndim >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.08)
+        for name, b in model.named_buffers():
+            if name.endswith("layer_scalar"):
+                b.fill_(0.6 + 0.6 * float(torch.rand((), generator=g)))
