@@ -48,7 +48,7 @@ SPECS = {
 }
 
 
-def build_reference(spec: RefSpec, folder: Path | None = None, dtype=torch.float32):
+def build_reference(spec: RefSpec, folder: Path | None = None, dtype=torch.float32, degenerate: bool = False):
     """A random transformers model with non-trivial norms and scales, optionally saved with save_pretrained."""
     from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
     from transformers.models.diffusion_gemma.configuration_diffusion_gemma import DiffusionGemmaTextConfig
@@ -74,6 +74,9 @@ def build_reference(spec: RefSpec, folder: Path | None = None, dtype=torch.float
                                boi_token_id=V - 3, eoi_token_id=V - 2, image_token_id=V - 1)
     model = DiffusionGemmaForBlockDiffusion._from_config(cfg, attn_implementation="sdpa", dtype=torch.float32)
     randomize(model, spec.seed)
+    if degenerate:  # all logits zero: a constant argmax, so "stable" fires on the second step
+        with torch.no_grad():
+            model.model.decoder.norm.weight.zero_()
     model.generation_config = DiffusionGemmaGenerationConfig(**spec.generation)
     model = model.to(dtype).eval()
     if folder is not None:
@@ -95,3 +98,34 @@ def randomize(model, seed: int) -> None:
         for name, b in model.named_buffers():
             if name.endswith("layer_scalar"):
                 b.fill_(0.6 + 0.6 * float(torch.rand((), generator=g)))
+
+
+def load_reference(folder: Path):
+    """The reference exactly as a user loads it: from the saved folder, sdpa attention, default dynamic cache."""
+    from transformers import DiffusionGemmaForBlockDiffusion
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    return DiffusionGemmaForBlockDiffusion.from_pretrained(folder, dtype=torch.float32,
+                                                           attn_implementation="sdpa").eval()
+
+
+@torch.inference_mode()
+def reference_generate(ref, prompt: list[int], seed: int, **kwargs) -> tuple[list[int], list]:
+    """The reference's new tokens after torch.manual_seed(seed), and its per-step argmax drafts."""
+    drafts: list = []
+
+    class Streamer:
+        def put(self, value):
+            pass
+
+        def put_draft(self, value):
+            drafts.append(value[0].clone())
+
+        def end(self):
+            pass
+
+    torch.manual_seed(seed)
+    out = ref.generate(torch.tensor([prompt]), streamer=Streamer(), **kwargs)
+    return out.sequences[0, len(prompt):].tolist(), drafts
