@@ -95,6 +95,7 @@ class ModelConfig:
     image_token_id: int | None = None
     boi_token_id: int | None = None
     eoi_token_id: int | None = None
+    video_token_id: int | None = None
     has_vision: bool = False
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
@@ -238,6 +239,7 @@ def model_config_from_dict(raw: dict) -> ModelConfig:
         image_token_id=raw.get("image_token_id"),
         boi_token_id=raw.get("boi_token_id"),
         eoi_token_id=raw.get("eoi_token_id"),
+        video_token_id=raw.get("video_token_id"),
         has_vision=raw.get("vision_config") is not None,
         raw=raw,
     )

@@ -53,9 +53,9 @@ def validate_prompt(ids: list[int] | torch.Tensor, config: ModelConfig, max_new_
     if bad.numel():
         i = int(bad[0, 0])
         raise InputError(field_name, f"token id {int(t[i])} at index {i} is outside the vocabulary (0..{V - 1})")
-    media = {config.image_token_id, config.boi_token_id, config.eoi_token_id} - {None}
+    media = {config.image_token_id, config.boi_token_id, config.eoi_token_id, config.video_token_id} - {None}
     if media and bool(torch.isin(t, torch.tensor(sorted(media))).any()):
-        raise InputError(field_name, "contains image tokens; image and video input is not supported yet "
+        raise InputError(field_name, "contains image/video tokens; image and video input is not supported yet "
                                      "(it arrives with the vision tower)")
     total = t.numel() + num_blocks(max_new_tokens, config.canvas_length) * config.canvas_length
     if total > config.text.max_position_embeddings:

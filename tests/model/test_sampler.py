@@ -1,0 +1,58 @@
+"""Sampler pieces against the reference's own classes, and settings validation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dgserve.model.config import GenerationDefaults
+from dgserve.model.errors import ConfigError
+from dgserve.model.sampler import SamplerSettings, entropy, finalize_block
+
+
+def test_entropy_is_bitwise_the_categorical_entropy():
+    z = torch.randn(64, 3000, generator=torch.Generator().manual_seed(0)) * 7
+    assert torch.equal(entropy(z), torch.distributions.Categorical(logits=z).entropy())
+
+
+def test_temperatures_are_the_reference_schedule():
+    from transformers.models.diffusion_gemma.generation_diffusion_gemma import (
+        LinearTemperatureScheduleLogitsProcessor,
+    )
+
+    s = SamplerSettings(max_denoising_steps=48, t_min=0.4, t_max=0.8)
+    proc = LinearTemperatureScheduleLogitsProcessor(t_min=0.4, t_max=0.8, max_denoising_steps=48)
+    scores = torch.randn(1, 4, 50, generator=torch.Generator().manual_seed(1)) * 9
+    temps = s.temperatures()
+    for n in range(1, 49):
+        expected = proc(None, scores, cur_step=torch.tensor(n, dtype=torch.int32))
+        assert torch.equal(scores / temps[n], expected)
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("max_denoising_steps", 0), ("max_denoising_steps", 5000), ("max_new_tokens", 0), ("entropy_bound", 0.0),
+    ("t_min", -0.1), ("t_max", 0.1), ("stability_threshold", -1), ("confidence_threshold", 0.0),
+    ("max_denoising_steps", 2.5),
+])
+def test_bad_settings_name_the_field(field, value):
+    with pytest.raises(ConfigError, match=field):
+        SamplerSettings.from_defaults(GenerationDefaults(), **{field: value})
+
+
+def test_unknown_knob_is_refused():
+    with pytest.raises(ConfigError, match="top_p"):
+        SamplerSettings.from_defaults(GenerationDefaults(), top_p=0.9)
+
+
+def test_overrides_default_to_the_checkpoint():
+    s = SamplerSettings.from_defaults(GenerationDefaults(eos_token_ids=(1, 106), pad_token_id=0),
+                                      max_new_tokens=64, t_min=None)
+    assert (s.max_new_tokens, s.t_min, s.eos_token_ids, s.pad_token_id) == (64, 0.4, (1, 106), 0)
+
+
+def test_finalize_pads_after_the_first_eos_and_keeps_it():
+    s = SamplerSettings(eos_token_ids=(1, 106), pad_token_id=0)
+    assert finalize_block([5, 6, 106, 7, 1, 8], s) == ([5, 6, 106, 0, 0, 0], True)
+    assert finalize_block([5, 6, 7], s) == ([5, 6, 7], False)
+    no_pad = SamplerSettings(eos_token_ids=(1,), pad_token_id=None)
+    assert finalize_block([5, 1, 7], no_pad) == ([5, 1, 7], True)
