@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from dgserve.model.errors import DGServeError, InputError
 
 
