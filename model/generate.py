@@ -13,7 +13,7 @@ import torch
 
 from .config import ModelConfig, num_blocks
 from .errors import InputError
-from .sampler import BlockDenoiser, SamplerSettings, finalize_block
+from .sampler import BlockDenoiser, NoiseStream, SamplerSettings, finalize_block
 from .transformer import DiffusionGemma
 
 
@@ -68,12 +68,13 @@ def validate_prompt(ids: list[int] | torch.Tensor, config: ModelConfig, max_new_
 @torch.inference_mode()
 def generate(model: DiffusionGemma, prompt_ids: list[int] | torch.Tensor, settings: SamplerSettings,
              seed: int = 0, on_progress: Callable[[Progress], None] | None = None,
-             generator: torch.Generator | None = None) -> GenerationResult:
+             generator: torch.Generator | None = None, prefetch_noise: bool = True) -> GenerationResult:
     cfg = model.config
     prompt = validate_prompt(prompt_ids, cfg, settings.max_new_tokens).to(model.device)
     if generator is None:
         generator = torch.Generator(device=model.device).manual_seed(seed)
     temps = settings.temperatures()
+    noise = NoiseStream(generator, cfg.canvas_length, cfg.text.vocab_size, prefetch=prefetch_noise)
     blocks = num_blocks(settings.max_new_tokens, cfg.canvas_length)
     cache = model.new_cache()
     out: list[int] = []
@@ -86,7 +87,7 @@ def generate(model: DiffusionGemma, prompt_ids: list[int] | torch.Tensor, settin
         model.encode(cache, pending)
         timings["prefill_s" if b == 0 else "commit_s"] += time.perf_counter() - t
         t = time.perf_counter()
-        block = BlockDenoiser(settings, cfg.text.vocab_size, cfg.canvas_length, generator, temps)
+        block = BlockDenoiser(settings, noise, temps)
         while not block.done:
             soft = None if block.soft_source_CV is None else model.soft_embedding(block.soft_source_CV)
             block.step(model.denoise(cache, block.canvas_C, soft), model.dtype)

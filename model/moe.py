@@ -77,12 +77,21 @@ class LocalExperts:
         ids_sorted, perm = torch.sort(flat_ids, stable=True)
         counts = torch.bincount(ids_sorted, minlength=len(self.expert_ids)).tolist()
         x_PD = rows_TD[perm // K]
-        y_PD = expert_ffn(x_PD, counts, self.layers[layer])
+        y_PD = self._ffn(x_PD, counts, self.layers[layer])
         y_PD = y_PD * weights_TK.reshape(-1)[perm].unsqueeze(-1)
         out_PD = torch.empty_like(y_PD)
         out_PD[perm] = y_PD
         # Per-token sum over its K experts: independent of the other rows in the batch.
         return out_PD.view(T, K, -1).sum(dim=1).to(rows_TD.dtype)
+
+    @staticmethod
+    def _ffn(x_PD: torch.Tensor, counts: list[int], w: ExpertWeights) -> torch.Tensor:
+        if x_PD.device.type == "cpu" and x_PD.dtype == torch.float32:
+            # One grouped GEMM per projection instead of a GEMM per expert (bitwise the same on CPU).
+            offs = torch.tensor(counts, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+            gate, up = torch._grouped_mm(x_PD, w.gate_up.transpose(-2, -1), offs=offs).chunk(2, dim=-1)
+            return torch._grouped_mm(F.gelu(gate, approximate="tanh") * up, w.down.transpose(-2, -1), offs=offs)
+        return expert_ffn(x_PD, counts, w)
 
     def nbytes(self) -> int:
         return sum(w.gate_up.numel() * w.gate_up.element_size() + w.down.numel() * w.down.element_size()

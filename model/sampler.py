@@ -8,6 +8,7 @@ Self-conditioning keeps the soft embedding [C, D], never the logits.
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, fields, replace
 
 import torch
@@ -86,6 +87,56 @@ def entropy(z_CV: torch.Tensor) -> torch.Tensor:
     return -(torch.clamp(logits, min=torch.finfo(logits.dtype).min) * probs).sum(-1)
 
 
+_NOISE_WORKER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dgserve-noise")
+
+
+class NoiseStream:
+    """A request's random draws, in the reference's order: a canvas per block; per step, exponential noise
+    over [C, V] (what the CPU multinomial draws) then a renoise canvas.
+
+    The draws never depend on the logits, so on CPU a step's draws are made on a worker thread while that
+    step's forward runs. A step's draws are requested only once the previous step decided to continue, so
+    nothing is drawn that the reference would not draw. On CUDA the draws are plain (kernel launches are
+    asynchronous already) and sampling calls torch.multinomial itself.
+    """
+
+    def __init__(self, generator: torch.Generator, canvas_length: int, vocab_size: int, prefetch: bool = True):
+        self.generator, self.C, self.V = generator, canvas_length, vocab_size
+        self.on_cpu = generator.device.type == "cpu"
+        self.prefetch = prefetch and self.on_cpu
+        self._pending: Future | None = None
+
+    def canvas(self) -> torch.Tensor:
+        if self._pending is not None:
+            raise RuntimeError("a step's random draws are still outstanding; the draw order would change")
+        return self._randint()
+
+    def _randint(self) -> torch.Tensor:
+        # Shape (1, C) as the reference draws it; the values are the same as for (C,).
+        return torch.randint(0, self.V, (1, self.C), generator=self.generator, device=self.generator.device)[0]
+
+    def _step_draws(self) -> tuple[torch.Tensor, torch.Tensor]:
+        q = torch.empty(self.C, self.V, device=self.generator.device).exponential_(1, generator=self.generator)
+        return q, self._randint()
+
+    def request_step(self) -> None:
+        if self.prefetch:
+            self._pending = _NOISE_WORKER.submit(self._step_draws)
+
+    def sample(self, probs_CV: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Candidate tokens [C] (bitwise what torch.multinomial(probs, 1) draws) and the renoise canvas [C]."""
+        if not self.on_cpu:
+            sampled = torch.multinomial(probs_CV, num_samples=1, generator=self.generator).squeeze(-1)
+            return sampled, self._randint()
+        if self._pending is not None:
+            q, renoise = self._pending.result()
+            self._pending = None
+        else:
+            q, renoise = self._step_draws()
+        # torch.multinomial with one sample is argmax(p / q), q ~ Exp(1) drawn over the whole [C, V].
+        return torch.argmax(probs_CV / q, dim=-1), renoise
+
+
 @dataclass
 class StepResult:
     argmax_C: torch.Tensor
@@ -99,9 +150,7 @@ class BlockDenoiser:
     """The diffusion state of one block of one request: canvas, self-conditioning, argmax history."""
 
     settings: SamplerSettings
-    vocab_size: int
-    canvas_length: int
-    generator: torch.Generator
+    noise: NoiseStream
     temps: torch.Tensor
     canvas_C: torch.Tensor = field(init=False)
     soft_source_CV: torch.Tensor | None = field(init=False, default=None)  # probs whose soft embedding is next
@@ -111,12 +160,8 @@ class BlockDenoiser:
     _history: torch.Tensor | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
-        self.canvas_C = self._noise()
-
-    def _noise(self) -> torch.Tensor:
-        # Shape (1, C) as the reference draws it; the values are the same as for (C,).
-        return torch.randint(0, self.vocab_size, (1, self.canvas_length), generator=self.generator,
-                             device=self.generator.device)[0]
+        self.canvas_C = self.noise.canvas()
+        self.noise.request_step()
 
     @property
     def remaining(self) -> int:
@@ -127,14 +172,14 @@ class BlockDenoiser:
         s = self.settings
         z = logits_CV / self.temps[self.remaining].to(logits_CV.device)
         probs = torch.softmax(z, dim=-1, dtype=torch.float32)
-        sampled = torch.multinomial(probs, num_samples=1, generator=self.generator).squeeze(-1)
+        sampled, renoise = self.noise.sample(probs)
         argmax = torch.argmax(z, dim=-1)
         h = entropy(z)
         sorted_h, order = torch.sort(h, dim=-1, descending=False)
         keep_sorted = torch.cumsum(sorted_h, dim=-1) - sorted_h <= s.entropy_bound
         accept = torch.scatter(torch.zeros_like(keep_sorted), -1, order, keep_sorted)
         accepted = torch.where(accept, sampled, self.canvas_C)
-        self.canvas_C = torch.where(~accept, self._noise(), accepted)
+        self.canvas_C = torch.where(~accept, renoise, accepted)
 
         stable = self._stable(argmax)
         mean_h = float(h.mean())
@@ -146,6 +191,8 @@ class BlockDenoiser:
             z.to(sc_dtype), dim=-1, dtype=torch.float32)
         self.steps += 1
         self.done = (stable and confident) or self.steps >= s.max_denoising_steps
+        if not self.done:
+            self.noise.request_step()
         return StepResult(argmax, int(accept.sum()), mean_h, stable and confident)
 
     def _stable(self, argmax_C: torch.Tensor) -> bool:
