@@ -335,10 +335,11 @@ def main(argv: list[str] | None = None) -> int:
         problems.append(f"steps per block differ: reference {ref_r.steps_per_block} vs dgserve "
                         f"{our_r.steps_per_block}")
     exact = not problems
-    if args.dtype != "float32":  # bf16 kernels differ between the two stacks: compare, do not require
-        config["bf16_token_agreement"] = sum(a == b for a, b in zip(expected, runs["dgserve"][0].ids)) / max(
-            1, len(expected))
-        problems = []
+    if args.dtype != "float32":  # bf16 kernels differ between the two stacks: report agreement, not exactness
+        ours_ids = runs["dgserve"][0].ids
+        same = sum(a == b for a, b in zip(expected, ours_ids, strict=False))
+        config["bf16_token_agreement"] = same / max(1, len(expected))
+        problems, exact = [], None
 
     n_tokens = len(expected)
     ref = summarize(runs["reference"][1:], n_tokens)
@@ -357,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
         result = {"config": config, "reference": ref, "dgserve": ours, "speedup_vs_reference": speedup,
                   "token_exact": exact, "mismatches": problems, "profile": prof}
         print(json.dumps(result))
-    return 0 if exact else 1
+    return 1 if exact is False else 0
 
 
 if __name__ == "__main__":

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from dgserve.model.generate import generate
 from dgserve.model.loader import load_checkpoint
 from dgserve.model.sampler import SamplerSettings
+
 from tests.reference import SPECS
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -16,7 +16,8 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 def _reference(folder, dtype):
     from transformers import DiffusionGemmaForBlockDiffusion
 
-    return DiffusionGemmaForBlockDiffusion.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa").cuda().eval()
+    model = DiffusionGemmaForBlockDiffusion.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa")
+    return model.cuda().eval()
 
 
 @torch.inference_mode()
