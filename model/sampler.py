@@ -9,7 +9,7 @@ Self-conditioning keeps the soft embedding [C, D], never the logits.
 from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -70,9 +70,6 @@ class SamplerSettings:
         if "eos_token_ids" in base:
             base["eos_token_ids"] = tuple(base["eos_token_ids"])
         return cls(**base)
-
-    def with_overrides(self, **overrides) -> SamplerSettings:
-        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
     def temperatures(self) -> torch.Tensor:
         """Float32 temperature for remaining-step n = 1..N at index n (computed with the reference's ops)."""
