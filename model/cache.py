@@ -61,12 +61,3 @@ class KVCache:
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers)
 
-
-def kv_bytes_for(cfg: TextConfig, positions: int, dtype: torch.dtype) -> int:
-    """Bytes a cache holding `positions` tokens needs (the sliding layers' cap applied)."""
-    size = torch.empty((), dtype=dtype).element_size()
-    total = 0
-    for s in cfg.layers:
-        held = min(positions, cfg.sliding_window - 1) if s.is_sliding else positions
-        total += 2 * held * s.num_kv_heads * s.head_dim * size
-    return total

@@ -93,6 +93,3 @@ class LocalExperts:
             return torch._grouped_mm(F.gelu(gate, approximate="tanh") * up, w.down.transpose(-2, -1), offs=offs)
         return expert_ffn(x_PD, counts, w)
 
-    def nbytes(self) -> int:
-        return sum(w.gate_up.numel() * w.gate_up.element_size() + w.down.numel() * w.down.element_size()
-                   for w in self.layers)

@@ -8,8 +8,7 @@ pass uses (MODEL_SPEC 8.4). Routed experts are not part of `LayerWeights`: they 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 
@@ -58,16 +57,6 @@ class TextWeights:
     def dtype(self) -> torch.dtype:
         return self.embed.dtype
 
-    def tensors(self) -> Iterator[torch.Tensor]:
-        yield from (self.embed, self.final_norm, self.sc_pre_norm, self.sc_gate, self.sc_up, self.sc_down)
-        for layer in self.layers:
-            for f in fields(layer):
-                t = getattr(layer, f.name)
-                if t is not None:
-                    yield t
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors())
 
 
 @dataclass(frozen=True, slots=True)
