@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from .cache import LayerKV
 from .config import LayerSpec
-from .layers import apply_rope, rms_norm
+from .layers import RowLayout, apply_rope, linear, rms_norm
 from .weights import LayerWeights
 
 
@@ -45,11 +45,11 @@ def _encode_mask(cached: int, new: int, first_pos: int, window: int | None, devi
 
 def attention(x_ND: torch.Tensor, lw: LayerWeights, spec: LayerSpec, num_heads: int, eps: float,
               cos_N1d: torch.Tensor, sin_N1d: torch.Tensor, items: list[AttnItem], caches: list[LayerKV],
-              sliding_window: int) -> torch.Tensor:
+              sliding_window: int, layout: RowLayout | None = None) -> torch.Tensor:
     N, d, kv = x_ND.shape[0], spec.head_dim, spec.num_kv_heads
-    q = apply_rope(rms_norm(F.linear(x_ND, lw.q_proj).view(N, num_heads, d), lw.q_norm, eps), cos_N1d, sin_N1d)
-    k_raw = F.linear(x_ND, lw.k_proj).view(N, kv, d)
-    v_raw = F.linear(x_ND, lw.v_proj).view(N, kv, d) if lw.v_proj is not None else k_raw
+    q = apply_rope(rms_norm(linear(x_ND, lw.q_proj, layout).view(N, num_heads, d), lw.q_norm, eps), cos_N1d, sin_N1d)
+    k_raw = linear(x_ND, lw.k_proj, layout).view(N, kv, d)
+    v_raw = linear(x_ND, lw.v_proj, layout).view(N, kv, d) if lw.v_proj is not None else k_raw
     k = apply_rope(rms_norm(k_raw, lw.k_norm, eps), cos_N1d, sin_N1d)
     v = rms_norm(v_raw, None, eps)
     q_HNd, k_KNd, v_KNd = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
@@ -59,9 +59,8 @@ def attention(x_ND: torch.Tensor, lw: LayerWeights, spec: LayerSpec, num_heads: 
     for item, cache in zip(items, caches, strict=True):
         rows = slice(item.start, item.stop)
         k_new, v_new = k_KNd[:, rows], v_KNd[:, rows]
-        cached = cache.keys.shape[1]
-        keys = torch.cat([cache.keys, k_new], dim=1) if cached else k_new
-        values = torch.cat([cache.values, v_new], dim=1) if cached else v_new
+        cached = cache.length
+        keys, values = cache.with_new(k_new, v_new)
         mask, causal = None, False
         if item.encode:
             mask = _encode_mask(cached, item.stop - item.start, item.cache_start, window, x_ND.device)
@@ -70,4 +69,4 @@ def attention(x_ND: torch.Tensor, lw: LayerWeights, spec: LayerSpec, num_heads: 
         o = F.scaled_dot_product_attention(q_HNd[None, :, rows], keys[None], values[None], attn_mask=mask,
                                            is_causal=causal, scale=1.0, enable_gqa=True)
         out_NHd[rows] = o[0].transpose(0, 1)
-    return F.linear(out_NHd.reshape(N, num_heads * d), lw.o_proj)
+    return linear(out_NHd.reshape(N, num_heads * d), lw.o_proj, layout)

@@ -1,7 +1,13 @@
 """Per-request KV cache: sliding layers keep only the last W-1 positions, full layers keep everything.
 
 Keys are stored normed and rotated, values scale-free normed (MODEL_SPEC 3.4, 3.9), as [Kv, S, d].
-Full layers grow by capacity doubling so a long generation does not copy its cache on every block.
+
+Layout for many requests: every request owns its cache (freed the moment the request ends, by dropping it).
+Full layers hold their positions in fixed-size pages ([Kv, page, d] each), so a growing request never copies
+what it already holds and its footprint is known exactly in advance (`kv_bytes`), which is what the engine's
+memory budget admits by. Sliding layers are a fixed window of W-1 positions. Attention concatenates a
+request's pages with the new rows once per pass (it needs one contiguous key range per item on CPU; a paged
+attention kernel would read the pages in place).
 """
 
 from __future__ import annotations
@@ -10,54 +16,92 @@ import torch
 
 from .config import TextConfig
 
+DEFAULT_PAGE = 256
+
 
 class LayerKV:
     def __init__(self, num_kv_heads: int, head_dim: int, keep_last: int | None, dtype: torch.dtype,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", page_size: int = DEFAULT_PAGE):
         self.keep_last = keep_last  # W-1 on sliding layers, None on full layers
-        self._k = torch.empty(num_kv_heads, 0, head_dim, dtype=dtype, device=device)
-        self._v = torch.empty_like(self._k)
+        self.kv, self.d, self.dtype, self.device, self.page = num_kv_heads, head_dim, dtype, device, page_size
+        self._k: list[torch.Tensor] = []  # full: pages [Kv, page, d]; sliding: one tensor [Kv, <=W-1, d]
+        self._v: list[torch.Tensor] = []
         self._len = 0  # valid positions held
 
     @property
+    def length(self) -> int:
+        return self._len
+
+    def _parts(self, pages: list[torch.Tensor]) -> list[torch.Tensor]:
+        if self.keep_last is not None:
+            return pages
+        parts, left = [], self._len
+        for p in pages:
+            if left <= 0:
+                break
+            parts.append(p[:, : min(left, self.page)])
+            left -= self.page
+        return parts
+
+    def with_new(self, k_new: torch.Tensor, v_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[cached ; new] keys and values [Kv, S + T, d], one copy each."""
+        pk, pv = self._parts(self._k), self._parts(self._v)
+        if not pk:
+            return k_new, v_new
+        return torch.cat([*pk, k_new], dim=1), torch.cat([*pv, v_new], dim=1)
+
+    @property
     def keys(self) -> torch.Tensor:  # [Kv, S, d]
-        return self._k[:, : self._len]
+        parts = self._parts(self._k)
+        return torch.cat(parts, dim=1) if parts else torch.empty(self.kv, 0, self.d, dtype=self.dtype)
 
     @property
     def values(self) -> torch.Tensor:
-        return self._v[:, : self._len]
+        parts = self._parts(self._v)
+        return torch.cat(parts, dim=1) if parts else torch.empty(self.kv, 0, self.d, dtype=self.dtype)
 
     def append(self, k_KSd: torch.Tensor, v_KSd: torch.Tensor) -> None:
         if self.keep_last is not None:
-            self._k = torch.cat([self.keys, k_KSd], dim=1)[:, -self.keep_last:].contiguous()
-            self._v = torch.cat([self.values, v_KSd], dim=1)[:, -self.keep_last:].contiguous()
-            self._len = self._k.shape[1]
+            k, v = self.with_new(k_KSd, v_KSd)
+            self._k, self._v = [k[:, -self.keep_last:].contiguous()], [v[:, -self.keep_last:].contiguous()]
+            self._len = self._k[0].shape[1]
             return
-        need = self._len + k_KSd.shape[1]
-        if need > self._k.shape[1]:
-            cap = max(need, 2 * self._k.shape[1], 64)
-            for name in ("_k", "_v"):
-                old = getattr(self, name)
-                new = old.new_empty(old.shape[0], cap, old.shape[2])
-                new[:, : self._len] = old[:, : self._len]
-                setattr(self, name, new)
-        self._k[:, self._len:need] = k_KSd
-        self._v[:, self._len:need] = v_KSd
-        self._len = need
+        src, n = 0, k_KSd.shape[1]
+        while src < n:
+            page, off = divmod(self._len, self.page)
+            if page == len(self._k):
+                self._k.append(torch.empty(self.kv, self.page, self.d, dtype=self.dtype, device=self.device))
+                self._v.append(torch.empty_like(self._k[-1]))
+            take = min(self.page - off, n - src)
+            self._k[page][:, off:off + take] = k_KSd[:, src:src + take]
+            self._v[page][:, off:off + take] = v_KSd[:, src:src + take]
+            src, self._len = src + take, self._len + take
 
     def nbytes(self) -> int:
-        return 2 * self._len * self._k.shape[0] * self._k.shape[2] * self._k.element_size()
+        """Bytes held (whole pages on full layers)."""
+        return sum(t.numel() * t.element_size() for t in self._k + self._v)
+
+
+def kv_bytes(cfg: TextConfig, positions: int, dtype: torch.dtype, page_size: int = DEFAULT_PAGE) -> int:
+    """Bytes a request's cache holds after `positions` encoded positions (equals KVCache.nbytes)."""
+    size = torch.empty((), dtype=dtype).element_size()
+    pages = -(-positions // page_size)
+    total = 0
+    for s in cfg.layers:
+        held = min(positions, cfg.sliding_window - 1) if s.is_sliding else pages * page_size
+        total += 2 * held * s.num_kv_heads * s.head_dim * size
+    return total
 
 
 class KVCache:
     """The cache of one request. `length` is the number of positions encoded so far (the next position)."""
 
-    def __init__(self, cfg: TextConfig, dtype: torch.dtype, device: torch.device | str = "cpu"):
+    def __init__(self, cfg: TextConfig, dtype: torch.dtype, device: torch.device | str = "cpu",
+                 page_size: int = DEFAULT_PAGE):
         window = cfg.sliding_window - 1
-        self.layers = [LayerKV(s.num_kv_heads, s.head_dim, window if s.is_sliding else None, dtype, device)
-                       for s in cfg.layers]
+        self.layers = [LayerKV(s.num_kv_heads, s.head_dim, window if s.is_sliding else None, dtype, device,
+                               page_size) for s in cfg.layers]
         self.length = 0
 
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers)
-

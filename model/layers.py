@@ -6,10 +6,43 @@ float32 and cast to the activation dtype.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 from .config import RopeSpec
+
+# CPU float32 GEMMs compute each output row the same way for any M >= 4 rows on one thread; with M < 4 they
+# take another kernel path whose sums round differently (tests/model/test_batch_invariance.py checks this).
+SMALL_M = 4
+
+
+@dataclass(frozen=True, slots=True)
+class RowLayout:
+    """How packed rows split into work items, so batched GEMMs give each item the rows it would get alone.
+
+    `bounds` are the item offsets [0, n1, n1 + n2, ..., N]. With `exact`, rows of items smaller than SMALL_M
+    are recomputed in a GEMM of their own; every other row is already bitwise independent of the batch.
+    """
+
+    bounds: tuple[int, ...]
+    exact: bool = True
+
+    @property
+    def small_spans(self) -> list[slice]:
+        if not self.exact or len(self.bounds) <= 2:
+            return []
+        return [slice(a, b) for a, b in zip(self.bounds, self.bounds[1:], strict=False) if 0 < b - a < SMALL_M]
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, layout: RowLayout | None = None) -> torch.Tensor:
+    """F.linear over packed rows; each small item's rows as if alone (see RowLayout)."""
+    y = F.linear(x, w)
+    if layout is not None:
+        for span in layout.small_spans:
+            y[span] = F.linear(x[span], w)
+    return y
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
@@ -21,9 +54,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
     return out.type_as(x)
 
 
-def gated_mlp(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+def gated_mlp(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
+              layout: RowLayout | None = None) -> torch.Tensor:
     """GeGLU: gelu_tanh(x G^T) * (x U^T) -> D^T."""
-    return F.linear(F.gelu(F.linear(x, gate), approximate="tanh") * F.linear(x, up), down)
+    return linear(F.gelu(linear(x, gate, layout), approximate="tanh") * linear(x, up, layout), down, layout)
 
 
 def rope_inv_freq(spec: RopeSpec, head_dim: int) -> torch.Tensor:

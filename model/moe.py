@@ -1,8 +1,9 @@
 """Router and routed experts behind one narrow interface.
 
-`ExpertBackend.__call__(layer, rows [T, D], expert_ids [T, K], weights [T, K]) -> combined rows [T, D]` is the
-only way the layer stack reaches its experts, so experts can later live in other processes (expert ranks
-exchanging rows by all-to-all) without touching attention code.
+`ExpertBackend.__call__(layer, rows [T, D], expert_ids [T, K], weights [T, K], layout) -> combined rows [T, D]` is
+the only way the layer stack reaches its experts, so experts can later live in other processes (expert ranks
+exchanging rows by all-to-all) without touching attention code. `layout` (optional) says which rows belong to
+which work item, so a batch gives every item exactly the expert outputs it would get alone (see RowLayout).
 """
 
 from __future__ import annotations
@@ -13,14 +14,14 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from .layers import rms_norm
+from .layers import SMALL_M, RowLayout, linear, rms_norm
 
 
 def route(x_TD: torch.Tensor, proj_ED: torch.Tensor, scale_D: torch.Tensor, per_expert_scale_E: torch.Tensor,
-          top_k: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+          top_k: int, eps: float, layout: RowLayout | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Router on the raw residual: weights [T, K] (float32) and expert ids [T, K] (MODEL_SPEC 3.5)."""
     h = rms_norm(x_TD, None, eps) * scale_D * (x_TD.shape[-1] ** -0.5)
-    probs_TE = torch.softmax(F.linear(h, proj_ED), dim=-1, dtype=torch.float32)
+    probs_TE = torch.softmax(linear(h, proj_ED, layout), dim=-1, dtype=torch.float32)
     w_TK, ids_TK = torch.topk(probs_TE, k=top_k, dim=-1)
     w_TK = w_TK / w_TK.sum(dim=-1, keepdim=True)
     return w_TK * per_expert_scale_E[ids_TK], ids_TK
@@ -28,7 +29,7 @@ def route(x_TD: torch.Tensor, proj_ED: torch.Tensor, scale_D: torch.Tensor, per_
 
 class ExpertBackend(Protocol):
     def __call__(self, layer: int, rows_TD: torch.Tensor, expert_ids_TK: torch.Tensor,
-                 weights_TK: torch.Tensor) -> torch.Tensor: ...
+                 weights_TK: torch.Tensor, layout: RowLayout | None = None) -> torch.Tensor: ...
 
 
 @dataclass
@@ -66,7 +67,7 @@ class LocalExperts:
         self._all_local = len(self.expert_ids) == self.num_experts
 
     def __call__(self, layer: int, rows_TD: torch.Tensor, expert_ids_TK: torch.Tensor,
-                 weights_TK: torch.Tensor) -> torch.Tensor:
+                 weights_TK: torch.Tensor, layout: RowLayout | None = None) -> torch.Tensor:
         T, K = expert_ids_TK.shape
         flat_ids = expert_ids_TK.reshape(-1)  # [P], P = T*K
         if not self._all_local:
@@ -74,15 +75,58 @@ class LocalExperts:
             if bool((flat_ids < 0).any()):
                 missing = sorted(set(expert_ids_TK.reshape(-1)[flat_ids < 0].tolist()))
                 raise RuntimeError(f"layer {layer}: experts {missing} are not held by this process")
-        ids_sorted, perm = torch.sort(flat_ids, stable=True)
-        counts = torch.bincount(ids_sorted, minlength=len(self.expert_ids)).tolist()
-        x_PD = rows_TD[perm // K]
-        y_PD = self._ffn(x_PD, counts, self.layers[layer])
-        y_PD = y_PD * weights_TK.reshape(-1)[perm].unsqueeze(-1)
-        out_PD = torch.empty_like(y_PD)
-        out_PD[perm] = y_PD
+        w = self.layers[layer]
+        small_P = self._small_groups(flat_ids, K, layout)
+        y_PD = torch.empty(T * K, rows_TD.shape[-1], dtype=rows_TD.dtype, device=rows_TD.device)
+        if small_P is None:
+            self._run(rows_TD, K, flat_ids, torch.arange(T * K, device=flat_ids.device), w, y_PD)
+        else:
+            big = (~small_P).nonzero().squeeze(-1)
+            if big.numel():
+                self._run(rows_TD, K, flat_ids[big], big, w, y_PD)
+            self._run_small(rows_TD, K, flat_ids, small_P.nonzero().squeeze(-1), layout, w, y_PD)
+        y_PD = y_PD * weights_TK.reshape(-1).unsqueeze(-1)
         # Per-token sum over its K experts: independent of the other rows in the batch.
-        return out_PD.view(T, K, -1).sum(dim=1).to(rows_TD.dtype)
+        return y_PD.view(T, K, -1).sum(dim=1).to(rows_TD.dtype)
+
+    def _run(self, rows_TD: torch.Tensor, K: int, ids_P: torch.Tensor, flat_P: torch.Tensor, w: ExpertWeights,
+             out_PD: torch.Tensor) -> None:
+        """Expert outputs (unweighted) for assignments `flat_P` (indices into T*K) with local expert ids `ids_P`."""
+        ids_sorted, perm = torch.sort(ids_P, stable=True)
+        counts = torch.bincount(ids_sorted, minlength=len(self.expert_ids)).tolist()
+        src = flat_P[perm]
+        out_PD[src] = self._ffn(rows_TD[src // K], counts, w)
+
+    def _small_groups(self, flat_ids: torch.Tensor, K: int, layout: RowLayout | None) -> torch.Tensor | None:
+        """Mask [P] of assignments whose (item, expert) group has fewer than SMALL_M rows, or None if none."""
+        if layout is None or not layout.exact or len(layout.bounds) <= 2 or flat_ids.device.type != "cpu":
+            return None
+        key = self._group_keys(flat_ids, K, layout)
+        counts = torch.bincount(key)
+        small_key = (counts > 0) & (counts < SMALL_M)
+        if not bool(small_key.any()):
+            return None
+        return small_key[key]
+
+    def _group_keys(self, flat_ids: torch.Tensor, K: int, layout: RowLayout) -> torch.Tensor:
+        bounds = torch.tensor(layout.bounds[1:-1], device=flat_ids.device)
+        token_P = torch.arange(flat_ids.shape[0], device=flat_ids.device) // K
+        item_P = torch.bucketize(token_P, bounds, right=True)
+        return item_P * len(self.expert_ids) + flat_ids
+
+    def _run_small(self, rows_TD: torch.Tensor, K: int, flat_ids: torch.Tensor, small: torch.Tensor,
+                   layout: RowLayout, w: ExpertWeights, out_PD: torch.Tensor) -> None:
+        """Each small (item, expert) group in a GEMM of its own, rows in the order they would have alone."""
+        key = self._group_keys(flat_ids, K, layout)[small]
+        key_sorted, perm = torch.sort(key, stable=True)
+        src = small[perm]
+        keys, counts = torch.unique_consecutive(key_sorted, return_counts=True)
+        start = 0
+        for k, n in zip(keys.tolist(), counts.tolist(), strict=True):
+            rows = src[start:start + n]
+            e = k % len(self.expert_ids)
+            out_PD[rows] = expert_ffn(rows_TD[rows // K], [n], w, first_expert=e)
+            start += n
 
     @staticmethod
     def _ffn(x_PD: torch.Tensor, counts: list[int], w: ExpertWeights) -> torch.Tensor:

@@ -14,7 +14,7 @@ import torch
 from .attention import AttnItem, attention
 from .cache import KVCache
 from .config import ModelConfig
-from .layers import gated_mlp, rms_norm, rope_cos_sin, rope_inv_freq
+from .layers import RowLayout, gated_mlp, linear, rms_norm, rope_cos_sin, rope_inv_freq
 from .moe import ExpertBackend, route
 from .weights import LayerWeights, TextWeights
 
@@ -34,6 +34,9 @@ class DiffusionGemma:
         self.config, self.cfg, self.weights, self.experts = config, config.text, weights, experts
         self.dtype = weights.dtype
         self.device = weights.embed.device
+        # Batched passes give every item bitwise the rows it would get alone where the kernels allow it: CPU
+        # float32 (see RowLayout). On GPU, results are compared by distribution instead.
+        self.exact_batching = self.device.type == "cpu" and self.dtype == torch.float32
         # The reference stores sqrt(D) as a float32 tensor and casts it to the weight dtype (53.0 in bf16).
         self.embed_scale = torch.tensor(self.cfg.embed_scale, dtype=torch.float32).to(self.dtype)
         self.inv_freq = {kind: rope_inv_freq(spec, self._head_dim(kind)) for kind, spec in self.cfg.rope.items()}
@@ -41,8 +44,10 @@ class DiffusionGemma:
     def _head_dim(self, kind: str) -> int:
         return next((s.head_dim for s in self.cfg.layers if s.kind == kind), self.cfg.layers[0].head_dim)
 
-    def new_cache(self) -> KVCache:
-        return KVCache(self.cfg, self.dtype, self.device)
+    def new_cache(self, page_size: int | None = None) -> KVCache:
+        if page_size is None:
+            return KVCache(self.cfg, self.dtype, self.device)
+        return KVCache(self.cfg, self.dtype, self.device, page_size)
 
     # -- embeddings and head ------------------------------------------------------------------------------
     def embed(self, ids_T: torch.Tensor) -> torch.Tensor:
@@ -60,10 +65,10 @@ class DiffusionGemma:
             e = e + gated_mlp(rms_norm(soft_CD, w.sc_pre_norm, eps), w.sc_gate, w.sc_up, w.sc_down)
         return rms_norm(e, None, eps)
 
-    def logits(self, hidden_TD: torch.Tensor) -> torch.Tensor:
+    def logits(self, hidden_TD: torch.Tensor, layout: RowLayout | None = None) -> torch.Tensor:
         """Tied LM head with the float32 softcap: [T, V] float32."""
         cap = self.cfg.final_logit_softcapping
-        logits = torch.nn.functional.linear(hidden_TD, self.weights.embed).float()
+        logits = linear(hidden_TD, self.weights.embed, layout).float()
         return torch.tanh(logits / cap) * cap
 
     def final_norm(self, h: torch.Tensor) -> torch.Tensor:
@@ -71,39 +76,46 @@ class DiffusionGemma:
 
     # -- the packed pass -----------------------------------------------------------------------------------
     def forward(self, items: list[WorkItem]) -> torch.Tensor:
-        """Run one pass over all items; returns final-normed hidden states [N, D] in item order."""
-        h_parts, pos_parts, attn_items = [], [], []
-        row = 0
+        """Run one pass over all items; returns final-normed hidden states [N, D] in item order.
+
+        Items run in list order within each layer, so an encode item (a committed block) followed by a canvas of
+        the same request writes its KV before the canvas reads it: both fit in one pass.
+        """
+        h_parts, pos_parts, attn_items, bounds = [], [], [], [0]
+        next_pos: dict[int, int] = {}
         for it in items:
             n = it.ids.shape[0]
             h_parts.append(self.embed(it.ids) if it.encode else self.decoder_input(it.ids, it.soft_CD))
-            start = it.cache.length
+            start = next_pos.get(id(it.cache), it.cache.length)
+            if it.encode:
+                next_pos[id(it.cache)] = start + n
             pos_parts.append(torch.arange(start, start + n, device=self.device))
-            attn_items.append(AttnItem(row, row + n, start, it.encode))
-            row += n
+            attn_items.append(AttnItem(bounds[-1], bounds[-1] + n, start, it.encode))
+            bounds.append(bounds[-1] + n)
         h = h_parts[0] if len(h_parts) == 1 else torch.cat(h_parts)
         positions = pos_parts[0] if len(pos_parts) == 1 else torch.cat(pos_parts)
+        layout = RowLayout(tuple(bounds), exact=self.exact_batching) if len(items) > 1 else None
         rope = {kind: rope_cos_sin(inv, positions, self.dtype) for kind, inv in self.inv_freq.items()}
         for i, lw in enumerate(self.weights.layers):
-            h = self._layer(i, lw, h, rope, items, attn_items)
+            h = self._layer(i, lw, h, rope, items, attn_items, layout)
         for it in items:
             if it.encode:
                 it.cache.length += it.ids.shape[0]
         return self.final_norm(h)
 
     def _layer(self, i: int, lw: LayerWeights, h: torch.Tensor, rope: dict, items: list[WorkItem],
-               attn_items: list[AttnItem]) -> torch.Tensor:
+               attn_items: list[AttnItem], layout: RowLayout | None) -> torch.Tensor:
         cfg, eps, spec = self.cfg, self.cfg.rms_norm_eps, self.cfg.layers[i]
         cos, sin = rope[spec.kind]
         a = attention(rms_norm(h, lw.input_layernorm, eps), lw, spec, cfg.num_attention_heads, eps, cos, sin,
-                      attn_items, [it.cache.layers[i] for it in items], cfg.sliding_window)
+                      attn_items, [it.cache.layers[i] for it in items], cfg.sliding_window, layout)
         h = h + rms_norm(a, lw.post_attention_layernorm, eps)
         r = h
         dense = rms_norm(gated_mlp(rms_norm(r, lw.pre_feedforward_layernorm, eps), lw.mlp_gate, lw.mlp_up,
-                                   lw.mlp_down), lw.post_feedforward_layernorm_1, eps)
+                                   lw.mlp_down, layout), lw.post_feedforward_layernorm_1, eps)
         weights_TK, ids_TK = route(r, lw.router_proj, lw.router_scale, lw.router_per_expert_scale,
-                                   cfg.top_k_experts, eps)
-        moe = self.experts(i, rms_norm(r, lw.pre_feedforward_layernorm_2, eps), ids_TK, weights_TK)
+                                   cfg.top_k_experts, eps, layout)
+        moe = self.experts(i, rms_norm(r, lw.pre_feedforward_layernorm_2, eps), ids_TK, weights_TK, layout)
         h = r + rms_norm(dense + rms_norm(moe, lw.post_feedforward_layernorm_2, eps),
                          lw.post_feedforward_layernorm, eps)
         return self._scale_rows(h, lw, attn_items)
