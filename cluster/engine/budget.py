@@ -1,0 +1,59 @@
+"""Admission by bytes: each admitted request holds a reservation covering its KV cache and its canvas.
+
+A request's reservation is `request_bytes(positions)`: the KV cache after `positions` encoded positions (full
+layers in whole pages, sliding layers capped at W-1: model.cache.kv_bytes) plus the sampler's per-canvas
+workspace. The workspace is what a canvas keeps between steps: its step's exponential noise [C, V] float32
+(drawn ahead on CPU), its self-conditioning embedding [C, D] and small vectors. Reservations are made before
+the memory is used, so the executor never holds more than the budget.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+from dgserve.model.cache import kv_bytes
+from dgserve.model.config import ModelConfig
+
+
+class MemorySizes:
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, page_size: int):
+        self.config, self.dtype, self.page_size = config, dtype, page_size
+        C, V, D = config.canvas_length, config.text.vocab_size, config.text.hidden_size
+        self.canvas_bytes = C * V * 4 + C * D * 4 + 8 * C * 8
+
+    def kv(self, positions: int) -> int:
+        return kv_bytes(self.config.text, positions, self.dtype, self.page_size)
+
+    def request(self, positions: int) -> int:
+        return self.kv(positions) + self.canvas_bytes
+
+
+class MemoryBudget:
+    """Reservations by request id against a fixed capacity (thread-safe reads for metrics)."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._held: dict[int, int] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def used(self) -> int:
+        with self._lock:
+            return sum(self._held.values())
+
+    def held(self, rid: int) -> int:
+        return self._held.get(rid, 0)
+
+    def try_set(self, rid: int, nbytes: int) -> bool:
+        """Make rid's reservation `nbytes` (grow or shrink); False, and nothing changed, if it would not fit."""
+        with self._lock:
+            other = sum(self._held.values()) - self._held.get(rid, 0)
+            if other + nbytes > self.capacity:
+                return False
+            self._held[rid] = nbytes
+            return True
+
+    def free(self, rid: int) -> None:
+        with self._lock:
+            self._held.pop(rid, None)

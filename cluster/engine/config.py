@@ -1,0 +1,51 @@
+"""Engine limits: typed, validated; every error names the field, the value and the allowed range."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from dgserve.model.errors import ConfigError
+
+GiB = 1 << 30
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_running: int = 16  # requests denoising at once (one canvas each): the batch of a denoise step
+    max_queued: int = 256  # admitted-but-waiting requests; beyond it a submit is refused (RESOURCE_EXHAUSTED)
+    prefill_chunk: int = 512  # prompt tokens per prefill work item
+    max_prefill_tokens: int = 2048  # prefill tokens per iteration, over all requests (oldest first)
+    memory_budget_bytes: int = 4 * GiB  # KV cache + per-canvas sampler workspace of all admitted requests
+    page_size: int | None = None  # KV page (positions) on full-attention layers; default: the canvas length
+    default_timeout_s: float | None = None  # deadline for requests that set none; None: no deadline
+
+    def __post_init__(self) -> None:
+        def need(name: str, ok: bool, allowed: str) -> None:
+            if not ok:
+                raise ConfigError(name, getattr(self, name), allowed, "engine")
+
+        def is_int(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        need("max_running", is_int(self.max_running) and 1 <= self.max_running <= 4096, "an integer in 1..4096")
+        need("max_queued", is_int(self.max_queued) and 0 <= self.max_queued <= 1_000_000,
+             "an integer in 0..1000000")
+        need("prefill_chunk", is_int(self.prefill_chunk) and 1 <= self.prefill_chunk <= 1 << 20,
+             "an integer in 1..1048576")
+        need("max_prefill_tokens", is_int(self.max_prefill_tokens) and self.max_prefill_tokens >= self.prefill_chunk,
+             f"an integer >= prefill_chunk ({self.prefill_chunk})")
+        need("memory_budget_bytes", is_int(self.memory_budget_bytes) and self.memory_budget_bytes > 0,
+             "an integer number of bytes > 0")
+        need("page_size", self.page_size is None or (is_int(self.page_size) and 1 <= self.page_size <= 1 << 16),
+             "null or an integer in 1..65536")
+        need("default_timeout_s", self.default_timeout_s is None or (
+            isinstance(self.default_timeout_s, int | float) and not isinstance(self.default_timeout_s, bool)
+            and self.default_timeout_s > 0), "null or a number of seconds > 0")
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> EngineConfig:
+        known = {f.name for f in fields(cls)}
+        for key in raw:
+            if key not in known:
+                raise ConfigError(key, raw[key], f"one of {sorted(known)}", "engine")
+        return cls(**raw)

@@ -1,0 +1,262 @@
+"""The driver: request states, the scheduling policy, and one typed step plan per iteration.
+
+Policy, per iteration:
+1. Cancelled and expired requests end (their cache and canvas are released in this iteration's plan).
+2. Admission is FIFO by bytes: paused requests first (oldest first), then the queue, while fewer than
+   `max_running` requests are running and the head's reservation fits the memory budget. A head that does not
+   fit waits (no skipping ahead, so a large request is never starved by small ones).
+3. Every running request with a canvas takes one denoise step; a request whose block just finished commits it
+   (an encode item) in the same pass, right before the next block's first step. Prompts are prefilled in chunks
+   of `prefill_chunk` tokens, oldest request first, at most `max_prefill_tokens` per iteration; the last chunk
+   shares its pass with the first denoise step.
+4. Preemption: a commit needs its request's reservation to grow by one block of KV. If the budget is full, the
+   newest running request is paused: its KV cache is dropped (its canvas, self-conditioning and generator are
+   kept), and when it is admitted again its encode passes are replayed with the same bounds, which recomputes
+   the very same cache (batching never changes an item's rows), so its tokens do not change.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from enum import Enum
+
+from dgserve.model.config import ModelConfig, num_blocks
+from dgserve.model.sampler import SamplerSettings
+
+from . import events as ev
+from .budget import MemoryBudget, MemorySizes
+from .config import EngineConfig
+from .errors import Code
+from .plan import Admit, ItemKind, PlanItem, StepOutcome, StepPlan
+
+
+class State(Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    PAUSED = "paused"
+    DONE = "done"
+
+
+@dataclass(eq=False)
+class Request:
+    rid: int
+    request_id: str
+    prompt_ids: tuple[int, ...]
+    settings: SamplerSettings
+    seed: int
+    drafts: bool
+    blocks: int
+    stream: ev.RequestStream
+    submitted_at: float
+    deadline: float | None  # monotonic seconds
+    state: State = State.WAITING
+    order: int = -1  # admission order (preemption pauses the largest)
+    admitted_at: float | None = None
+    first_block_at: float | None = None
+    encoded: int = 0  # positions held by the executor's cache
+    context_len: int = 0  # prompt + committed blocks
+    segments: list[tuple[int, int, ItemKind]] = field(default_factory=list)  # encode passes, for replay
+    has_canvas: bool = False  # the executor holds denoiser state (a block in progress)
+    steps_per_block: list[int] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+    preemptions: int = 0
+    cancelled: bool = False
+    in_executor: bool = False
+
+
+class Driver:
+    def __init__(self, config: ModelConfig, engine: EngineConfig, sizes: MemorySizes, budget: MemoryBudget,
+                 tokenizer=None, clock=time.monotonic):
+        self.config, self.engine, self.sizes, self.budget = config, engine, sizes, budget
+        self.tokenizer, self.clock = tokenizer, clock
+        self.C = config.canvas_length
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []  # admission order
+        self.paused: list[Request] = []
+        self.by_rid: dict[int, Request] = {}
+        self.iteration = 0
+        self._order = 0
+        self._release: list[int] = []  # executor state to drop in the next plan
+
+    # -- requests --------------------------------------------------------------------------------------------
+    def max_positions(self, prompt_len: int, settings: SamplerSettings) -> int:
+        """The most positions a request's cache ever holds (its last block is never encoded)."""
+        return prompt_len + (num_blocks(settings.max_new_tokens, self.C) - 1) * self.C
+
+    def max_bytes(self, prompt_len: int, settings: SamplerSettings) -> int:
+        """The budget a request needs to be sure to finish: its largest reservation, plus the canvases that
+        paused requests keep while it runs alone (at most max_running - 1)."""
+        return (self.sizes.request(self.max_positions(prompt_len, settings))
+                + (self.engine.max_running - 1) * self.sizes.canvas_bytes)
+
+    def enqueue(self, r: Request) -> None:
+        r.context_len = len(r.prompt_ids)
+        self.by_rid[r.rid] = r
+        self.waiting.append(r)
+
+    @property
+    def active(self) -> int:
+        return len(self.waiting) + len(self.running) + len(self.paused)
+
+    def _end(self, r: Request, event: ev.Event) -> None:
+        if r.in_executor:
+            self._release.append(r.rid)
+        self._drop(r)
+        r.stream.push(event)
+
+    def _drop(self, r: Request) -> None:
+        for group in (self.running, self.paused):
+            if r in group:
+                group.remove(r)
+        if r in self.waiting:
+            self.waiting.remove(r)
+        r.state, r.in_executor = State.DONE, False
+        self.budget.free(r.rid)
+        self.by_rid.pop(r.rid, None)
+
+    def fail_all(self, code: Code, message: str) -> None:
+        for r in list(self.by_rid.values()):
+            self._end(r, ev.Failed(code, message))
+
+    # -- one iteration ---------------------------------------------------------------------------------------
+    def plan(self) -> StepPlan:
+        self.iteration += 1
+        self._expire()
+        admit = self._admit()
+        evict: list[int] = []
+        items: list[PlanItem] = []
+        prefill_left = self.engine.max_prefill_tokens
+        for r in list(self.running):
+            if r.state is not State.RUNNING:
+                continue  # paused by an older request's growth earlier in this loop
+            prefill_left = self._items_for(r, items, evict, prefill_left)
+        release, self._release = tuple(self._release), []
+        return StepPlan(self.iteration, tuple(admit), tuple(evict), release, tuple(items))
+
+    def _expire(self) -> None:
+        now = self.clock()
+        for r in list(self.by_rid.values()):
+            if r.cancelled:
+                self._end(r, ev.Failed(Code.CANCELLED, f"request {r.request_id} was cancelled"))
+            elif r.deadline is not None and now >= r.deadline:
+                self._end(r, ev.Failed(Code.DEADLINE_EXCEEDED,
+                                       f"request {r.request_id} passed its deadline after "
+                                       f"{now - r.submitted_at:.3f}s ({len(r.steps_per_block)} blocks done)"))
+
+    def _admit(self) -> list[Admit]:
+        """Paused requests first (oldest first), then the queue in order; at most max_running hold a canvas."""
+        admits = []
+        while self.paused or self.waiting:
+            r = min(self.paused, key=lambda p: p.order) if self.paused else self.waiting[0]
+            holding = len(self.running) + (0 if r.state is State.PAUSED else len(self.paused))
+            if holding >= self.engine.max_running or not self.budget.try_set(r.rid,
+                                                                             self.sizes.request(r.context_len)):
+                break
+            if r.state is State.PAUSED:
+                self.paused.remove(r)
+            else:
+                self.waiting.popleft()
+                r.order, self._order = self._order, self._order + 1
+                r.admitted_at = self.clock()
+                admits.append(Admit(r.rid, r.prompt_ids, r.settings, r.seed, r.drafts))
+                r.in_executor = True
+            r.state = State.RUNNING
+            self.running.append(r)
+            self.running.sort(key=lambda q: q.order)
+        return admits
+
+    def _items_for(self, r: Request, items: list[PlanItem], evict: list[int], prefill_left: int) -> int:
+        mine: list[PlanItem] = []
+        pos, left = r.encoded, prefill_left
+        while pos < r.context_len:
+            start, stop, kind = self._next_encode(r, pos, left)
+            if stop <= start:
+                items.extend(mine)  # out of prefill tokens this iteration; the prompt continues next time
+                return left
+            if kind is ItemKind.COMMIT and not self._grow(r, evict):
+                return prefill_left  # r paused itself: none of its items run
+            mine.append(PlanItem(r.rid, kind, start, stop))
+            if kind is not ItemKind.COMMIT:
+                left -= stop - start
+            pos = stop
+        items.extend(mine)
+        items.append(PlanItem(r.rid, ItemKind.DENOISE))
+        return left
+
+    def _next_encode(self, r: Request, pos: int, left: int) -> tuple[int, int, ItemKind]:
+        """The next encode pass from `pos`: a replayed one (same bounds as before), a prompt chunk, or a commit.
+
+        Prompt chunks always start at multiples of prefill_chunk, so a prompt is split the same way under any
+        load and its cache is the same alone or batched; a chunk that does not fit this iteration waits.
+        """
+        for start, stop, kind in r.segments:
+            if start == pos:
+                return (start, stop, kind) if kind is ItemKind.COMMIT or stop - start <= left else (0, 0, kind)
+        if pos < len(r.prompt_ids):
+            stop = min(pos + self.engine.prefill_chunk, len(r.prompt_ids))
+            return (pos, stop, ItemKind.PREFILL) if stop - pos <= left else (0, 0, ItemKind.PREFILL)
+        return pos, r.context_len, ItemKind.COMMIT
+
+    def _grow(self, r: Request, evict: list[int]) -> bool:
+        need = self.sizes.request(r.context_len)
+        while not self.budget.try_set(r.rid, need):
+            victim = self.running[-1]  # the newest running request
+            self._pause(victim, evict)
+            if victim is r:
+                return False
+        return True
+
+    def _pause(self, r: Request, evict: list[int]) -> None:
+        self.running.remove(r)
+        r.state, r.encoded, r.preemptions = State.PAUSED, 0, r.preemptions + 1
+        self.budget.try_set(r.rid, self.sizes.canvas_bytes)  # its canvas stays in the executor; KV is dropped
+        evict.append(r.rid)
+        self.paused.append(r)
+
+    # -- results ---------------------------------------------------------------------------------------------
+    def apply(self, plan: StepPlan, outcome: StepOutcome) -> None:
+        for it in plan.items:
+            r = self.by_rid.get(it.rid)
+            if r is None or it.kind is ItemKind.DENOISE:
+                continue
+            if (it.start, it.stop, it.kind) not in r.segments:
+                r.segments.append((it.start, it.stop, it.kind))
+            r.encoded = it.stop
+        for c in outcome.canvases:
+            r = self.by_rid.get(c.rid)
+            if r is None:
+                continue
+            if c.draft is not None:
+                r.stream.push(ev.Draft(c.block, c.step, c.draft))
+            if c.block_done:
+                self._block_done(r, c)
+
+    def _block_done(self, r: Request, c) -> None:
+        now = self.clock()
+        r.steps_per_block.append(c.step)
+        r.tokens.extend(c.committed)
+        if r.first_block_at is None:
+            r.first_block_at = now
+        r.stream.push(ev.BlockCommitted(c.block, c.committed, c.step, self._text(c.committed, r.settings.pad_token_id)))
+        if c.finished:
+            r.in_executor = False  # the executor freed it already
+            pad = r.settings.pad_token_id
+            valid = sum(1 for t in r.tokens if pad is None or t != pad)
+            passes = sum(r.steps_per_block)
+            stats = ev.Stats(len(r.steps_per_block), tuple(r.steps_per_block), valid / passes if passes else 0.0,
+                             r.first_block_at - r.submitted_at, now - r.submitted_at,
+                             (r.admitted_at or now) - r.submitted_at, r.preemptions)
+            self._drop(r)
+            r.stream.push(ev.Finished(tuple(r.tokens), "eos" if c.hit_eos else "length", stats,
+                                      self._text(r.tokens, pad)))
+        else:
+            r.context_len += self.C
+
+    def _text(self, ids, pad: int | None) -> str | None:
+        if self.tokenizer is None:
+            return None
+        from dgserve.model.tokenizer import decode
+
+        return decode(self.tokenizer, list(ids), pad)

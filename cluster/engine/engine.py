@@ -1,0 +1,251 @@
+"""The engine in one process: submit requests, iterate their events; a driver thread runs the iterations.
+
+`Engine.step()` is one iteration (plan -> executor -> apply) and can be driven by hand in tests; `start()` runs it
+on a background thread that sleeps when there is nothing to do. `submit` validates synchronously, so a bad
+request is refused with an error naming the field (InputError) or the limit (ResourceExhausted) and never
+enters the queue.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from dgserve.model.errors import InputError
+from dgserve.model.generate import validate_prompt
+from dgserve.model.sampler import SamplerSettings
+from dgserve.model.transformer import DiffusionGemma
+
+from . import events as ev
+from .budget import MemoryBudget, MemorySizes
+from .config import EngineConfig
+from .driver import Driver, Request
+from .errors import Code, ResourceExhausted, Unavailable
+from .executor import Executor
+from .plan import StepOutcome
+
+log = logging.getLogger("dgserve.engine")
+
+MAX_SEED = (1 << 63) - 1
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    prompt_ids: Sequence[int]
+    settings: SamplerSettings
+    seed: int = 0
+    drafts: bool = False  # stream the argmax canvas after every step
+    timeout_s: float | None = None  # from submit; None: the engine's default_timeout_s
+    request_id: str | None = None  # made if absent
+
+
+@dataclass
+class EngineMetrics:
+    iterations: int = 0
+    queue_depth: int = 0
+    running: int = 0
+    paused: int = 0
+    canvases_last_step: int = 0
+    kv_bytes: int = 0
+    budget_used_bytes: int = 0
+    budget_bytes: int = 0
+    step_s_total: float = 0.0
+    time_s: dict[str, float] = field(default_factory=lambda: {"prefill": 0.0, "commit": 0.0, "denoise": 0.0,
+                                                              "sampling": 0.0})
+    canvas_steps: int = 0
+    rejections: Counter = field(default_factory=Counter)  # by reason
+    errors: Counter = field(default_factory=Counter)  # ended requests by code
+    preemptions: int = 0
+
+
+class Engine:
+    def __init__(self, model: DiffusionGemma, config: EngineConfig | None = None, tokenizer=None,
+                 prefetch_noise: bool = True, clock=time.monotonic):
+        self.model, self.config, self.clock = model, config or EngineConfig(), clock
+        page = self.config.page_size or model.config.canvas_length
+        self.sizes = MemorySizes(model.config, model.dtype, page)
+        self.budget = MemoryBudget(self.config.memory_budget_bytes)
+        self.executor = Executor(model, page, prefetch_noise)
+        self.driver = Driver(model.config, self.config, self.sizes, self.budget, tokenizer, clock)
+        self.metrics = EngineMetrics(budget_bytes=self.config.memory_budget_bytes)
+        self._wake = threading.Condition()
+        self._inbox: list[Request] = []
+        self._cancels: set[str] = set()
+        self._streams: dict[str, ev.RequestStream] = {}
+        self._rids = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._stopped = False
+
+    # -- public API ------------------------------------------------------------------------------------------
+    def submit(self, req: EngineRequest) -> ev.RequestStream:
+        r = self._validate(req)
+        with self._wake:
+            if self._stopped or self._stopping:
+                raise Unavailable("the engine is stopping; send the request again to another replica")
+            if r.request_id in self._streams:
+                raise InputError("request_id", f"{r.request_id!r} is already in use by an active request")
+            queued = len(self._inbox) + len(self.driver.waiting)
+            if queued >= self.config.max_queued:
+                self.metrics.rejections["queue_full"] += 1
+                raise ResourceExhausted(f"queue full: {queued} requests are waiting (max_queued="
+                                        f"{self.config.max_queued}); retry later")
+            self._inbox.append(r)
+            self._streams[r.request_id] = r.stream
+            self._wake.notify_all()
+        return r.stream
+
+    def cancel(self, request_id: str) -> bool:
+        """Cancel an active request; it ends with CANCELLED at the next iteration. False if not active."""
+        with self._wake:
+            stream = self._streams.get(request_id)
+            if stream is None or stream.done:
+                return False
+            self._cancels.add(request_id)
+            self._wake.notify_all()
+            return True
+
+    def start(self) -> Engine:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="dgserve-driver", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop the loop; every request still active ends with UNAVAILABLE (retriable)."""
+        with self._wake:
+            self._stopping = True
+            self._wake.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        with self._wake:
+            self._stopped = True
+            self._drain_inbox()
+        self.driver.fail_all(Code.UNAVAILABLE, "the engine stopped before the request finished; send it again")
+
+    def __enter__(self) -> Engine:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    @property
+    def idle(self) -> bool:
+        with self._wake:
+            return not self._inbox and not self._cancels and self.driver.active == 0
+
+    def run_until_idle(self, max_iterations: int = 1_000_000) -> None:
+        """Drive iterations on this thread until every request has ended (tests, batch jobs)."""
+        for _ in range(max_iterations):
+            if self.idle:
+                return
+            self.step()
+        raise RuntimeError(f"engine still busy after {max_iterations} iterations")
+
+    # -- one iteration ---------------------------------------------------------------------------------------
+    def step(self) -> StepOutcome | None:
+        t0 = time.perf_counter()
+        with self._wake:
+            self._drain_inbox()
+            for request_id in self._cancels:
+                r = next((q for q in self.driver.by_rid.values() if q.request_id == request_id), None)
+                if r is not None:
+                    r.cancelled = True
+            self._cancels.clear()
+        plan = self.driver.plan()
+        if plan.empty:
+            self._forget_done()
+            return None
+        try:
+            outcome = self.executor.run(plan)
+        except Exception as e:  # a bug or an allocation failure: fail what ran, keep serving the rest
+            log.exception("iteration %d failed", plan.iteration)
+            self._fail_plan(plan, e)
+            return None
+        self.driver.apply(plan, outcome)
+        self._record(outcome, time.perf_counter() - t0)
+        self._forget_done()
+        return outcome
+
+    # -- internals -------------------------------------------------------------------------------------------
+    def _validate(self, req: EngineRequest) -> Request:
+        if not isinstance(req.settings, SamplerSettings):
+            raise InputError("settings", f"expected SamplerSettings, got {type(req.settings).__name__}")
+        if not isinstance(req.seed, int) or isinstance(req.seed, bool) or not 0 <= req.seed <= MAX_SEED:
+            raise InputError("seed", f"{req.seed!r} is not an integer in 0..{MAX_SEED}")
+        timeout = req.timeout_s if req.timeout_s is not None else self.config.default_timeout_s
+        if timeout is not None and (not isinstance(timeout, int | float) or isinstance(timeout, bool)
+                                    or not timeout > 0):
+            raise InputError("timeout_s", f"{timeout!r} is not a number of seconds > 0")
+        request_id = req.request_id if req.request_id is not None else uuid.uuid4().hex
+        if not isinstance(request_id, str) or not 0 < len(request_id) <= 128:
+            raise InputError("request_id", "must be a string of 1..128 characters")
+        prompt = validate_prompt(req.prompt_ids, self.model.config, req.settings.max_new_tokens)
+        need = self.driver.max_bytes(prompt.numel(), req.settings)
+        if need > self.config.memory_budget_bytes:
+            self.metrics.rejections["over_budget"] += 1
+            raise ResourceExhausted(
+                f"the request can never fit: {prompt.numel()} prompt tokens + {req.settings.max_new_tokens} new "
+                f"tokens need {need} bytes of KV cache and canvas workspace, more than the engine's memory "
+                f"budget (memory_budget_bytes={self.config.memory_budget_bytes})")
+        now = self.clock()
+        blocks = -(-req.settings.max_new_tokens // self.model.config.canvas_length)
+        return Request(next(self._rids), request_id, tuple(prompt.tolist()), req.settings, req.seed, req.drafts,
+                       blocks, ev.RequestStream(request_id), now, None if timeout is None else now + timeout)
+
+    def _drain_inbox(self) -> None:
+        for r in self._inbox:
+            self.driver.enqueue(r)
+        self._inbox.clear()
+
+    def _forget_done(self) -> None:
+        with self._wake:
+            for request_id in [k for k, s in self._streams.items() if s.done]:
+                event = self._streams.pop(request_id)._events
+                last = event[-1] if event else None
+                if isinstance(last, ev.Failed):
+                    self.metrics.errors[last.code.value] += 1
+
+    def _fail_plan(self, plan, error: Exception) -> None:
+        rids = {a.rid for a in plan.admit} | {it.rid for it in plan.items}
+        for rid in rids:
+            r = self.driver.by_rid.get(rid)
+            if r is not None:
+                self.executor.slots.pop(rid, None)
+                r.in_executor = False
+                self.driver._end(r, ev.Failed(Code.INTERNAL, f"internal error in the engine: {error}"))
+        self._forget_done()
+
+    def _record(self, out: StepOutcome, step_s: float) -> None:
+        m = self.metrics
+        m.iterations += 1
+        m.step_s_total += step_s
+        m.canvases_last_step = len(out.canvases)
+        m.canvas_steps += len(out.canvases)
+        total_rows = sum(out.rows.values()) or 1
+        for kind, n in out.rows.items():
+            m.time_s[kind] += out.forward_s * n / total_rows
+        m.time_s["sampling"] += out.sampling_s
+        m.kv_bytes = out.kv_bytes
+        m.budget_used_bytes = self.budget.used
+        m.queue_depth = len(self.driver.waiting)
+        m.running, m.paused = len(self.driver.running), len(self.driver.paused)
+        m.preemptions = sum(r.preemptions for r in self.driver.by_rid.values())
+
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._stopping and not self._inbox and not self._cancels and self.driver.active == 0:
+                    self._wake.wait()
+                if self._stopping:
+                    return
+            if self.step() is None and not self.idle:
+                # Nothing could run (every request waits for the budget): wait for a change, not a busy loop.
+                with self._wake:
+                    self._wake.wait(0.01)

@@ -1,0 +1,47 @@
+"""Engine errors. Each carries a status code that maps one-to-one onto a gRPC status in the gateway."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from dgserve.model.errors import DGServeError
+
+
+class Code(StrEnum):
+    INVALID_ARGUMENT = "INVALID_ARGUMENT"
+    RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
+    DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
+    CANCELLED = "CANCELLED"
+    UNAVAILABLE = "UNAVAILABLE"  # retriable: the engine stopped or failed, the request may be sent again
+    INTERNAL = "INTERNAL"
+
+
+class EngineError(DGServeError):
+    code: Code = Code.INTERNAL
+
+    def __init__(self, message: str, code: Code | None = None):
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+
+    @property
+    def retriable(self) -> bool:
+        return self.code in (Code.UNAVAILABLE, Code.RESOURCE_EXHAUSTED)
+
+
+class ResourceExhausted(EngineError):
+    """Over the memory budget or the queue bound."""
+
+    code = Code.RESOURCE_EXHAUSTED
+
+
+class DeadlineExceeded(EngineError):
+    code = Code.DEADLINE_EXCEEDED
+
+
+class Cancelled(EngineError):
+    code = Code.CANCELLED
+
+
+class Unavailable(EngineError):
+    code = Code.UNAVAILABLE

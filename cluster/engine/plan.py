@@ -1,0 +1,76 @@
+"""The step plan: what one engine iteration runs, as a plain typed message.
+
+The driver builds one plan per iteration; the executor (in step 3, every rank's executor) runs it. A plan holds
+no model objects, only ids, positions and settings, so it can be pickled and broadcast to rank processes as is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from dgserve.model.sampler import SamplerSettings
+
+
+class ItemKind(StrEnum):
+    PREFILL = "prefill"  # causal pass over prompt positions [start, stop): writes KV
+    COMMIT = "commit"  # causal pass over the last committed block: writes KV
+    DENOISE = "denoise"  # one denoise step of the request's current canvas: reads KV
+
+
+@dataclass(frozen=True, slots=True)
+class Admit:
+    """A new request: the executor creates its state (context, generator, cache)."""
+
+    rid: int
+    prompt_ids: tuple[int, ...]
+    settings: SamplerSettings
+    seed: int
+    drafts: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class PlanItem:
+    rid: int
+    kind: ItemKind
+    start: int = 0  # encode items: context positions [start, stop)
+    stop: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class StepPlan:
+    iteration: int
+    admit: tuple[Admit, ...] = ()
+    evict: tuple[int, ...] = ()  # drop the KV cache only (preempted; recomputed later by replaying its encodes)
+    release: tuple[int, ...] = ()  # drop everything (finished elsewhere, cancelled, expired)
+    items: tuple[PlanItem, ...] = ()  # in pass order: a request's encode item precedes its denoise item
+
+    @property
+    def empty(self) -> bool:
+        return not (self.admit or self.evict or self.release or self.items)
+
+
+@dataclass(frozen=True, slots=True)
+class CanvasResult:
+    """What a denoise step yields for one canvas (never the logits)."""
+
+    rid: int
+    block: int
+    step: int  # steps taken in this block so far
+    accepted: int
+    mean_entropy: float
+    block_done: bool
+    finished: bool  # the request ended with this block (EOS or its last block); its state is already freed
+    hit_eos: bool = False
+    draft: tuple[int, ...] | None = None  # argmax canvas, when drafts were asked for
+    committed: tuple[int, ...] | None = None  # the block's tokens (padded after EOS), when block_done
+
+
+@dataclass(frozen=True, slots=True)
+class StepOutcome:
+    iteration: int
+    canvases: tuple[CanvasResult, ...]
+    rows: dict[str, int] = field(default_factory=dict)  # token rows per ItemKind in the pass
+    forward_s: float = 0.0
+    sampling_s: float = 0.0
+    kv_bytes: int = 0  # bytes held by the executor's caches after the step
