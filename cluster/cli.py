@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import torch
+
 from dgserve.model.errors import DGServeError, InputError
 
 

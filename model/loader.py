@@ -22,7 +22,8 @@ from .moe import ExpertWeights, LocalExperts
 from .transformer import DiffusionGemma
 from .weights import LayerWeights, TensorSpec, TextWeights, expert_specs, global_specs, layer_specs
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# float64 is for verification: it separates logic errors from float32 rounding in tests.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model"]
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import threading
 
 import torch
+
 from dgserve.model.cache import kv_bytes
 from dgserve.model.config import ModelConfig
 

@@ -72,13 +72,15 @@ class RequestStream:
     _cond: threading.Condition = field(default_factory=threading.Condition)
     _closed: bool = False
     _waiters: list = field(default_factory=list)  # (loop, asyncio.Event) of async consumers
+    final: Finished | Failed | None = None  # the terminal event, once pushed
 
     def push(self, event: Event) -> None:
         with self._cond:
             if self._closed:
                 return
             self._events.append(event)
-            self._closed = isinstance(event, Finished | Failed)
+            if isinstance(event, Finished | Failed):
+                self._closed, self.final = True, event
             self._cond.notify_all()
             waiters, self._waiters = self._waiters, []
         for loop, ev in waiters:
@@ -127,12 +129,12 @@ class RequestStream:
                 return
 
     def result(self, timeout: float | None = None) -> Finished:
-        """Block until the request ends; the Finished event, or the error raised as an EngineError."""
+        """Wait for the end (events stay queued for iteration): the Finished event, or the error raised."""
         from .errors import EngineError
 
-        while True:
-            event = self.get(timeout)
-            if isinstance(event, Finished):
-                return event
-            if isinstance(event, Failed):
-                raise EngineError(f"request {self.request_id}: {event.message}", event.code)
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._closed, timeout):
+                raise TimeoutError(f"request {self.request_id}: not finished within {timeout}s")
+        if isinstance(self.final, Failed):
+            raise EngineError(f"request {self.request_id}: {self.final.message}", self.final.code)
+        return self.final

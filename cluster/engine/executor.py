@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+
 from dgserve.model.config import num_blocks
 from dgserve.model.sampler import BlockDenoiser, NoiseStream, finalize_block
 from dgserve.model.transformer import DiffusionGemma, WorkItem

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from dgserve.model.generate import generate
 from dgserve.model.loader import load_checkpoint
 from dgserve.model.sampler import SamplerSettings
-
 from tests.reference import SPECS
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -6,6 +6,7 @@ import copy
 import json
 
 import pytest
+
 from dgserve.model.config import (
     GenerationDefaults,
     generation_defaults_from_dict,

@@ -10,10 +10,11 @@ import sys
 
 import pytest
 import torch
-from dgserve.model.errors import CheckpointError, ConfigError
-from dgserve.model.loader import load_checkpoint, resolve_checkpoint
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from dgserve.model.errors import CheckpointError, ConfigError
+from dgserve.model.loader import load_checkpoint, resolve_checkpoint
 
 EMBED = "model.decoder.embed_tokens.weight"
 Q0 = "model.decoder.layers.0.self_attn.q_proj.weight"

@@ -11,10 +11,10 @@ import shutil
 
 import pytest
 import torch
+
 from dgserve.model.generate import generate
 from dgserve.model.loader import load_checkpoint
 from dgserve.model.sampler import SamplerSettings
-
 from tests.reference import SPECS, load_reference, reference_generate
 
 TOL = 1e-4

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from dgserve.model.config import GenerationDefaults
 from dgserve.model.errors import ConfigError
 from dgserve.model.sampler import SamplerSettings, entropy, finalize_block

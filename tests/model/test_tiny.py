@@ -6,12 +6,12 @@ import hashlib
 import json
 
 import torch
+
 from dgserve.model.generate import generate
 from dgserve.model.loader import load_checkpoint
 from dgserve.model.sampler import SamplerSettings
 from dgserve.model.tiny import FIXED_SPECIAL, make_tiny
 from dgserve.model.tokenizer import chat_prompt_ids, decode, load_tokenizer
-
 from tests.reference import load_reference, reference_generate
 
 

@@ -1,0 +1,82 @@
+"""Admission by bytes, a bounded queue, and preemption when a generation grows past the budget."""
+
+from __future__ import annotations
+
+import pytest
+
+from dgserve.cluster.engine import EngineRequest
+from dgserve.cluster.engine.errors import Code, ResourceExhausted
+from dgserve.model.generate import generate
+
+from .conftest import make_engine, settings
+
+
+def prompts(n: int, length: int) -> list[list[int]]:
+    return [[4 + (7 * i + j) % 800 for j in range(length)] for i in range(n)]
+
+
+def run_checked(engine) -> int:
+    """Run to the end, checking the accounting every iteration; returns the peak bytes reserved."""
+    peak = 0
+    while not engine.idle:
+        engine.step()
+        used = engine.budget.used
+        assert used <= engine.budget.capacity
+        canvases = len(engine.executor.slots)
+        assert engine.executor.kv_bytes() + canvases * engine.sizes.canvas_bytes <= used
+        peak = max(peak, used)
+    return peak
+
+
+def test_a_request_that_can_never_fit_is_refused_naming_the_budget(tiny):
+    engine = make_engine(tiny, memory_budget_bytes=300_000, max_running=1)
+    with pytest.raises(ResourceExhausted, match="memory_budget_bytes=300000") as e:
+        engine.submit(EngineRequest(prompts(1, 400)[0], settings(tiny, max_new_tokens=32)))
+    assert e.value.code is Code.RESOURCE_EXHAUSTED and "can never fit" in str(e.value)
+    assert engine.metrics.rejections["over_budget"] == 1
+    ok = engine.submit(EngineRequest([5, 6, 7], settings(tiny, max_new_tokens=32, max_denoising_steps=4)))
+    engine.run_until_idle()  # the engine keeps serving
+    assert len(ok.result(0).token_ids) == 32
+
+
+def test_a_full_queue_refuses_with_an_error_saying_so(tiny):
+    engine = make_engine(tiny, max_queued=2)
+    s = settings(tiny, max_new_tokens=32, max_denoising_steps=4)
+    first = [engine.submit(EngineRequest([5, 6], s)) for _ in range(2)]
+    with pytest.raises(ResourceExhausted, match=r"queue full: 2 requests are waiting \(max_queued=2\)"):
+        engine.submit(EngineRequest([5, 6], s))
+    engine.run_until_idle()
+    assert all(len(f.result(0).token_ids) == 32 for f in first)
+
+
+def test_admission_waits_for_bytes_not_only_for_count(tiny):
+    s = settings(tiny, max_new_tokens=64, max_denoising_steps=6)
+    probe = make_engine(tiny, max_running=4)
+    budget = probe.driver.max_bytes(40, s)  # the least that admits such a request: room for 3 prompts, not 4
+    engine = make_engine(tiny, max_running=4, memory_budget_bytes=budget)
+    reqs = [EngineRequest(p, s, seed=i) for i, p in enumerate(prompts(4, 40))]
+    streams = [engine.submit(r) for r in reqs]
+    engine.step()
+    assert len(engine.driver.running) < 4 and engine.driver.waiting  # count allows 4; bytes do not
+    run_checked(engine)
+    for r, st in zip(reqs, streams, strict=True):
+        assert list(st.result(0).token_ids) == generate(tiny.model, list(r.prompt_ids), s, seed=r.seed).token_ids
+    assert engine.budget.used == 0 and not engine.executor.slots and engine.executor.kv_bytes() == 0
+
+
+def test_growth_past_the_budget_pauses_the_newest_and_recomputes_it_exactly(tiny):
+    s = settings(tiny, max_new_tokens=96, max_denoising_steps=5)
+    probe = make_engine(tiny, max_running=3)
+    # All three fit at admission; their caches cannot all grow to three blocks.
+    budget = 3 * probe.sizes.request(40) + probe.sizes.kv(1)
+    assert budget >= probe.driver.max_bytes(40, s)
+    engine = make_engine(tiny, max_running=3, memory_budget_bytes=budget)
+    reqs = [EngineRequest(p, s, seed=10 + i) for i, p in enumerate(prompts(3, 40))]
+    streams = [engine.submit(r) for r in reqs]
+    run_checked(engine)
+    stats = [st.result(0).stats for st in streams]
+    assert sum(x.preemptions for x in stats) >= 1
+    assert stats[0].preemptions == 0  # the oldest is never the one paused while newer ones run
+    for r, st in zip(reqs, streams, strict=True):  # replaying the encode passes recomputes the same cache
+        assert list(st.result(0).token_ids) == generate(tiny.model, list(r.prompt_ids), s, seed=r.seed).token_ids
+    assert engine.budget.used == 0 and engine.executor.kv_bytes() == 0

@@ -1,0 +1,235 @@
+"""Cancellation, deadlines, fairness, events, bad input and failures."""
+
+from __future__ import annotations
+
+import asyncio
+import pickle
+
+import pytest
+import torch
+
+from dgserve.cluster.engine import BlockCommitted, Draft, Engine, EngineConfig, EngineRequest, Failed, Finished
+from dgserve.cluster.engine.errors import Code, Unavailable
+from dgserve.model.errors import ConfigError, InputError
+from dgserve.model.generate import generate
+from dgserve.model.tokenizer import decode, load_tokenizer
+
+from .conftest import make_engine, settings
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_cancel_mid_block_frees_the_request_at_the_next_iteration(tiny):
+    engine = make_engine(tiny)
+    s = settings(tiny, max_new_tokens=64, max_denoising_steps=48)
+    keep = EngineRequest([5, 6, 7, 8], s, seed=3, request_id="keep")
+    a = engine.submit(EngineRequest([9, 10, 11], s, seed=1, request_id="drop"))
+    b = engine.submit(keep)
+    for _ in range(5):
+        engine.step()
+    rid = next(r.rid for r in engine.driver.running if r.request_id == "drop")
+    assert rid in engine.executor.slots and engine.budget.held(rid) > 0
+    held_before = engine.budget.used
+    assert engine.cancel("drop") and not engine.cancel("no-such-request")
+    engine.step()
+    assert rid not in engine.executor.slots and engine.budget.held(rid) == 0
+    assert engine.budget.used < held_before
+    assert isinstance(a.final, Failed) and a.final.code is Code.CANCELLED and "drop" in a.final.message
+    engine.run_until_idle()
+    assert list(b.result(0).token_ids) == generate(tiny.model, [5, 6, 7, 8], s, seed=3).token_ids
+    assert engine.metrics.errors["CANCELLED"] == 1 and engine.budget.used == 0
+
+
+def test_an_expired_request_ends_with_a_deadline_error_and_frees_its_memory(tiny):
+    clock = FakeClock()
+    engine = Engine(tiny.model, EngineConfig(), clock=clock)
+    s = settings(tiny, max_new_tokens=64, max_denoising_steps=48)
+    late = engine.submit(EngineRequest([5, 6, 7], s, timeout_s=5.0))
+    ok = engine.submit(EngineRequest([5, 6, 7], s, timeout_s=500.0))
+    engine.step()
+    clock.now += 6
+    engine.step()
+    assert isinstance(late.final, Failed) and late.final.code is Code.DEADLINE_EXCEEDED
+    assert "deadline" in late.final.message
+    assert len(engine.executor.slots) == 1
+    engine.run_until_idle()
+    assert isinstance(ok.final, Finished) and engine.budget.used == 0
+
+
+def test_a_long_request_still_progresses_under_a_stream_of_short_ones(tiny):
+    C = tiny.config.canvas_length
+    long_req = EngineRequest(list(range(4, 304)), settings(tiny, max_new_tokens=4 * C, max_denoising_steps=10),
+                             seed=2, request_id="long")
+    alone = make_engine(tiny, max_running=4, prefill_chunk=64, max_prefill_tokens=128)
+    alone_stream = alone.submit(long_req)
+    alone.run_until_idle()
+    solo_iterations = alone.metrics.iterations
+
+    engine = make_engine(tiny, max_running=4, prefill_chunk=64, max_prefill_tokens=128)
+    short_s = settings(tiny, max_new_tokens=C, max_denoising_steps=6)
+    shorts = [engine.submit(EngineRequest([5, 6, 7, 8, 9], short_s, seed=i)) for i in range(3)]
+    long = engine.submit(long_req)
+    n = 3
+    while not long.done:
+        engine.step()
+        if len(engine.driver.waiting) < 2:  # keep short requests arriving
+            shorts.append(engine.submit(EngineRequest([5, 6, 7, 8, 9], short_s, seed=n)))
+            n += 1
+    long_iterations = engine.metrics.iterations
+    engine.run_until_idle()
+    # The same prompt chunks alone and under load: the same tokens.
+    assert long.result(0).token_ids == alone_stream.result(0).token_ids
+    assert sum(isinstance(s.final, Finished) for s in shorts) >= 10  # shorts kept finishing meanwhile
+    assert long_iterations <= solo_iterations + 3  # it was admitted first and lost no iteration to them
+
+
+def test_events_drafts_blocks_text_and_final_statistics(tiny_dir, tiny):
+    tok = load_tokenizer(tiny_dir)
+    engine = Engine(tiny.model, EngineConfig(), tokenizer=tok)
+    s = settings(tiny, max_new_tokens=64, max_denoising_steps=7)
+    stream = engine.submit(EngineRequest([2, 105, 40, 41, 42], s, seed=4, drafts=True, request_id="ev"))
+    quiet = engine.submit(EngineRequest([2, 105, 40, 41, 42], s, seed=4))
+    engine.run_until_idle()
+    events = list(stream)
+    drafts = [e for e in events if isinstance(e, Draft)]
+    blocks = [e for e in events if isinstance(e, BlockCommitted)]
+    final = events[-1]
+    assert isinstance(final, Finished) and stream.request_id == "ev"
+    assert [b.block for b in blocks] == list(range(final.stats.blocks))
+    assert len(drafts) == sum(final.stats.steps_per_block) == sum(b.steps for b in blocks)
+    for b in blocks:  # the last draft of a block is its argmax canvas
+        last = [d for d in drafts if d.block == b.block][-1]
+        assert last.step == b.steps and len(last.token_ids) == tiny.config.canvas_length
+        assert b.text == decode(tok, list(b.token_ids), s.pad_token_id)
+    assert final.token_ids == tuple(t for b in blocks for t in b.token_ids)
+    assert final.text == decode(tok, list(final.token_ids), s.pad_token_id)
+    st = final.stats
+    assert 0 < st.time_to_first_block_s <= st.total_s and st.tokens_per_forward > 0 and st.queue_s >= 0
+    assert not any(isinstance(e, Draft) for e in quiet)  # drafts only when asked
+    assert quiet.result(0).token_ids == final.token_ids  # same seed and settings
+
+
+def test_async_consumers_on_a_running_engine(tiny):
+    s = settings(tiny, max_new_tokens=64, max_denoising_steps=6)
+
+    async def consume(engine, i):
+        stream = engine.submit(EngineRequest([5, 6, 7 + i], s, seed=i))
+        return [e async for e in stream]
+
+    async def main(engine):
+        return await asyncio.gather(*(consume(engine, i) for i in range(6)))
+
+    with make_engine(tiny) as engine:
+        results = asyncio.run(asyncio.wait_for(main(engine), 60))
+    for i, events in enumerate(results):
+        assert isinstance(events[-1], Finished)
+        assert events[-1].token_ids == tuple(generate(tiny.model, [5, 6, 7 + i], s, seed=i).token_ids)
+
+
+def test_stopping_fails_active_requests_as_retriable(tiny):
+    engine = make_engine(tiny).start()
+    s = settings(tiny, max_new_tokens=96, max_denoising_steps=48)
+    streams = [engine.submit(EngineRequest([5, 6, 7], s, seed=i)) for i in range(3)]
+    streams[0].get(timeout=30)  # running
+    engine.stop()
+    for st in streams:
+        final = st.final if st.done else None
+        assert final is not None
+        if isinstance(final, Failed):
+            assert final.code is Code.UNAVAILABLE and final.retriable
+    with pytest.raises(Unavailable):
+        engine.submit(EngineRequest([5], s))
+
+
+@pytest.mark.parametrize(("kwargs", "field"), [
+    ({"prompt_ids": []}, "prompt_ids"),
+    ({"prompt_ids": [5, 99999]}, "prompt_ids"),
+    ({"prompt_ids": [-1]}, "prompt_ids"),
+    ({"seed": -1}, "seed"),
+    ({"seed": 1.5}, "seed"),
+    ({"timeout_s": 0}, "timeout_s"),
+    ({"timeout_s": "soon"}, "timeout_s"),
+    ({"settings": {"max_new_tokens": 4}}, "settings"),
+    ({"request_id": ""}, "request_id"),
+])
+def test_bad_requests_are_refused_naming_the_field_and_the_engine_keeps_serving(tiny, kwargs, field):
+    engine = make_engine(tiny)
+    base = {"prompt_ids": [5, 6], "settings": settings(tiny, max_new_tokens=32, max_denoising_steps=3)}
+    with pytest.raises(InputError) as e:
+        engine.submit(EngineRequest(**{**base, **kwargs}))
+    assert e.value.field == field and str(e.value).startswith(field)
+    ok = engine.submit(EngineRequest(**base))
+    engine.run_until_idle()
+    assert isinstance(ok.final, Finished)
+
+
+def test_a_long_prompt_over_the_context_is_refused(tiny):
+    engine = make_engine(tiny)
+    n = tiny.config.text.max_position_embeddings
+    with pytest.raises(InputError, match="exceed the model's context of 32768 positions"):
+        engine.submit(EngineRequest([5] * n, settings(tiny, max_new_tokens=32)))
+
+
+def test_duplicate_active_request_ids_are_refused(tiny):
+    engine = make_engine(tiny)
+    s = settings(tiny, max_new_tokens=32, max_denoising_steps=3)
+    engine.submit(EngineRequest([5], s, request_id="same"))
+    with pytest.raises(InputError, match="already in use"):
+        engine.submit(EngineRequest([5], s, request_id="same"))
+    engine.run_until_idle()
+    engine.submit(EngineRequest([5], s, request_id="same"))  # free again once it ended
+    engine.run_until_idle()
+
+
+def test_a_failing_iteration_fails_its_requests_and_the_engine_keeps_serving(tiny, monkeypatch):
+    engine = make_engine(tiny)
+    s = settings(tiny, max_new_tokens=32, max_denoising_steps=3)
+    doomed = engine.submit(EngineRequest([5, 6], s))
+    real = engine.executor.model.forward
+    monkeypatch.setattr(engine.executor.model, "forward", lambda items: (_ for _ in ()).throw(MemoryError("boom")))
+    engine.step()
+    assert isinstance(doomed.final, Failed) and doomed.final.code is Code.INTERNAL and "boom" in doomed.final.message
+    monkeypatch.setattr(engine.executor.model, "forward", real)
+    ok = engine.submit(EngineRequest([5, 6], s))
+    engine.run_until_idle()
+    assert isinstance(ok.final, Finished) and engine.budget.used == 0 and not engine.executor.slots
+
+
+def test_the_step_plan_is_a_plain_picklable_message(tiny):
+    engine = make_engine(tiny)
+    engine.submit(EngineRequest([5, 6, 7], settings(tiny, max_new_tokens=32, max_denoising_steps=3)))
+    engine._drain_inbox()
+    plan = engine.driver.plan()
+    clone = pickle.loads(pickle.dumps(plan))
+    assert clone == plan and plan.items and plan.admit
+
+    def tensors(x):
+        if isinstance(x, torch.Tensor):
+            return True
+        if isinstance(x, tuple | list):
+            return any(tensors(v) for v in x)
+        return any(tensors(getattr(x, f)) for f in getattr(x, "__slots__", ()))
+    assert not tensors(plan)
+
+
+@pytest.mark.parametrize(("kwargs", "field"), [
+    ({"max_running": 0}, "max_running"),
+    ({"max_queued": -1}, "max_queued"),
+    ({"prefill_chunk": 0}, "prefill_chunk"),
+    ({"prefill_chunk": 64, "max_prefill_tokens": 32}, "max_prefill_tokens"),
+    ({"memory_budget_bytes": 0}, "memory_budget_bytes"),
+    ({"page_size": 0}, "page_size"),
+    ({"default_timeout_s": -1}, "default_timeout_s"),
+])
+def test_engine_config_errors_name_the_field(kwargs, field):
+    with pytest.raises(ConfigError) as e:
+        EngineConfig(**kwargs)
+    assert e.value.field == field and "allowed" in str(e.value)
+    with pytest.raises(ConfigError, match="bogus"):
+        EngineConfig.from_dict({"bogus": 1})
