@@ -47,11 +47,17 @@ def build_parser() -> argparse.ArgumentParser:
     src = gen.add_mutually_exclusive_group()
     src.add_argument("--prompt", help="user message; the checkpoint's chat template is applied")
     src.add_argument("--prompt-ids", type=_ids, help="raw token ids, e.g. 2,651,1234")
+    src.add_argument("--prompts-file", type=Path,
+                     help="JSON Lines of requests run together through the engine; one JSON line out per request")
     gen.add_argument("--thinking", action="store_true", help="chat template in thinking mode")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--dtype", default="float32", help="float32 | bfloat16")
     gen.add_argument("--device", default="cpu", help="cpu | cuda")
+    gen.add_argument("--threads", type=int, default=1,
+                     help="torch CPU threads (default 1, as the engine: the same thread count gives the same tokens)")
     gen.add_argument("--json", action="store_true", help="print one JSON object on the last line")
+    gen.add_argument("--max-running", type=int, default=16, help="--prompts-file: requests denoised at once")
+    gen.add_argument("--memory-budget-bytes", type=int, help="--prompts-file: the engine's memory budget")
     _add_sampler_args(gen)
     return ap
 
@@ -64,6 +70,30 @@ def _progress_printer(stream):
             stream.write(f"\rblock {p.block + 1}/{p.blocks}: step {p.step}/{p.max_steps}")
         stream.flush()
     return show
+
+
+def _sampler_overrides(args) -> dict:
+    return {"max_new_tokens": args.max_new_tokens, "max_denoising_steps": args.max_denoising_steps,
+            "entropy_bound": args.entropy_bound, "t_min": args.t_min, "t_max": args.t_max,
+            "stability_threshold": args.stability_threshold, "confidence_threshold": args.confidence_threshold}
+
+
+def cmd_generate_file(args) -> int:
+    from dgserve.cluster.batch import engine_for_file, read_requests, run_batch
+    from dgserve.model.loader import load_checkpoint
+    from dgserve.model.tiny import default_model_dir
+    from dgserve.model.tokenizer import chat_prompt_ids, load_tokenizer
+
+    ck = load_checkpoint(args.model or default_model_dir(), dtype=args.dtype, device=args.device)
+    tok = load_tokenizer(ck.folder)
+    requests = read_requests(args.prompts_file, {**_sampler_overrides(args), "seed": args.seed}, ck.generation,
+                             tok, chat_prompt_ids)
+    engine = engine_for_file(ck.model, tok, len(requests), args.max_running, args.memory_budget_bytes,
+                             args.threads)
+    failed = run_batch(engine, requests, lambda obj: print(json.dumps(obj), flush=True))
+    print(f"[{len(requests)} requests, {failed} failed, {engine.metrics.iterations} engine iterations]",
+          file=sys.stderr)
+    return 1 if failed else 0
 
 
 def cmd_generate(args) -> dict:
@@ -83,10 +113,7 @@ def cmd_generate(args) -> dict:
         prompt = chat_prompt_ids(tok, args.prompt, enable_thinking=args.thinking)
     else:
         raise InputError("prompt", "give --prompt TEXT or --prompt-ids IDS")
-    settings = SamplerSettings.from_defaults(
-        ck.generation, max_new_tokens=args.max_new_tokens, max_denoising_steps=args.max_denoising_steps,
-        entropy_bound=args.entropy_bound, t_min=args.t_min, t_max=args.t_max,
-        stability_threshold=args.stability_threshold, confidence_threshold=args.confidence_threshold)
+    settings = SamplerSettings.from_defaults(ck.generation, **_sampler_overrides(args))
     show = _progress_printer(sys.stderr) if sys.stderr.isatty() and not args.json else None
     res = generate(ck.model, prompt, settings, seed=args.seed, on_progress=show)
     text = decode(tok, res.token_ids, settings.pad_token_id)
@@ -111,6 +138,11 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.device != "cpu" and not torch.cuda.is_available():
             raise InputError("device", f"{args.device!r} requested but no CUDA device is available")
+        if args.threads < 1:
+            raise InputError("threads", f"{args.threads} is not an integer >= 1")
+        torch.set_num_threads(args.threads)
+        if args.prompts_file is not None:
+            return cmd_generate_file(args)
         out = cmd_generate(args)
     except DGServeError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -6,6 +6,7 @@ float32 and cast to the activation dtype.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -13,16 +14,32 @@ import torch.nn.functional as F
 
 from .config import RopeSpec
 
-# CPU float32 GEMMs compute each output row the same way for any M >= 4 rows on one thread; with M < 4 they
-# take another kernel path whose sums round differently (tests/model/test_batch_invariance.py checks this).
-SMALL_M = 4
+
+@functools.cache
+def small_m(threads: int) -> int:
+    """Rows from which a CPU float32 GEMM computes each output row the same way whatever M is.
+
+    Below it, oneDNN/MKL take other kernel paths (and, with several threads, split rows differently) whose sums
+    round differently: with one thread the bound is 4 on the machines we measured, with two it is 12. It is
+    measured once per thread count, on two shapes, so the engine stays batch-invariant on any CPU
+    (tests/model/test_batch_invariance.py checks it against the model's own shapes).
+    """
+    g = torch.Generator().manual_seed(0)
+    worst = 0
+    for k, n in ((64, 96), (256, 512)):
+        w, x = torch.randn(n, k, generator=g), torch.randn(160, k, generator=g)
+        ref = F.linear(x, w)
+        for m in range(1, 65):
+            if not torch.equal(F.linear(x[:m], w), ref[:m]):
+                worst = m
+    return worst + 1
 
 
 @dataclass(frozen=True, slots=True)
 class RowLayout:
     """How packed rows split into work items, so batched GEMMs give each item the rows it would get alone.
 
-    `bounds` are the item offsets [0, n1, n1 + n2, ..., N]. With `exact`, rows of items smaller than SMALL_M
+    `bounds` are the item offsets [0, n1, n1 + n2, ..., N]. With `exact`, rows of items smaller than `small_m`
     are recomputed in a GEMM of their own; every other row is already bitwise independent of the batch.
     """
 
@@ -30,10 +47,15 @@ class RowLayout:
     exact: bool = True
 
     @property
+    def min_rows(self) -> int:
+        return small_m(torch.get_num_threads())
+
+    @property
     def small_spans(self) -> list[slice]:
         if not self.exact or len(self.bounds) <= 2:
             return []
-        return [slice(a, b) for a, b in zip(self.bounds, self.bounds[1:], strict=False) if 0 < b - a < SMALL_M]
+        m = self.min_rows
+        return [slice(a, b) for a, b in zip(self.bounds, self.bounds[1:], strict=False) if 0 < b - a < m]
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, layout: RowLayout | None = None) -> torch.Tensor:

@@ -14,7 +14,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from .layers import SMALL_M, RowLayout, linear, rms_norm
+from .layers import RowLayout, linear, rms_norm
 
 
 def route(x_TD: torch.Tensor, proj_ED: torch.Tensor, scale_D: torch.Tensor, per_expert_scale_E: torch.Tensor,
@@ -98,12 +98,12 @@ class LocalExperts:
         out_PD[src] = self._ffn(rows_TD[src // K], counts, w)
 
     def _small_groups(self, flat_ids: torch.Tensor, K: int, layout: RowLayout | None) -> torch.Tensor | None:
-        """Mask [P] of assignments whose (item, expert) group has fewer than SMALL_M rows, or None if none."""
+        """Mask [P] of assignments whose (item, expert) group is under layout.min_rows, or None if none."""
         if layout is None or not layout.exact or len(layout.bounds) <= 2 or flat_ids.device.type != "cpu":
             return None
         key = self._group_keys(flat_ids, K, layout)
         counts = torch.bincount(key)
-        small_key = (counts > 0) & (counts < SMALL_M)
+        small_key = (counts > 0) & (counts < layout.min_rows)
         if not bool(small_key.any()):
             return None
         return small_key[key]

@@ -18,6 +18,9 @@ class EngineConfig:
     memory_budget_bytes: int = 4 * GiB  # KV cache + per-canvas sampler workspace of all admitted requests
     page_size: int | None = None  # KV page (positions) on full-attention layers; default: the canvas length
     default_timeout_s: float | None = None  # deadline for requests that set none; None: no deadline
+    # torch intra-op threads on CPU. 1 keeps GEMM row blocking fixed (batching stays bitwise invisible at the
+    # lowest cost) and leaves the other cores to the sampler's worker threads.
+    cpu_threads: int = 1
 
     def __post_init__(self) -> None:
         def need(name: str, ok: bool, allowed: str) -> None:
@@ -41,6 +44,8 @@ class EngineConfig:
         need("default_timeout_s", self.default_timeout_s is None or (
             isinstance(self.default_timeout_s, int | float) and not isinstance(self.default_timeout_s, bool)
             and self.default_timeout_s > 0), "null or a number of seconds > 0")
+
+        need("cpu_threads", is_int(self.cpu_threads) and 1 <= self.cpu_threads <= 1024, "an integer in 1..1024")
 
     @classmethod
     def from_dict(cls, raw: dict) -> EngineConfig:

@@ -17,6 +17,8 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import torch
+
 from dgserve.model.errors import InputError
 from dgserve.model.generate import validate_prompt
 from dgserve.model.sampler import SamplerSettings
@@ -68,6 +70,10 @@ class Engine:
     def __init__(self, model: DiffusionGemma, config: EngineConfig | None = None, tokenizer=None,
                  prefetch_noise: bool = True, clock=time.monotonic):
         self.model, self.config, self.clock = model, config or EngineConfig(), clock
+        if model.device.type == "cpu" and torch.get_num_threads() != self.config.cpu_threads:
+            log.info("engine: torch intra-op threads %d -> %d (cpu_threads)", torch.get_num_threads(),
+                     self.config.cpu_threads)
+            torch.set_num_threads(self.config.cpu_threads)
         page = self.config.page_size or model.config.canvas_length
         self.sizes = MemorySizes(model.config, model.dtype, page)
         self.budget = MemoryBudget(self.config.memory_budget_bytes)
@@ -100,6 +106,10 @@ class Engine:
             self._streams[r.request_id] = r.stream
             self._wake.notify_all()
         return r.stream
+
+    def check(self, req: EngineRequest) -> None:
+        """Validate a request as submit would (fields, context, budget), without queueing it."""
+        self._validate(req)
 
     def cancel(self, request_id: str) -> bool:
         """Cancel an active request; it ends with CANCELLED at the next iteration. False if not active."""

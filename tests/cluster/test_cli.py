@@ -75,3 +75,42 @@ def test_make_tiny_command(tmp_path):
     assert json.loads((tmp_path / "t" / "dgserve_tiny.json").read_text())["seed"] == 7
     bad = dgserve("make-tiny", str(tmp_path / "u"), "--preset", "huge")
     assert bad.returncode == 2 and "preset" in bad.stderr
+
+
+def test_prompts_file_runs_through_the_engine_and_matches_single_runs(tiny_dir, tmp_path):
+    lines = [{"prompt_ids": [2, 5, 6, 7], "seed": 3},
+             {"prompt": "Hello there", "seed": 1, "max_new_tokens": 64, "max_denoising_steps": 6},
+             {"prompt_ids": [2, 9, 10], "t_max": 1.0, "request_id": "mine", "seed": 4}]
+    f = tmp_path / "prompts.jsonl"
+    f.write_text("\n".join(json.dumps(x) for x in lines[:2]) + "\n\n" + json.dumps(lines[2]) + "\n")
+    r = dgserve("generate", "--model", str(tiny_dir), "--prompts-file", str(f), "--max-new-tokens", "32",
+                "--max-denoising-steps", "8")
+    assert r.returncode == 0, r.stderr
+    out = sorted((json.loads(x) for x in r.stdout.strip().splitlines()), key=lambda o: o["index"])
+    assert [o["request_id"] for o in out] == ["line-0", "line-1", "mine"]
+    singles = [["--prompt-ids", "2,5,6,7", "--seed", "3", "--max-new-tokens", "32", "--max-denoising-steps", "8"],
+               ["--prompt", "Hello there", "--seed", "1", "--max-new-tokens", "64", "--max-denoising-steps", "6"],
+               ["--prompt-ids", "2,9,10", "--seed", "4", "--t-max", "1.0", "--max-new-tokens", "32",
+                "--max-denoising-steps", "8"]]
+    for o, args in zip(out, singles, strict=True):
+        one = dgserve("generate", "--model", str(tiny_dir), *args, "--json")
+        assert one.returncode == 0, one.stderr
+        assert o["token_ids"] == last_json(one.stdout)["token_ids"]
+        assert o["steps_per_block"] == last_json(one.stdout)["steps_per_block"]
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ('{"prompt_ids": [2, 5]}\n{"prompt_ids": [2, 5]', "line 2: not a JSON object"),
+    ('{"prompt_ids": [2, 5], "temperature": 1}', "line 1: temperature: unknown field"),
+    ('{"prompt_ids": []}', "line 1: prompt_ids: is empty"),
+    ('{"prompt_ids": [2, 5], "prompt": "hi"}', "exactly one of prompt"),
+    ('{"prompt_ids": [2, 5], "t_max": 0.1}', "line 1: sampler: invalid t_max"),
+    ('{"prompt_ids": [2, 5], "seed": -3}', "seed"),
+    ("\n\n", "holds no requests"),
+])
+def test_prompts_file_errors_name_the_line_and_field(tiny_dir, tmp_path, content, message):
+    f = tmp_path / "bad.jsonl"
+    f.write_text(content)
+    r = dgserve("generate", "--model", str(tiny_dir), "--prompts-file", str(f))
+    assert r.returncode == 2, r.stdout
+    assert message in r.stderr and "Traceback" not in r.stderr

@@ -112,3 +112,17 @@ def test_one_request_alone_in_the_engine_matches_generate(tiny):
     engine.run_until_idle()
     assert list(s.result(0).token_ids) == solo_tokens(tiny, r)
     assert settings(tiny).max_new_tokens > 0
+
+
+def test_batching_stays_exact_with_two_cpu_threads(tiny):
+    before = torch.get_num_threads()
+    try:
+        engine = make_engine(tiny, cpu_threads=2)
+        assert torch.get_num_threads() == 2
+        reqs = varied_requests(tiny, 5, seed=11, max_len=20)
+        streams = [engine.submit(r) for r in reqs]
+        engine.run_until_idle()
+        for r, s in zip(reqs, streams, strict=True):  # solo also at 2 threads
+            assert list(s.result(0).token_ids) == solo_tokens(tiny, r), r.request_id
+    finally:
+        torch.set_num_threads(before)
