@@ -27,6 +27,8 @@ for dev in cuda; do
   timeout 120 $PY benchmarks/generate.py --device "$dev" --dtype float32 --quick --json --threads 8 \
     > "$OUT/bench_${dev}_fp32.json" 2> "$OUT/bench_${dev}_fp32.err" || status=1
 done
+timeout 180 $PY benchmarks/engine.py --device cuda --dtype bfloat16 --quick --json > "$OUT/engine_cuda_bf16.json" \
+  2> "$OUT/engine_cuda_bf16.err" || status=1
 $PY - "$OUT" <<'PY'
 import json, pathlib, sys
 out = pathlib.Path(sys.argv[1])
@@ -40,6 +42,14 @@ for f in sorted(out.glob("bench_*.json")):
     r = json.loads(lines[-1])
     print(f"{f.stem:<22}{r['dgserve']['tokens_per_s']:>15.1f}{r['reference']['tokens_per_s']:>17.1f}"
           f"{r['speedup_vs_reference']:>9.2f}{str(r['token_exact']):>13}")
+for f in sorted(out.glob("engine_*.json")):
+    lines = [l for l in f.read_text().splitlines() if l.startswith("{")]
+    if not lines:
+        print(f"{f.stem:<22} no result: see {f.with_suffix('.err').name}")
+        continue
+    r = json.loads(lines[-1])
+    tps = "  ".join(f"N={lv['concurrency']}: {lv['tokens_per_s']:.1f} tok/s" for lv in r["levels"])
+    print(f"{f.stem:<22} {tps}  batching_gain {r['batching_gain']:.2f}x")
 tests = (out / "tests.log").read_text().strip().splitlines()
 print("tests:", tests[-1] if tests else "no output")
 PY

@@ -21,6 +21,9 @@ class EngineConfig:
     # torch intra-op threads on CPU. 1 keeps GEMM row blocking fixed (batching stays bitwise invisible at the
     # lowest cost) and leaves the other cores to the sampler's worker threads.
     cpu_threads: int = 1
+    # Threads for the per-canvas work after the layers (LM head, sampling, self-conditioning), used when several
+    # canvases step together. None: the machine's cores (at most 8) on CPU, 1 on GPU.
+    sampler_threads: int | None = None
 
     def __post_init__(self) -> None:
         def need(name: str, ok: bool, allowed: str) -> None:
@@ -46,6 +49,8 @@ class EngineConfig:
             and self.default_timeout_s > 0), "null or a number of seconds > 0")
 
         need("cpu_threads", is_int(self.cpu_threads) and 1 <= self.cpu_threads <= 1024, "an integer in 1..1024")
+        need("sampler_threads", self.sampler_threads is None or (
+            is_int(self.sampler_threads) and 1 <= self.sampler_threads <= 64), "null or an integer in 1..64")
 
     @classmethod
     def from_dict(cls, raw: dict) -> EngineConfig:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import threading
 import time
 import uuid
@@ -77,7 +78,7 @@ class Engine:
         page = self.config.page_size or model.config.canvas_length
         self.sizes = MemorySizes(model.config, model.dtype, page)
         self.budget = MemoryBudget(self.config.memory_budget_bytes)
-        self.executor = Executor(model, page, prefetch_noise)
+        self.executor = Executor(model, page, prefetch_noise, self._sampler_threads(model))
         self.driver = Driver(model.config, self.config, self.sizes, self.budget, tokenizer, clock)
         self.metrics = EngineMetrics(budget_bytes=self.config.memory_budget_bytes)
         self._wake = threading.Condition()
@@ -137,6 +138,7 @@ class Engine:
         with self._wake:
             self._stopped = True
             self._drain_inbox()
+        self.executor.close()
         self.driver.fail_all(Code.UNAVAILABLE, "the engine stopped before the request finished; send it again")
 
     def __enter__(self) -> Engine:
@@ -184,6 +186,11 @@ class Engine:
         return outcome
 
     # -- internals -------------------------------------------------------------------------------------------
+    def _sampler_threads(self, model: DiffusionGemma) -> int:
+        if self.config.sampler_threads is not None:
+            return self.config.sampler_threads
+        return min(8, os.cpu_count() or 1) if model.device.type == "cpu" else 1
+
     def _validate(self, req: EngineRequest) -> Request:
         if not isinstance(req.settings, SamplerSettings):
             raise InputError("settings", f"expected SamplerSettings, got {type(req.settings).__name__}")
