@@ -4,7 +4,9 @@ Policy, per iteration:
 1. Cancelled and expired requests end (their cache and canvas are released in this iteration's plan).
 2. Admission is FIFO by bytes: paused requests first (oldest first), then the queue, while fewer than
    `max_running` requests are running and the head's reservation fits the memory budget. A head that does not
-   fit waits (no skipping ahead, so a large request is never starved by small ones).
+   fit waits (no skipping ahead, so a large request is never starved by small ones). With several attention
+   ranks (each with its own memory and budget) a new request goes to the least loaded rank it fits on, and
+   lives there until it ends.
 3. Every running request with a canvas takes one denoise step; a request whose block just finished commits it
    (an encode item) in the same pass, right before the next block's first step. Prompts are prefilled in chunks
    of `prefill_chunk` tokens, oldest request first, at most `max_prefill_tokens` per iteration; the last chunk
@@ -53,6 +55,7 @@ class Request:
     deadline: float | None  # monotonic seconds
     state: State = State.WAITING
     order: int = -1  # admission order (preemption pauses the largest)
+    rank: int = 0  # the attention rank holding its state
     admitted_at: float | None = None
     first_block_at: float | None = None
     encoded: int = 0  # positions held by the executor's cache
@@ -67,9 +70,9 @@ class Request:
 
 
 class Driver:
-    def __init__(self, config: ModelConfig, engine: EngineConfig, sizes: MemorySizes, budget: MemoryBudget,
-                 tokenizer=None, clock=time.monotonic):
-        self.config, self.engine, self.sizes, self.budget = config, engine, sizes, budget
+    def __init__(self, config: ModelConfig, engine: EngineConfig, sizes: MemorySizes,
+                 budgets: list[MemoryBudget], tokenizer=None, clock=time.monotonic):
+        self.config, self.engine, self.sizes, self.budgets = config, engine, sizes, budgets
         self.tokenizer, self.clock = tokenizer, clock
         self.C = config.canvas_length
         self.waiting: deque[Request] = deque()
@@ -113,7 +116,7 @@ class Driver:
         if r in self.waiting:
             self.waiting.remove(r)
         r.state, r.in_executor = State.DONE, False
-        self.budget.free(r.rid)
+        self.budgets[r.rank].free(r.rid)
         self.by_rid.pop(r.rid, None)
 
     def fail_all(self, code: Code, message: str) -> None:
@@ -146,26 +149,47 @@ class Driver:
                                        f"{now - r.submitted_at:.3f}s ({len(r.steps_per_block)} blocks done)"))
 
     def _admit(self) -> list[Admit]:
-        """Paused requests first (oldest first), then the queue in order; at most max_running hold a canvas."""
+        """Paused requests first (oldest first), then the queue in order; at most max_running per rank hold a
+        canvas."""
         admits = []
         while self.paused or self.waiting:
             r = min(self.paused, key=lambda p: p.order) if self.paused else self.waiting[0]
-            holding = len(self.running) + (0 if r.state is State.PAUSED else len(self.paused))
-            if holding >= self.engine.max_running or not self.budget.try_set(r.rid,
-                                                                             self.sizes.request(r.context_len)):
+            rank = self._place(r)
+            if rank is None:
                 break
+            r.rank = rank
             if r.state is State.PAUSED:
                 self.paused.remove(r)
             else:
                 self.waiting.popleft()
                 r.order, self._order = self._order, self._order + 1
                 r.admitted_at = self.clock()
-                admits.append(Admit(r.rid, r.prompt_ids, r.settings, r.seed, r.drafts))
+                admits.append(Admit(r.rid, r.prompt_ids, r.settings, r.seed, r.drafts, rank))
                 r.in_executor = True
             r.state = State.RUNNING
             self.running.append(r)
             self.running.sort(key=lambda q: q.order)
         return admits
+
+    def _place(self, r: Request) -> int | None:
+        """The rank r is admitted on (its reservation made there), or None if it must wait."""
+        need = self.sizes.request(r.context_len)
+        if r.state is State.PAUSED:  # its canvas lives on its rank
+            ok = self._count(self.running, r.rank) < self.engine.max_running and \
+                self.budgets[r.rank].try_set(r.rid, need)
+            return r.rank if ok else None
+        ranks = sorted(range(len(self.budgets)), key=lambda k: (self._holding(k), self.budgets[k].used))
+        for k in ranks:
+            if self._holding(k) < self.engine.max_running and self.budgets[k].try_set(r.rid, need):
+                return k
+        return None
+
+    @staticmethod
+    def _count(group, rank: int) -> int:
+        return sum(1 for q in group if q.rank == rank)
+
+    def _holding(self, rank: int) -> int:
+        return self._count(self.running, rank) + self._count(self.paused, rank)
 
     def _items_for(self, r: Request, items: list[PlanItem], evict: list[int], prefill_left: int) -> int:
         mine: list[PlanItem] = []
@@ -201,8 +225,8 @@ class Driver:
 
     def _grow(self, r: Request, evict: list[int]) -> bool:
         need = self.sizes.request(r.context_len)
-        while not self.budget.try_set(r.rid, need):
-            victim = self.running[-1]  # the newest running request
+        while not self.budgets[r.rank].try_set(r.rid, need):
+            victim = [q for q in self.running if q.rank == r.rank][-1]  # the newest running request on its rank
             self._pause(victim, evict)
             if victim is r:
                 return False
@@ -211,7 +235,7 @@ class Driver:
     def _pause(self, r: Request, evict: list[int]) -> None:
         self.running.remove(r)
         r.state, r.encoded, r.preemptions = State.PAUSED, 0, r.preemptions + 1
-        self.budget.try_set(r.rid, self.sizes.canvas_bytes)  # its canvas stays in the executor; KV is dropped
+        self.budgets[r.rank].try_set(r.rid, self.sizes.canvas_bytes)  # its canvas stays; its KV is dropped
         evict.append(r.rid)
         self.paused.append(r)
 

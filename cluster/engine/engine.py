@@ -29,7 +29,7 @@ from . import events as ev
 from .budget import MemoryBudget, MemorySizes
 from .config import EngineConfig
 from .driver import Driver, Request
-from .errors import Code, ResourceExhausted, Unavailable
+from .errors import Code, ResourceExhausted, Unavailable, UnitFailure
 from .executor import Executor
 from .plan import StepOutcome
 
@@ -69,7 +69,12 @@ class EngineMetrics:
 
 class Engine:
     def __init__(self, model: DiffusionGemma, config: EngineConfig | None = None, tokenizer=None,
-                 prefetch_noise: bool = True, clock=time.monotonic):
+                 prefetch_noise: bool = True, clock=time.monotonic, *, executor=None, ranks: int = 1,
+                 watchdog_s: float | None = None, on_step=None):
+        """`executor` (default: this process's Executor) runs the plans; a group executor spreads them over
+        `ranks` attention ranks, each with its own memory budget. `watchdog_s`: an iteration that runs longer
+        fails every request with UNAVAILABLE and marks the engine unhealthy. `on_step(engine, outcome, step_s)`
+        is called after every iteration (metrics)."""
         self.model, self.config, self.clock = model, config or EngineConfig(), clock
         if model.device.type == "cpu" and torch.get_num_threads() != self.config.cpu_threads:
             log.info("engine: torch intra-op threads %d -> %d (cpu_threads)", torch.get_num_threads(),
@@ -77,10 +82,15 @@ class Engine:
             torch.set_num_threads(self.config.cpu_threads)
         page = self.config.page_size or model.config.canvas_length
         self.sizes = MemorySizes(model.config, model.dtype, page)
-        self.budget = MemoryBudget(self.config.memory_budget_bytes)
-        self.executor = Executor(model, page, prefetch_noise, self._sampler_threads(model))
-        self.driver = Driver(model.config, self.config, self.sizes, self.budget, tokenizer, clock)
-        self.metrics = EngineMetrics(budget_bytes=self.config.memory_budget_bytes)
+        self.budgets = [MemoryBudget(self.config.memory_budget_bytes) for _ in range(ranks)]
+        self.budget = self.budgets[0]  # rank 0's (the only one in a single-process engine)
+        self.executor = executor or Executor(model, page, prefetch_noise, self._sampler_threads(model))
+        self.driver = Driver(model.config, self.config, self.sizes, self.budgets, tokenizer, clock)
+        self.metrics = EngineMetrics(budget_bytes=self.config.memory_budget_bytes * ranks)
+        self.watchdog_s, self.on_step = watchdog_s, on_step
+        self.failure: str | None = None  # set when the engine is broken (a rank failed, the watchdog fired)
+        self._iteration_started: float | None = None
+        self._state = threading.Lock()  # applying an outcome vs. breaking the engine
         self._wake = threading.Condition()
         self._inbox: list[Request] = []
         self._cancels: set[str] = set()
@@ -94,6 +104,8 @@ class Engine:
     def submit(self, req: EngineRequest) -> ev.RequestStream:
         r = self._validate(req)
         with self._wake:
+            if self.failure is not None:
+                raise Unavailable(f"the engine unit failed ({self.failure}); send the request again")
             if self._stopped or self._stopping:
                 raise Unavailable("the engine is stopping; send the request again to another replica")
             if r.request_id in self._streams:
@@ -122,10 +134,16 @@ class Engine:
             self._wake.notify_all()
             return True
 
+    @property
+    def healthy(self) -> bool:
+        return self.failure is None
+
     def start(self) -> Engine:
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, name="dgserve-driver", daemon=True)
             self._thread.start()
+            if self.watchdog_s:
+                threading.Thread(target=self._watchdog, name="dgserve-watchdog", daemon=True).start()
         return self
 
     def stop(self, timeout: float = 30.0) -> None:
@@ -174,14 +192,26 @@ class Engine:
         if plan.empty:
             self._forget_done()
             return None
+        self._iteration_started = time.monotonic()
         try:
             outcome = self.executor.run(plan)
+        except UnitFailure as e:
+            self._break(str(e))
+            return None
         except Exception as e:  # a bug or an allocation failure: fail what ran, keep serving the rest
             log.exception("iteration %d failed", plan.iteration)
             self._fail_plan(plan, e)
             return None
-        self.driver.apply(plan, outcome)
-        self._record(outcome, time.perf_counter() - t0)
+        finally:
+            self._iteration_started = None
+        with self._state:
+            if self.failure is not None:
+                return None
+            self.driver.apply(plan, outcome)
+        step_s = time.perf_counter() - t0
+        self._record(outcome, step_s)
+        if self.on_step is not None:
+            self.on_step(self, outcome, step_s)
         self._forget_done()
         return outcome
 
@@ -250,17 +280,39 @@ class Engine:
             m.time_s[kind] += out.forward_s * n / total_rows
         m.time_s["sampling"] += out.sampling_s
         m.kv_bytes = out.kv_bytes
-        m.budget_used_bytes = self.budget.used
+        m.budget_used_bytes = sum(b.used for b in self.budgets)
         m.queue_depth = len(self.driver.waiting)
         m.running, m.paused = len(self.driver.running), len(self.driver.paused)
         m.preemptions = sum(r.preemptions for r in self.driver.by_rid.values())
+
+    def _break(self, reason: str) -> None:
+        """The unit cannot go on: fail everything in flight as retriable, refuse new work, report unhealthy."""
+        with self._state:
+            if self.failure is not None:
+                return
+            self.failure = reason
+            log.error("engine unit failed: %s", reason)
+            with self._wake:
+                self._drain_inbox()
+                self._wake.notify_all()
+            self.driver.fail_all(Code.UNAVAILABLE, f"the engine unit failed ({reason}); send the request again")
+        self._forget_done()
+
+    def _watchdog(self) -> None:
+        period = min(1.0, self.watchdog_s / 4)
+        while not self._stopped and self.failure is None:
+            started = self._iteration_started
+            if started is not None and time.monotonic() - started > self.watchdog_s:
+                self._break(f"an iteration ran past the {self.watchdog_s:g}s watchdog (a rank is dead or hung)")
+                return
+            time.sleep(period)
 
     def _loop(self) -> None:
         while True:
             with self._wake:
                 while not self._stopping and not self._inbox and not self._cancels and self.driver.active == 0:
                     self._wake.wait()
-                if self._stopping:
+                if self._stopping or self.failure is not None:
                     return
             if self.step() is None and not self.idle:
                 # Nothing could run (every request waits for the budget): wait for a change, not a busy loop.

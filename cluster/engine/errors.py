@@ -45,3 +45,8 @@ class Cancelled(EngineError):
 
 class Unavailable(EngineError):
     code = Code.UNAVAILABLE
+
+
+class UnitFailure(RuntimeError):
+    """A rank of the engine unit failed or stopped answering: every in-flight request fails with UNAVAILABLE
+    and the unit must be rebuilt (raised by group executors; never a user error)."""

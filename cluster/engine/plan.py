@@ -27,6 +27,7 @@ class Admit:
     settings: SamplerSettings
     seed: int
     drafts: bool = False
+    rank: int = 0  # the attention rank that holds the request
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,235 @@
+"""The topology file: one YAML document, typed and validated.
+
+The same file is what `dgserve serve --config` reads and what the Helm chart renders. Every error names the
+field (as a dotted path), the value and what is allowed. Unknown keys are errors, so a typo never silently
+falls back to a default.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+from dgserve.model.errors import ConfigError
+
+from .engine.config import EngineConfig
+
+PROFILES = ("replicated", "packed", "disaggregated")
+DTYPES = ("float32", "bfloat16")
+EXPERT_DTYPES = ("auto", "float32", "bfloat16")  # fp8 arrives with the FP8 issue (step 6)
+SAMPLER_KNOBS = ("max_new_tokens", "max_denoising_steps", "entropy_bound", "t_min", "t_max",
+                 "stability_threshold", "confidence_threshold")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _need(path: str, value, ok: bool, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(path, value, allowed, "topology")
+
+
+def _section(raw, path: str, known: set[str]) -> dict:
+    if raw is None:
+        return {}
+    _need(path, raw, isinstance(raw, dict), "a mapping")
+    for key in raw:
+        _need(f"{path}.{key}" if path else key, raw[key], key in known, f"a key in {sorted(known)}")
+    return raw
+
+
+@dataclass(frozen=True)
+class Units:
+    min: int = 1
+    max: int = 1
+    initial: int | None = None
+
+
+@dataclass(frozen=True)
+class RankResources:
+    cpus: float = 1.0
+    gpus: float = 0.0
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    max_ongoing_requests: int | None = None  # None: the unit's capacity (A x (max_running + max_queued))
+    target_ongoing_requests: float | None = None  # None: A x max_running (a unit's running capacity)
+    upscale_delay_s: float = 30.0
+    downscale_delay_s: float = 600.0
+    look_back_period_s: float = 30.0
+    metrics_interval_s: float = 10.0  # replica and handle metric pushes (RAY_SERVE_*_METRIC_PUSH_INTERVAL_S)
+    max_request_s: float = 600.0  # the longest a request may run; the graceful shutdown waits at least this
+    graceful_shutdown_timeout_s: float | None = None  # None: max_request_s + 10
+    health_check_period_s: float = 5.0
+    health_check_timeout_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class Topology:
+    model: str | None = None  # folder or hub id; None: the embedded tiny model
+    revision: str | None = None
+    dtype: str = "float32"
+    experts_dtype: str = "auto"
+    device: str = "cpu"
+    profile: str = "replicated"
+    units: Units = field(default_factory=Units)
+    attention_ranks: int = 1
+    expert_ranks: int = 0
+    resources: dict[str, RankResources] = field(default_factory=lambda: {"attention": RankResources(),
+                                                                        "experts": RankResources()})
+    node_labels: dict[str, dict[str, str]] = field(default_factory=lambda: {"attention": {}, "experts": {}})
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    sampler: dict = field(default_factory=dict)  # overrides of generation_config.json defaults
+    watchdog_s: float = 10.0
+    serve: ServeSettings = field(default_factory=ServeSettings)
+    name: str = "dgserve"
+
+    @property
+    def graceful_shutdown_s(self) -> float:
+        s = self.serve
+        return s.graceful_shutdown_timeout_s if s.graceful_shutdown_timeout_s is not None else s.max_request_s + 10
+
+    @property
+    def running_capacity(self) -> int:
+        return self.attention_ranks * self.engine.max_running
+
+    @property
+    def max_ongoing(self) -> int:
+        if self.serve.max_ongoing_requests is not None:
+            return self.serve.max_ongoing_requests
+        return self.attention_ranks * (self.engine.max_running + self.engine.max_queued)
+
+    def to_dict(self) -> dict:
+        """Plain data (what crosses to the replicas and rank actors)."""
+        from dataclasses import asdict
+
+        return asdict(self)
+
+
+def parse_topology(raw: dict | None) -> Topology:
+    top = _section(raw or {}, "", {f.name for f in fields(Topology)})
+    kw: dict = {}
+    for key in ("model", "revision"):
+        if top.get(key) is not None:
+            _need(key, top[key], isinstance(top[key], str) and top[key] != "", "a non-empty string")
+            kw[key] = top[key]
+    if "name" in top:
+        _need("name", top["name"], isinstance(top["name"], str) and top["name"].replace("-", "").isalnum(),
+              "letters, digits and '-'")
+        kw["name"] = top["name"]
+    for key, allowed in (("dtype", DTYPES), ("experts_dtype", EXPERT_DTYPES), ("profile", PROFILES),
+                         ("device", ("cpu", "cuda"))):
+        if key in top:
+            _need(key, top[key], top[key] in allowed, " | ".join(allowed))
+            kw[key] = top[key]
+    kw["units"] = _units(top.get("units"))
+    for key in ("attention_ranks", "expert_ranks"):
+        if key in top:
+            lo = 1 if key == "attention_ranks" else 0
+            _need(key, top[key], _is_int(top[key]) and lo <= top[key] <= 1024, f"an integer in {lo}..1024")
+            kw[key] = top[key]
+    _profile_ranks(kw.get("profile", "replicated"), kw.get("expert_ranks", 0))
+    kw["resources"] = _resources(top.get("resources"))
+    kw["node_labels"] = _labels(top.get("node_labels"))
+    engine = _section(top.get("engine"), "engine", {f.name for f in fields(EngineConfig)})
+    try:
+        kw["engine"] = EngineConfig(**engine)
+    except ConfigError as e:
+        raise ConfigError(f"engine.{e.field}", e.value, e.allowed, "topology") from e
+    sampler = _section(top.get("sampler"), "sampler", set(SAMPLER_KNOBS))
+    kw["sampler"] = dict(sampler)
+    if "watchdog_s" in top:
+        _need("watchdog_s", top["watchdog_s"], _is_num(top["watchdog_s"]) and 0.1 <= top["watchdog_s"] <= 3600,
+              "a number of seconds in 0.1..3600")
+        kw["watchdog_s"] = float(top["watchdog_s"])
+    kw["serve"] = _serve(top.get("serve"))
+    return Topology(**kw)
+
+
+def _units(raw) -> Units:
+    u = _section(raw, "units", {"min", "max", "initial"})
+    lo, hi = u.get("min", 1), u.get("max", max(1, u.get("min", 1)))
+    _need("units.min", lo, _is_int(lo) and 0 <= lo <= 1000, "an integer in 0..1000")
+    _need("units.max", hi, _is_int(hi) and max(1, lo) <= hi <= 1000, f"an integer in {max(1, lo)}..1000")
+    init = u.get("initial")
+    _need("units.initial", init, init is None or (_is_int(init) and lo <= init <= hi), f"null or {lo}..{hi}")
+    return Units(lo, hi, init)
+
+
+def _profile_ranks(profile: str, experts: int) -> None:
+    if profile == "replicated":
+        _need("expert_ranks", experts, experts == 0, "0 with profile replicated (experts live in each rank)")
+    else:
+        _need("profile", profile, False,
+              "replicated (profiles packed and disaggregated need expert ranks, which arrive with the "
+              "expert-parallelism issue, step 5)")
+
+
+def _resources(raw) -> dict[str, RankResources]:
+    r = _section(raw, "resources", {"attention", "experts"})
+    out = {}
+    for role in ("attention", "experts"):
+        sec = _section(r.get(role), f"resources.{role}", {"cpus", "gpus"})
+        cpus, gpus = sec.get("cpus", 1.0), sec.get("gpus", 0.0)
+        _need(f"resources.{role}.cpus", cpus, _is_num(cpus) and 0 < cpus <= 512, "a number in (0, 512]")
+        _need(f"resources.{role}.gpus", gpus, _is_num(gpus) and 0 <= gpus <= 16, "a number in 0..16")
+        out[role] = RankResources(float(cpus), float(gpus))
+    return out
+
+
+def _labels(raw) -> dict[str, dict[str, str]]:
+    r = _section(raw, "node_labels", {"attention", "experts"})
+    out = {}
+    for role in ("attention", "experts"):
+        sec = r.get(role) or {}
+        _need(f"node_labels.{role}", sec, isinstance(sec, dict) and all(
+            isinstance(k, str) and isinstance(v, str) for k, v in sec.items()), "a mapping of strings to strings")
+        out[role] = dict(sec)
+    return out
+
+
+def _serve(raw) -> ServeSettings:
+    s = _section(raw, "serve", {f.name for f in fields(ServeSettings)})
+    kw = {}
+    for key, value in s.items():
+        if key == "max_ongoing_requests":
+            _need(f"serve.{key}", value, value is None or (_is_int(value) and 1 <= value <= 1_000_000),
+                  "null or an integer in 1..1000000")
+        elif key in ("target_ongoing_requests", "graceful_shutdown_timeout_s"):
+            _need(f"serve.{key}", value, value is None or (_is_num(value) and value > 0), "null or a number > 0")
+        else:
+            _need(f"serve.{key}", value, _is_num(value) and value >= (0 if "delay" in key else 0.01),
+                  "a number of seconds >= 0" if "delay" in key else "a number of seconds > 0")
+        kw[key] = value
+    out = ServeSettings(**kw)
+    if out.graceful_shutdown_timeout_s is not None:
+        _need("serve.graceful_shutdown_timeout_s", out.graceful_shutdown_timeout_s,
+              out.graceful_shutdown_timeout_s >= out.max_request_s,
+              f">= serve.max_request_s ({out.max_request_s}): a drain must let the longest request finish")
+    return out
+
+
+def load_topology(path: str | Path) -> Topology:
+    p = Path(path)
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except OSError as e:
+        raise ConfigError("config", str(p), f"a readable YAML file ({e.strerror})", "topology") from e
+    except yaml.YAMLError as e:
+        raise ConfigError("config", str(p), f"valid YAML ({e})", "topology") from e
+    return parse_topology(raw)
+
+
+def topology_from_dict(d: dict) -> Topology:
+    """Rebuild from `Topology.to_dict()` (inside replicas and rank actors)."""
+    d = dict(d)
+    d["resources"] = {k: {"cpus": v["cpus"], "gpus": v["gpus"]} for k, v in d["resources"].items()}
+    return parse_topology(d)
