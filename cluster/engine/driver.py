@@ -101,7 +101,8 @@ class Driver:
 
     @property
     def active(self) -> int:
-        return len(self.waiting) + len(self.running) + len(self.paused)
+        """Requests not ended, plus executor state still to release (it takes an iteration)."""
+        return len(self.waiting) + len(self.running) + len(self.paused) + len(self._release)
 
     def _end(self, r: Request, event: ev.Event) -> None:
         if r.in_executor:

@@ -65,6 +65,7 @@ class EngineMetrics:
     rejections: Counter = field(default_factory=Counter)  # by reason
     errors: Counter = field(default_factory=Counter)  # ended requests by code
     preemptions: int = 0
+    admitted_per_rank: Counter = field(default_factory=Counter)
 
 
 class Engine:
@@ -156,6 +157,8 @@ class Engine:
         with self._wake:
             self._stopped = True
             self._drain_inbox()
+        if hasattr(self.executor, "stop") and self.failure is None:
+            self.executor.stop()
         self.executor.close()
         self.driver.fail_all(Code.UNAVAILABLE, "the engine stopped before the request finished; send it again")
 
@@ -208,6 +211,8 @@ class Engine:
             if self.failure is not None:
                 return None
             self.driver.apply(plan, outcome)
+            for a in plan.admit:
+                self.metrics.admitted_per_rank[a.rank] += 1
         step_s = time.perf_counter() - t0
         self._record(outcome, step_s)
         if self.on_step is not None:
@@ -260,12 +265,12 @@ class Engine:
                     self.metrics.errors[last.code.value] += 1
 
     def _fail_plan(self, plan, error: Exception) -> None:
+        """Fail the plan's requests with INTERNAL; their executor state is released by the next plan."""
         rids = {a.rid for a in plan.admit} | {it.rid for it in plan.items}
         for rid in rids:
             r = self.driver.by_rid.get(rid)
             if r is not None:
-                self.executor.slots.pop(rid, None)
-                r.in_executor = False
+                r.in_executor = True
                 self.driver._end(r, ev.Failed(Code.INTERNAL, f"internal error in the engine: {error}"))
         self._forget_done()
 
@@ -307,13 +312,32 @@ class Engine:
                 return
             time.sleep(period)
 
+    IDLE_TICK_S = 5.0  # an idle engine with a group executor sends a heartbeat this often
+
+    def _heartbeat(self) -> None:
+        beat = getattr(self.executor, "heartbeat", None)
+        if beat is None:
+            return
+        self._iteration_started = time.monotonic()
+        try:
+            beat(self.driver.iteration)
+        except UnitFailure as e:
+            self._break(str(e))
+        finally:
+            self._iteration_started = None
+
     def _loop(self) -> None:
         while True:
             with self._wake:
                 while not self._stopping and not self._inbox and not self._cancels and self.driver.active == 0:
-                    self._wake.wait()
+                    if not self._wake.wait(self.IDLE_TICK_S):
+                        break
                 if self._stopping or self.failure is not None:
                     return
+                idle = not self._inbox and not self._cancels and self.driver.active == 0
+            if idle:
+                self._heartbeat()
+                continue
             if self.step() is None and not self.idle:
                 # Nothing could run (every request waits for the budget): wait for a change, not a busy loop.
                 with self._wake:

@@ -233,3 +233,34 @@ def test_engine_config_errors_name_the_field(kwargs, field):
     assert e.value.field == field and "allowed" in str(e.value)
     with pytest.raises(ConfigError, match="bogus"):
         EngineConfig.from_dict({"bogus": 1})
+
+
+def test_the_watchdog_fails_a_hung_iteration_as_retriable_and_marks_the_engine_unhealthy(tiny):
+    import threading
+
+    hang = threading.Event()
+
+    class HungExecutor:
+        """Stands in for a group whose rank stopped answering: the iteration never returns."""
+
+        slots: dict = {}
+
+        def run(self, plan):
+            hang.wait(30)
+            raise RuntimeError("released")
+
+        def kv_bytes(self):
+            return 0
+
+        def close(self):
+            pass
+
+    engine = Engine(tiny.model, EngineConfig(), executor=HungExecutor(), watchdog_s=0.5).start()
+    stream = engine.submit(EngineRequest([5, 6], settings(tiny, max_new_tokens=32)))
+    event = list(stream)[-1]
+    assert isinstance(event, Failed) and event.code is Code.UNAVAILABLE and "watchdog" in event.message
+    assert not engine.healthy
+    with pytest.raises(Unavailable, match="failed"):
+        engine.submit(EngineRequest([5, 6], settings(tiny, max_new_tokens=32)))
+    hang.set()
+    engine.stop()

@@ -1,0 +1,131 @@
+"""The Python API of the cluster: start or join Ray, deploy engine units, submit requests, read their events.
+
+    from dgserve.cluster import api
+    api.start_local()                                   # a local Ray cluster (or api.connect("ray://..."))
+    unit = api.deploy(api.Topology())                   # the embedded tiny model, one unit
+    for event in unit.generate_sync(api.GenerateRequest((2, 651, 1234), seed=7)):
+        print(event)
+    api.shutdown()
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import ray
+from ray import serve
+
+from .config import Topology, load_topology, parse_topology
+from .engine.errors import EngineError
+from .engine.events import Event, Failed, Finished
+from .messages import GenerateRequest
+from .units import unit_app
+
+__all__ = ["GenerateRequest", "Topology", "Unit", "connect", "deploy", "load_topology", "parse_topology",
+           "shutdown", "start_local"]
+
+RAY_ENV = {
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # every Ray port on 127.0.0.1
+    "RAY_AUTH_MODE": "disabled",  # a local, loopback-only cluster
+    "RAY_USAGE_STATS_ENABLED": "0",
+}
+OBJECT_STORE_BYTES = 256 * 1024**2
+
+
+def start_local(num_cpus: int = 8, metrics_interval_s: float | None = None, temp_dir: str | None = None) -> None:
+    """Start a local Ray instance and Serve (no HTTP proxy: units are reached through handles).
+
+    `metrics_interval_s` sets how often replicas and handles push autoscaling metrics (Ray reads it at start).
+    """
+    os.environ.update({k: v for k, v in RAY_ENV.items() if k not in os.environ})
+    if metrics_interval_s is not None:
+        for key in ("RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S",
+                    "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S"):
+            os.environ[key] = str(metrics_interval_s)
+    if not ray.is_initialized():
+        ray.init(num_cpus=num_cpus, object_store_memory=OBJECT_STORE_BYTES, include_dashboard=False,
+                 _temp_dir=temp_dir or "/tmp/dgray", log_to_driver=False)
+    serve.start(proxy_location="Disabled")
+
+
+def connect(address: str) -> None:
+    """Join an existing Ray cluster (`ray://host:10001` or `auto`)."""
+    if not ray.is_initialized():
+        ray.init(address=address)
+    serve.start(proxy_location="Disabled")
+
+
+def deploy(topology: Topology | dict | str | Path | None = None) -> Unit:
+    """Deploy (or update) the engine units of a topology; returns once they are ready."""
+    if topology is None:
+        topo = Topology()
+    elif isinstance(topology, Topology):
+        topo = topology
+    elif isinstance(topology, dict):
+        topo = parse_topology(topology)
+    else:
+        topo = load_topology(topology)
+    if topo.model is None:  # make the embedded model once, here, not in every rank at the same time
+        from dgserve.model.tiny import default_model_dir
+
+        default_model_dir()
+    handle = serve.run(unit_app(topo), name=topo.name, route_prefix=None)
+    return Unit(handle, topo)
+
+
+def shutdown() -> None:
+    if ray.is_initialized():
+        serve.shutdown()
+        ray.shutdown()
+
+
+class Unit:
+    """Requests to the engine units of one deployment (Serve's router picks a unit per request)."""
+
+    def __init__(self, handle, topology: Topology):
+        self.handle, self.topology = handle, topology
+
+    async def stream(self, request: GenerateRequest) -> AsyncIterator[Event]:
+        response = self.handle.options(stream=True).generate.remote(request)
+        try:
+            async for event in response:
+                yield event
+        finally:
+            response.cancel()  # no-op once it ended; frees the request on rank 0 if the caller stopped early
+
+    async def generate(self, request: GenerateRequest) -> Finished:
+        """The final event; an error event is raised as EngineError (with its code)."""
+        final = None
+        async for event in self.stream(request):
+            final = event
+        return _final(final)
+
+    def stream_sync(self, request: GenerateRequest) -> Iterator[Event]:
+        response = self.handle.options(stream=True).generate.remote(request)
+        try:
+            yield from response
+        finally:
+            response.cancel()
+
+    def generate_sync(self, request: GenerateRequest) -> Finished:
+        final = None
+        for event in self.stream_sync(request):
+            final = event
+        return _final(final)
+
+    def status(self) -> dict:
+        """One unit's status (Serve picks the replica): its ranks, requests, budget, health."""
+        return self.handle.status.remote().result()
+
+    async def status_async(self) -> dict:
+        return await self.handle.status.remote()
+
+
+def _final(event) -> Finished:
+    if isinstance(event, Failed):
+        raise EngineError(event.message, event.code)
+    if not isinstance(event, Finished):
+        raise EngineError("the stream ended without a final event")
+    return event

@@ -1,0 +1,132 @@
+"""Attention ranks in lockstep: rank 0 broadcasts each step plan over the unit's CPU process group, every rank
+runs its own requests' part of it, and rank 0 gathers the outcomes. One collective pair per iteration, no Ray
+call. An idle rank runs an empty batch (with expert ranks, step 5, it must still join every exchange).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import replace
+
+import torch.distributed as dist
+
+from .engine.errors import UnitFailure
+from .engine.executor import Executor
+from .engine.plan import StepOutcome, StepPlan
+
+log = logging.getLogger("dgserve.group")
+
+STOP = "stop"
+
+
+class Ownership:
+    """Which rank holds which request (every rank keeps its own copy, updated from the plans)."""
+
+    def __init__(self, rank: int):
+        self.rank = rank
+        self.owner: dict[int, int] = {}
+
+    def part(self, plan: StepPlan) -> StepPlan:
+        """This rank's share of a plan."""
+        for a in plan.admit:
+            self.owner[a.rid] = a.rank
+        mine = {rid for rid, k in self.owner.items() if k == self.rank}
+        part = replace(plan, admit=tuple(a for a in plan.admit if a.rank == self.rank),
+                       evict=tuple(r for r in plan.evict if r in mine),
+                       release=tuple(r for r in plan.release if r in mine),
+                       items=tuple(it for it in plan.items if it.rid in mine))
+        for rid in plan.release:
+            self.owner.pop(rid, None)
+        return part
+
+    def finished(self, outcome: StepOutcome) -> None:
+        for c in outcome.canvases:
+            if c.finished:
+                self.owner.pop(c.rid, None)
+
+
+def merge(iteration: int, outcomes: list[StepOutcome]) -> StepOutcome:
+    rows: dict[str, int] = {}
+    for o in outcomes:
+        for k, v in o.rows.items():
+            rows[k] = rows.get(k, 0) + v
+    return StepOutcome(iteration, tuple(c for o in outcomes for c in o.canvases), rows,
+                       max(o.forward_s for o in outcomes), max(o.sampling_s for o in outcomes),
+                       sum(o.kv_bytes for o in outcomes))
+
+
+class GroupExecutor:
+    """Rank 0's executor: the same interface as Executor, run by all ranks of the group."""
+
+    def __init__(self, local: Executor, group, world: int):
+        self.local, self.group, self.world = local, group, world
+        self.ownership = Ownership(0)
+        self.slots = local.slots  # rank 0's own requests (the engine's failure path clears them)
+
+    def kv_bytes(self) -> int:
+        return self.local.kv_bytes()
+
+    def run(self, plan: StepPlan) -> StepOutcome:
+        try:
+            dist.broadcast_object_list([plan], src=0, group=self.group)
+        except Exception as e:
+            raise UnitFailure(f"broadcasting the step plan failed: {e}") from e
+        error = None
+        try:
+            local = self.local.run(self.ownership.part(plan))
+        except Exception as e:  # still join the gather, or the other ranks hang
+            log.exception("rank 0 failed to run iteration %d", plan.iteration)
+            local, error = e, e
+        outs = [None] * self.world
+        try:
+            dist.gather_object(local if error is None else repr(error), outs, dst=0, group=self.group)
+        except Exception as e:
+            raise UnitFailure(f"gathering step outcomes failed: {e}") from e
+        failed = [f"rank {k}: {o}" for k, o in enumerate(outs) if not isinstance(o, StepOutcome)]
+        if error is not None:
+            raise error
+        if failed:
+            raise UnitFailure("; ".join(failed))
+        out = merge(plan.iteration, outs)
+        self.ownership.finished(out)
+        return out
+
+    def heartbeat(self, iteration: int) -> None:
+        """An empty iteration: keeps idle ranks' collectives alive and finds a dead rank while idle."""
+        self.run(StepPlan(iteration))
+
+    def stop(self) -> None:
+        try:
+            dist.broadcast_object_list([STOP], src=0, group=self.group)
+        except Exception as e:  # a rank already gone: nothing left to stop
+            log.warning("stopping the ranks: %s", e)
+
+    def close(self) -> None:
+        self.local.close()
+
+
+def follow(local: Executor, group, rank: int, stopped: threading.Event) -> None:
+    """A follower rank's loop: run rank 0's plans until told to stop."""
+    ownership = Ownership(rank)
+    while not stopped.is_set():
+        box = [None]
+        try:
+            dist.broadcast_object_list(box, src=0, group=group)
+        except Exception as e:
+            log.error("rank %d: receiving the plan failed (%s); leaving", rank, e)
+            return
+        plan = box[0]
+        if plan == STOP:
+            return
+        try:
+            out = local.run(ownership.part(plan))
+            ownership.finished(out)
+        except Exception as e:
+            log.exception("rank %d failed iteration %d", rank, plan.iteration)
+            out = f"{type(e).__name__}: {e}"
+        try:
+            dist.gather_object(out, None, dst=0, group=group)
+        except Exception as e:
+            log.error("rank %d: sending the outcome failed (%s); leaving", rank, e)
+            return

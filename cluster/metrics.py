@@ -1,0 +1,61 @@
+"""Prometheus metrics through Ray's metrics agent, updated by rank 0 after every iteration."""
+
+from __future__ import annotations
+
+from ray.util import metrics
+
+LATENCY_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
+
+
+class UnitMetrics:
+    def __init__(self, unit: str):
+        tags = {"unit": unit}
+        keys = ("unit",)
+        self.queue = metrics.Gauge("dgserve_queue_depth", "Requests waiting for admission", keys)
+        self.running = metrics.Gauge("dgserve_running_canvases", "Requests with a canvas in flight", keys)
+        self.kv_used = metrics.Gauge("dgserve_kv_bytes", "KV cache bytes held", keys)
+        self.budget_used = metrics.Gauge("dgserve_budget_used_bytes", "Memory budget reserved", keys)
+        self.budget = metrics.Gauge("dgserve_budget_bytes", "Memory budget capacity", keys)
+        self.canvases = metrics.Histogram("dgserve_canvases_per_step", "Canvases denoised per iteration",
+                                          [1, 2, 4, 8, 16, 32, 64, 128], keys)
+        self.step = metrics.Histogram("dgserve_step_seconds", "Iteration latency", LATENCY_BUCKETS, keys)
+        self.steps_per_block = metrics.Histogram("dgserve_steps_per_block", "Denoising steps per committed block",
+                                                 [1, 2, 4, 8, 16, 24, 32, 48, 64, 128], keys)
+        self.tokens_per_forward = metrics.Histogram("dgserve_tokens_per_forward",
+                                                    "Generated tokens per decoder pass, per finished request",
+                                                    [0.5, 1, 2, 4, 8, 16, 32, 64], keys)
+        self.rejections = metrics.Counter("dgserve_rejections_total", "Requests refused at admission",
+                                          ("unit", "reason"))
+        self.errors = metrics.Counter("dgserve_errors_total", "Requests ended with an error", ("unit", "code"))
+        for m in (self.queue, self.running, self.kv_used, self.budget_used, self.budget, self.canvases, self.step,
+                  self.steps_per_block, self.tokens_per_forward):
+            m.set_default_tags(tags)
+        self.unit = unit
+        self._seen_rejections: dict[str, int] = {}
+        self._seen_errors: dict[str, int] = {}
+
+    def on_step(self, engine, outcome, step_s: float) -> None:
+        m = engine.metrics
+        self.queue.set(m.queue_depth)
+        self.running.set(m.running)
+        self.kv_used.set(m.kv_bytes)
+        self.budget_used.set(m.budget_used_bytes)
+        self.budget.set(m.budget_bytes)
+        self.canvases.observe(len(outcome.canvases))
+        self.step.observe(step_s)
+        for c in outcome.canvases:
+            if c.block_done:
+                self.steps_per_block.observe(c.step)
+        self.count(engine)
+
+    def finished(self, tokens_per_forward: float) -> None:
+        self.tokens_per_forward.observe(tokens_per_forward)
+
+    def count(self, engine) -> None:
+        for seen, source, counter, key in ((self._seen_rejections, engine.metrics.rejections, self.rejections,
+                                            "reason"),
+                                           (self._seen_errors, engine.metrics.errors, self.errors, "code")):
+            for k, v in list(source.items()):
+                if v > seen.get(k, 0):
+                    counter.inc(v - seen.get(k, 0), {"unit": self.unit, key: k})
+                    seen[k] = v

@@ -1,0 +1,138 @@
+"""Rank actors: the processes of an engine unit. Rank 0 runs the driver loop; every rank runs an executor.
+
+They are Ray actors created by the unit's Serve replica inside the replica's placement group (one bundle per
+rank) and form one torch.distributed group (gloo on CPU; nccl on GPU plus a gloo group for control messages).
+Rank 0 relays each request's events back to the replica as a Ray streaming generator: one Ray call per request,
+never one per step.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from .config import topology_from_dict
+from .engine.events import Finished
+
+log = logging.getLogger("dgserve.ranks")
+
+GROUP_TIMEOUT = timedelta(hours=1)  # idle ranks are kept alive by heartbeats; hangs are the watchdog's
+
+
+class RankActor:
+    def __init__(self, rank: int, world: int, topology: dict, unit: str):
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        self.rank, self.world, self.unit = rank, world, unit
+        self.topo = topology_from_dict(topology)
+        self.engine = None
+        self.metrics = None
+        self.local = None
+        self._stopped = threading.Event()
+        self._follower: threading.Thread | None = None
+
+    # -- set-up ----------------------------------------------------------------------------------------------
+    def endpoint(self) -> tuple[str, int]:
+        """Rank 0: an address and a free port for the group's rendezvous."""
+        import ray
+
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        return ray.util.get_node_ip_address(), port
+
+    def start(self, address: str, port: int) -> dict:
+        t0 = time.perf_counter()
+        backend = "nccl" if self.topo.device == "cuda" else "gloo"
+        dist.init_process_group(backend, init_method=f"tcp://{address}:{port}", rank=self.rank,
+                                world_size=self.world, timeout=GROUP_TIMEOUT)
+        control = dist.new_group(backend="gloo", timeout=GROUP_TIMEOUT) if backend == "nccl" else dist.group.WORLD
+        from dgserve.model.loader import load_checkpoint
+        from dgserve.model.tiny import default_model_dir
+
+        from .engine.executor import Executor
+
+        ck = load_checkpoint(self.topo.model or default_model_dir(), revision=self.topo.revision,
+                             dtype=self.topo.dtype, device=self.topo.device)
+        self.defaults = ck.generation
+        cfg = self.topo.engine
+        if ck.model.device.type == "cpu":
+            torch.set_num_threads(cfg.cpu_threads)
+        page = cfg.page_size or ck.config.canvas_length
+        threads = cfg.sampler_threads or max(1, int(self.topo.resources["attention"].cpus))
+        self.local = Executor(ck.model, page, sampler_threads=threads)
+        if self.rank == 0:
+            self._start_driver(ck, control)
+        else:
+            from .group import follow
+
+            self._follower = threading.Thread(target=follow, args=(self.local, control, self.rank, self._stopped),
+                                              name=f"dgserve-rank{self.rank}", daemon=True)
+            self._follower.start()
+        return {"rank": self.rank, "pid": os.getpid(), "backend": backend, "load_s": time.perf_counter() - t0,
+                "model": str(ck.folder)}
+
+    def _start_driver(self, ck, control) -> None:
+        from dgserve.model.tokenizer import load_tokenizer
+
+        from .engine import Engine
+        from .group import GroupExecutor
+        from .metrics import UnitMetrics
+
+        self.metrics = UnitMetrics(self.unit)
+        executor = GroupExecutor(self.local, control, self.world) if self.world > 1 else self.local
+        self.engine = Engine(ck.model, self.topo.engine, load_tokenizer(ck.folder), executor=executor,
+                             ranks=self.world, watchdog_s=self.topo.watchdog_s, on_step=self.metrics.on_step)
+        self.engine.start()
+
+    # -- requests (rank 0) -----------------------------------------------------------------------------------
+    async def generate(self, request):
+        """Events of one request, as a Ray streaming generator; ends with Finished or Failed."""
+        from .messages import failure_event
+
+        try:
+            stream = self.engine.submit(request.to_engine(self.defaults, self.topo.sampler))
+        except Exception as e:  # refused: a bad field, over budget, queue full, engine failed
+            self.metrics.count(self.engine)
+            yield failure_event(e)
+            return
+        try:
+            async for event in stream:
+                if isinstance(event, Finished):
+                    self.metrics.finished(event.stats.tokens_per_forward)
+                yield event
+        finally:
+            if not stream.done:  # the caller went away: free the request at the next iteration
+                self.engine.cancel(stream.request_id)
+
+    async def cancel(self, request_id: str) -> bool:
+        return self.engine.cancel(request_id)
+
+    async def status(self) -> dict:
+        out = {"rank": self.rank, "pid": os.getpid(), "slots": sorted(self.local.slots) if self.local else []}
+        if self.rank == 0 and self.engine is not None:
+            m = self.engine.metrics
+            out |= {"healthy": self.engine.healthy, "failure": self.engine.failure, "queue_depth": m.queue_depth,
+                    "running": m.running, "iterations": m.iterations, "kv_bytes": m.kv_bytes,
+                    "budget_used_bytes": m.budget_used_bytes, "budget_bytes": m.budget_bytes,
+                    "rejections": dict(m.rejections), "errors": dict(m.errors),
+                    "admitted_per_rank": dict(m.admitted_per_rank),
+                    "request_ids": sorted(r.request_id for r in self.engine.driver.by_rid.values()),
+                    "ranks_of_requests": {r.request_id: r.rank for r in self.engine.driver.by_rid.values()}}
+        else:
+            out["healthy"] = self._follower is not None and self._follower.is_alive()
+        return out
+
+    async def ping(self) -> bool:
+        return True
+
+    def shutdown(self) -> None:
+        self._stopped.set()
+        if self.engine is not None:
+            self.engine.stop(timeout=5)

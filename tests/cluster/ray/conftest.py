@@ -1,0 +1,32 @@
+"""One local Ray cluster for the whole session (real Ray, real Serve, loopback only)."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory):
+    from dgserve.cluster import api
+
+    api.start_local(num_cpus=8, metrics_interval_s=0.5, temp_dir="/tmp/dgray-tests")
+    yield api
+    api.shutdown()
+
+
+@pytest.fixture
+def deploy(ray_cluster, tiny_dir):
+    """Deploy a topology (the tiny test checkpoint unless it names a model); deleted after the test."""
+    from ray import serve
+
+    names = []
+
+    def run(**topology):
+        topology.setdefault("model", str(tiny_dir))
+        topology.setdefault("name", f"t{len(names)}")
+        names.append(topology["name"])
+        return ray_cluster.deploy(topology)
+
+    yield run
+    for name in names:
+        serve.delete(name)

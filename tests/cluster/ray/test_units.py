@@ -1,0 +1,185 @@
+"""Engine units on a real local Ray cluster: tokens, cancellation, failures, attention ranks, autoscaling."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import ray
+
+from dgserve.cluster.engine.errors import Code
+from dgserve.cluster.engine.events import Draft, Failed, Finished
+from dgserve.cluster.messages import GenerateRequest
+from dgserve.model.generate import generate
+from dgserve.model.loader import load_checkpoint
+from dgserve.model.sampler import SamplerSettings
+
+
+@pytest.fixture(scope="module")
+def local_model(tiny_dir):
+    return load_checkpoint(tiny_dir, dtype="float32")
+
+
+def requests(n: int, seed: int = 0) -> list[GenerateRequest]:
+    import random
+
+    rng = random.Random(seed)
+    return [GenerateRequest(tuple(rng.randint(4, 900) for _ in range(rng.randint(1, 60))), seed=7 * i,
+                            sampler={"max_new_tokens": rng.choice([32, 64]),
+                                     "max_denoising_steps": rng.choice([8, 16]), "t_max": rng.choice([0.8, 1.0])},
+                            request_id=f"q{i}")
+            for i in range(n)]
+
+
+def solo(ck, r: GenerateRequest) -> tuple[int, ...]:
+    s = SamplerSettings.from_defaults(ck.generation, **r.sampler)
+    return tuple(generate(ck.model, list(r.prompt_ids), s, seed=r.seed).token_ids)
+
+
+async def gather(unit, reqs):
+    return await asyncio.gather(*(unit.generate(r) for r in reqs))
+
+
+def test_eight_concurrent_requests_through_a_unit_give_the_single_process_tokens(deploy, local_model):
+    unit = deploy(engine={"max_running": 8})
+    reqs = requests(8)
+    finals = asyncio.run(gather(unit, reqs))
+    for r, f in zip(reqs, finals, strict=True):
+        assert f.token_ids == solo(local_model, r), r.request_id
+    st = unit.status()["ranks"][0]
+    assert st["healthy"] and st["budget_used_bytes"] == 0 and st["iterations"] < sum(
+        len(f.stats.steps_per_block) * 16 for f in finals)  # they shared iterations
+
+
+def test_bad_requests_fail_with_invalid_argument_and_the_unit_keeps_serving(deploy):
+    unit = deploy()
+    for bad, field in ((GenerateRequest(()), "prompt_ids"),
+                       (GenerateRequest((5, 99999)), "prompt_ids"),
+                       (GenerateRequest((5,), sampler={"t_max": 0.1}), "t_max"),
+                       (GenerateRequest((5,), sampler={"temperature": 1.0}), "temperature"),
+                       (GenerateRequest((5,), seed=-1), "seed")):
+        events = list(unit.stream_sync(bad))
+        assert len(events) == 1 and isinstance(events[0], Failed), bad
+        assert events[0].code is Code.INVALID_ARGUMENT and field in events[0].message
+    ok = unit.generate_sync(GenerateRequest((5, 6), sampler={"max_new_tokens": 32, "max_denoising_steps": 2}))
+    assert len(ok.token_ids) == 32
+
+
+def test_cancelling_mid_block_frees_the_request_on_rank_0(deploy):
+    unit = deploy()
+    req = GenerateRequest((5, 6, 7), drafts=True, request_id="to-cancel",
+                          sampler={"max_new_tokens": 32 * 20, "max_denoising_steps": 48})
+
+    async def run():
+        stream = unit.stream(req)
+        first = await stream.__anext__()
+        assert isinstance(first, Draft)  # running, mid-block
+        assert "to-cancel" in (await unit.status_async())["ranks"][0]["request_ids"]
+        await stream.aclose()
+
+    asyncio.run(run())
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        st = unit.status()["ranks"][0]
+        if "to-cancel" not in st["request_ids"] and not st["slots"] and st["budget_used_bytes"] == 0:
+            break
+        time.sleep(0.2)
+    assert "to-cancel" not in st["request_ids"] and not st["slots"] and st["budget_used_bytes"] == 0
+    assert st["errors"].get("CANCELLED") == 1
+
+
+@pytest.mark.parametrize(("ranks", "victim"), [(1, 0), (2, 1)], ids=["rank0-of-1", "rank1-of-2"])
+def test_a_killed_rank_fails_its_requests_as_retriable_and_the_unit_comes_back(deploy, ranks, victim):
+    unit = deploy(attention_ranks=ranks, watchdog_s=5,
+                  serve={"health_check_period_s": 1.0, "health_check_timeout_s": 5.0})
+    name = unit.status()["names"][victim]
+    req = GenerateRequest((5, 6, 7), sampler={"max_new_tokens": 32 * 30, "max_denoising_steps": 48})
+
+    async def run():
+        events = []
+        stream = unit.stream(req)
+        events.append(await stream.__anext__())
+        ray.kill(ray.get_actor(name))
+        killed = time.monotonic()
+        async for e in stream:
+            events.append(e)
+        return events, time.monotonic() - killed
+
+    events, took = asyncio.run(run())
+    assert isinstance(events[-1], Failed) and events[-1].code is Code.UNAVAILABLE and events[-1].retriable
+    assert took < 30
+    t0 = time.monotonic()
+    while True:  # the client's retry loop
+        try:
+            f = unit.generate_sync(GenerateRequest((5, 6), sampler={"max_new_tokens": 32, "max_denoising_steps": 2}))
+            break
+        except Exception:
+            assert time.monotonic() - t0 < 60, "the unit did not come back within 60 s"
+            time.sleep(1)
+    assert len(f.token_ids) == 32 and time.monotonic() - t0 < 60
+    assert unit.status()["names"][0] != name  # a new unit
+
+
+def test_two_attention_ranks_serve_requests_on_both(deploy, local_model):
+    unit = deploy(attention_ranks=2, engine={"max_running": 4})
+    reqs = requests(6, seed=4)
+    finals = asyncio.run(gather(unit, reqs))
+    for r, f in zip(reqs, finals, strict=True):
+        assert f.token_ids == solo(local_model, r), r.request_id
+    st = unit.status()
+    admitted = st["ranks"][0]["admitted_per_rank"]
+    assert admitted.get(0, 0) > 0 and admitted.get(1, 0) > 0
+    assert all(s["healthy"] for s in st["ranks"])
+
+
+def test_units_scale_up_under_load_and_back_down_losing_nothing(deploy, local_model):
+    from ray import serve
+
+    unit = deploy(units={"min": 1, "max": 2}, engine={"max_running": 2},
+                  serve={"target_ongoing_requests": 2, "upscale_delay_s": 0.5, "downscale_delay_s": 2,
+                         "look_back_period_s": 1, "max_request_s": 120})
+
+    def running() -> int:
+        app = serve.status().applications[unit.topology.name]
+        return app.deployments["EngineUnit"].replica_states.get("RUNNING", 0)
+
+    shapes = [GenerateRequest((5, 6, 7 + i), seed=i, sampler={"max_new_tokens": 32 * 4, "max_denoising_steps": 24})
+              for i in range(3)]
+    tail = GenerateRequest((9, 9), seed=9, sampler={"max_new_tokens": 32 * 12, "max_denoising_steps": 48})
+    expected = {r.seed: solo(local_model, r) for r in [*shapes, tail]}
+    done: list = []
+    seen: list[int] = []
+
+    async def client(k: int, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            r = shapes[k % 3]
+            done.append((r.seed, await unit.generate(r)))
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        clients = [asyncio.create_task(client(k, stop)) for k in range(6)]
+        t0, both_since = time.monotonic(), None
+        while time.monotonic() - t0 < 90:  # load until two units have run side by side for 3 s
+            seen.append(running())
+            both_since = (both_since or time.monotonic()) if seen[-1] == 2 else None
+            if both_since and time.monotonic() - both_since > 3:
+                break
+            await asyncio.sleep(0.25)
+        stop.set()
+        last = asyncio.create_task(unit.generate(tail))  # in flight while the load drops and a unit drains
+        await asyncio.gather(*clients)
+        while not last.done():
+            seen.append(running())
+            await asyncio.sleep(0.25)
+        done.append((tail.seed, last.result()))
+
+    asyncio.run(run())
+    assert 2 in seen, seen
+    assert len(done) >= 12  # every request sent came back
+    for seed, f in done:  # none lost, none changed by where it ran
+        assert isinstance(f, Finished) and f.token_ids == expected[seed]
+    deadline = time.monotonic() + 30
+    while running() != 1 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert running() == 1
