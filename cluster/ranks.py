@@ -122,15 +122,15 @@ class RankActor:
                     "running": m.running, "iterations": m.iterations, "kv_bytes": m.kv_bytes,
                     "budget_used_bytes": m.budget_used_bytes, "budget_bytes": m.budget_bytes,
                     "rejections": dict(m.rejections), "errors": dict(m.errors),
-                    "admitted_per_rank": dict(m.admitted_per_rank),
+                    "admitted_per_rank": dict(m.admitted_per_rank), "steps": m.step_summary(),
                     "request_ids": sorted(r.request_id for r in self.engine.driver.by_rid.values()),
                     "ranks_of_requests": {r.request_id: r.rank for r in self.engine.driver.by_rid.values()}}
         else:
             out["healthy"] = self._follower is not None and self._follower.is_alive()
         return out
 
-    async def ping(self) -> bool:
-        return True
+    async def reset_step_stats(self) -> None:
+        self.engine.metrics.recent_steps.clear()
 
     def shutdown(self) -> None:
         self._stopped.set()

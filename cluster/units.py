@@ -77,6 +77,9 @@ class EngineUnit:
         states = await asyncio.gather(*(r.status.remote() for r in self.ranks))
         return {"unit": self.unit, "ranks": list(states), "names": self.names}
 
+    async def reset_step_stats(self) -> None:
+        await self.ranks[0].reset_step_stats.remote()
+
     async def check_health(self) -> None:
         try:
             states = await asyncio.wait_for(asyncio.gather(*(r.status.remote() for r in self.ranks)),

@@ -14,7 +14,7 @@ import os
 import threading
 import time
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -66,6 +66,18 @@ class EngineMetrics:
     errors: Counter = field(default_factory=Counter)  # ended requests by code
     preemptions: int = 0
     admitted_per_rank: Counter = field(default_factory=Counter)
+    # (iteration seconds, seconds of it outside the forward and the sampling: planning, applying, events, and
+    # with several ranks the plan broadcast and outcome gather) for the latest iterations
+    recent_steps: deque = field(default_factory=lambda: deque(maxlen=4096))
+
+    def step_summary(self) -> dict:
+        steps = sorted(s for s, _ in self.recent_steps)
+        if not steps:
+            return {"steps": 0}
+        pick = lambda q: steps[min(len(steps) - 1, int(q * len(steps)))]  # noqa: E731
+        return {"steps": len(steps), "step_s_p50": pick(0.5), "step_s_p99": pick(0.99),
+                "control_s_mean": sum(c for _, c in self.recent_steps) / len(steps),
+                "step_s_mean": sum(steps) / len(steps)}
 
 
 class Engine:
@@ -278,6 +290,7 @@ class Engine:
         m = self.metrics
         m.iterations += 1
         m.step_s_total += step_s
+        m.recent_steps.append((step_s, max(0.0, step_s - out.forward_s - out.sampling_s)))
         m.canvases_last_step = len(out.canvases)
         m.canvas_steps += len(out.canvases)
         total_rows = sum(out.rows.values()) or 1
