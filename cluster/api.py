@@ -23,8 +23,8 @@ from .engine.events import Event, Failed, Finished
 from .messages import GenerateRequest
 from .units import unit_app
 
-__all__ = ["GenerateRequest", "Topology", "Unit", "connect", "deploy", "load_topology", "parse_topology",
-           "shutdown", "start_local"]
+__all__ = ["Endpoint", "GenerateRequest", "Topology", "Unit", "connect", "deploy", "load_topology",
+           "parse_topology", "serve_endpoint", "shutdown", "start_local"]
 
 RAY_ENV = {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # every Ray port on 127.0.0.1
@@ -59,20 +59,47 @@ def connect(address: str) -> None:
 
 def deploy(topology: Topology | dict | str | Path | None = None) -> Unit:
     """Deploy (or update) the engine units of a topology; returns once they are ready."""
-    if topology is None:
-        topo = Topology()
-    elif isinstance(topology, Topology):
-        topo = topology
-    elif isinstance(topology, dict):
-        topo = parse_topology(topology)
-    else:
-        topo = load_topology(topology)
+    topo = _topology(topology)
     if topo.model is None:  # make the embedded model once, here, not in every rank at the same time
         from dgserve.model.tiny import default_model_dir
 
         default_model_dir()
     handle = serve.run(unit_app(topo), name=topo.name, route_prefix=None)
     return Unit(handle, topo)
+
+
+def serve_endpoint(topology: Topology | dict | str | Path | None = None) -> Endpoint:
+    """Deploy the whole endpoint (gRPC gateway + engine units); returns once the gateway listens."""
+    topo = _topology(topology)
+    if topo.model is None:
+        from dgserve.model.tiny import default_model_dir
+
+        default_model_dir()
+    from .gateway.deployment import gateway_app
+
+    handle = serve.run(gateway_app(topo), name=topo.name, route_prefix=None)
+    return Endpoint(handle, topo, handle.address.remote().result())
+
+
+class Endpoint:
+    def __init__(self, handle, topology: Topology, address: str):
+        self.handle, self.topology, self.address = handle, topology, address
+
+    def drain(self, grace_s: float | None = None) -> dict:
+        return self.handle.drain.remote(grace_s).result()
+
+    def status(self) -> dict:
+        return self.handle.status.remote().result()
+
+
+def _topology(topology) -> Topology:
+    if topology is None:
+        return Topology()
+    if isinstance(topology, Topology):
+        return topology
+    if isinstance(topology, dict):
+        return parse_topology(topology)
+    return load_topology(topology)
 
 
 def shutdown() -> None:

@@ -73,6 +73,16 @@ class ServeSettings:
 
 
 @dataclass(frozen=True)
+class GatewaySettings:
+    host: str = "127.0.0.1"  # 0.0.0.0 in a pod
+    port: int = 50051
+    max_message_bytes: int = 16 * 1024 * 1024
+    max_prompt_tokens: int | None = None  # None: the context length minus one block
+    grace_s: float = 30.0  # on SIGTERM: in-flight requests get this long, the rest fail with UNAVAILABLE
+    keepalive_s: float = 30.0
+
+
+@dataclass(frozen=True)
 class Topology:
     model: str | None = None  # folder or hub id; None: the embedded tiny model
     revision: str | None = None
@@ -90,6 +100,7 @@ class Topology:
     sampler: dict = field(default_factory=dict)  # overrides of generation_config.json defaults
     watchdog_s: float = 10.0
     serve: ServeSettings = field(default_factory=ServeSettings)
+    gateway: GatewaySettings = field(default_factory=GatewaySettings)
     name: str = "dgserve"
 
     @property
@@ -151,7 +162,24 @@ def parse_topology(raw: dict | None) -> Topology:
               "a number of seconds in 0.1..3600")
         kw["watchdog_s"] = float(top["watchdog_s"])
     kw["serve"] = _serve(top.get("serve"))
+    kw["gateway"] = _gateway(top.get("gateway"))
     return Topology(**kw)
+
+
+def _gateway(raw) -> GatewaySettings:
+    g = _section(raw, "gateway", {f.name for f in fields(GatewaySettings)})
+    checks = {
+        "host": (lambda v: isinstance(v, str) and v != "", "a host name or address"),
+        "port": (lambda v: _is_int(v) and 0 <= v <= 65535, "an integer in 0..65535 (0: any free port)"),
+        "max_message_bytes": (lambda v: _is_int(v) and 1024 <= v <= 2**31 - 1, "an integer in 1024..2147483647"),
+        "max_prompt_tokens": (lambda v: v is None or (_is_int(v) and v >= 1), "null or an integer >= 1"),
+        "grace_s": (lambda v: _is_num(v) and 0 <= v <= 3600, "a number of seconds in 0..3600"),
+        "keepalive_s": (lambda v: _is_num(v) and 1 <= v <= 3600, "a number of seconds in 1..3600"),
+    }
+    for key, value in g.items():
+        ok, allowed = checks[key]
+        _need(f"gateway.{key}", value, ok(value), allowed)
+    return GatewaySettings(**g)
 
 
 def _units(raw) -> Units:

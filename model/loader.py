@@ -35,8 +35,13 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     return DTYPES[name]
 
 
-def resolve_checkpoint(model: str | os.PathLike, revision: str | None = None) -> Path:
-    """A local checkpoint folder, or a hub repo id fetched (or found offline) with `snapshot_download`."""
+TOKENIZER_PATTERNS = ["*.json", "*.jinja", "tokenizer*", "*.model"]  # what a gateway needs: no weights
+
+
+def resolve_checkpoint(model: str | os.PathLike, revision: str | None = None,
+                       patterns: list[str] | None = None) -> Path:
+    """A local checkpoint folder, or a hub repo id fetched (or found offline) with `snapshot_download`
+    (only the files matching `patterns`, default: everything the model needs)."""
     path = Path(model).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -49,7 +54,7 @@ def resolve_checkpoint(model: str | os.PathLike, revision: str | None = None) ->
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     try:
-        return Path(snapshot_download(repo_id=text, revision=revision, allow_patterns=_HUB_PATTERNS))
+        return Path(snapshot_download(repo_id=text, revision=revision, allow_patterns=patterns or _HUB_PATTERNS))
     except LocalEntryNotFoundError as e:
         if constants.HF_HUB_OFFLINE:
             raise CheckpointError(

@@ -1,0 +1,17 @@
+"""dgserve client SDK: sync (`Client`) and asyncio (`aio.AsyncClient`) clients over gRPC."""
+
+from .client import Client
+from .errors import (
+           ApiVersionMismatch,
+           Cancelled,
+           DeadlineExceeded,
+           DGServeClientError,
+           InvalidArgument,
+           ResourceExhausted,
+           Unavailable,
+)
+from .request import API_MAJOR, build_request
+
+__version__ = "0.1.0"
+__all__ = ["API_MAJOR", "ApiVersionMismatch", "Cancelled", "Client", "DGServeClientError", "DeadlineExceeded",
+           "InvalidArgument", "ResourceExhausted", "Unavailable", "build_request"]

@@ -1,0 +1,54 @@
+"""Request building shared by the sync and asyncio clients."""
+
+from __future__ import annotations
+
+import random
+import uuid
+from collections.abc import Sequence
+
+from .errors import ApiVersionMismatch
+from .v1 import dgserve_pb2 as pb
+
+API_MAJOR = 1
+KNOBS = ("max_new_tokens", "max_denoising_steps", "entropy_bound", "t_min", "t_max", "stability_threshold",
+         "confidence_threshold")
+RETRY_CODES = ("UNAVAILABLE", "RESOURCE_EXHAUSTED")
+
+
+def build_request(prompt: str | None = None, token_ids: Sequence[int] | None = None, seed: int | None = None,
+                  stream_drafts: bool = False, thinking: bool = False, **knobs) -> pb.GenerateRequest:
+    """A GenerateRequest from keyword arguments (sampler knobs by name; None means the server's default)."""
+    if (prompt is None) == (token_ids is None):
+        raise ValueError("give exactly one of prompt (text) or token_ids")
+    unknown = set(knobs) - set(KNOBS)
+    if unknown:
+        raise ValueError(f"unknown sampler knob(s) {sorted(unknown)}; known: {list(KNOBS)}")
+    req = pb.GenerateRequest(stream_drafts=stream_drafts, thinking=thinking)
+    if prompt is not None:
+        req.text = prompt
+    else:
+        req.token_ids.ids.extend(int(t) for t in token_ids)
+    if seed is not None:
+        req.seed = seed
+    for k, v in knobs.items():
+        if v is not None:
+            setattr(req.sampler, k, v)
+    return req
+
+
+def metadata(request_id: str | None, extra: Sequence[tuple[str, str]] = ()) -> list[tuple[str, str]]:
+    return [("x-request-id", request_id or uuid.uuid4().hex), *extra]
+
+
+def check_api(info: pb.ModelInfo) -> None:
+    major = info.api_version.split(".")[0]
+    if major != str(API_MAJOR):
+        import grpc
+
+        raise ApiVersionMismatch(grpc.StatusCode.FAILED_PRECONDITION,
+                                 f"server API version {info.api_version!r}; this client speaks {API_MAJOR}.x")
+
+
+def backoff(attempt: int, base: float, cap: float) -> float:
+    """Exponential backoff with full jitter."""
+    return random.uniform(0, min(cap, base * 2 ** attempt))

@@ -1,0 +1,1 @@
+"""The gRPC gateway: a Serve deployment running its own grpc.aio server (health, reflection, limits)."""

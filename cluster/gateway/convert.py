@@ -1,0 +1,114 @@
+"""Between the public API (protos/dgserve/v1) and the engine's typed messages; input validation lives here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dgserve.model.config import GenerationDefaults, ModelConfig
+from dgserve.model.errors import ConfigError, InputError
+from dgserve.model.sampler import MAX_DENOISING_STEPS, SamplerSettings
+from dgserve.model.tokenizer import chat_prompt_ids
+from dgserve_client.v1 import dgserve_pb2 as pb
+
+from ..engine.events import BlockCommitted, Draft, Finished
+from ..messages import GenerateRequest
+
+API_VERSION = "1.0"
+KNOBS = ("max_new_tokens", "max_denoising_steps", "entropy_bound", "t_min", "t_max", "stability_threshold",
+         "confidence_threshold")
+MAX_SEED = (1 << 63) - 1
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_prompt_tokens: int
+    context_length: int
+    canvas_length: int
+    vocab_size: int
+
+
+def limits_for(config: ModelConfig, max_prompt_tokens: int | None) -> Limits:
+    ctx, C = config.text.max_position_embeddings, config.canvas_length
+    cap = ctx - C
+    return Limits(min(max_prompt_tokens, cap) if max_prompt_tokens else cap, ctx, C, config.text.vocab_size)
+
+
+def to_request(msg: pb.GenerateRequest, request_id: str, tokenizer, limits: Limits, defaults: GenerationDefaults,
+               overrides: dict, timeout_s: float | None) -> GenerateRequest:
+    """Validate and convert; raises InputError naming the field and the limit."""
+    which = msg.WhichOneof("prompt")
+    if which is None:
+        raise InputError("prompt", "set text or token_ids")
+    if which == "text":
+        if not msg.text:
+            raise InputError("prompt", "text is empty")
+        ids = chat_prompt_ids(tokenizer, msg.text, enable_thinking=msg.thinking)
+    else:
+        ids = list(msg.token_ids.ids)
+        if not ids:
+            raise InputError("token_ids", "is empty; at least one token is required")
+        bad = next((i for i, t in enumerate(ids) if t >= limits.vocab_size), None)
+        if bad is not None:
+            raise InputError("token_ids", f"token id {ids[bad]} at index {bad} is outside the vocabulary "
+                                          f"(0..{limits.vocab_size - 1})")
+    if len(ids) > limits.max_prompt_tokens:
+        raise InputError("prompt", f"{len(ids)} tokens exceed the limit of {limits.max_prompt_tokens} prompt "
+                                   f"tokens (max_prompt_tokens)")
+    seed = msg.seed if msg.HasField("seed") else 0
+    if seed > MAX_SEED:
+        raise InputError("seed", f"{seed} is outside 0..{MAX_SEED}")
+    knobs = {k: getattr(msg.sampler, k) for k in KNOBS if msg.sampler.HasField(k)}
+    try:  # validate here for an early, precise error; rank 0 builds the same settings again
+        SamplerSettings.from_defaults(defaults, **{**overrides, **knobs})
+    except ConfigError as e:
+        raise InputError(f"sampler.{e.field}", f"{e.value!r} is not allowed; allowed: {e.allowed}") from e
+    return GenerateRequest(tuple(ids), seed, knobs, msg.stream_drafts, timeout_s, request_id)
+
+
+def stream_message(event, request_id: str, prompt_tokens: int, pad: int | None) -> pb.GenerateStreamResponse:
+    if isinstance(event, Draft):
+        return pb.GenerateStreamResponse(request_id=request_id, draft=pb.Draft(
+            block=event.block, step=event.step, token_ids=event.token_ids))
+    if isinstance(event, BlockCommitted):
+        return pb.GenerateStreamResponse(request_id=request_id, block=pb.Block(
+            block=event.block, token_ids=event.token_ids, text=event.text or "", steps=event.steps))
+    return pb.GenerateStreamResponse(request_id=request_id, final=final_message(event, request_id, prompt_tokens,
+                                                                               pad))
+
+
+def final_message(event: Finished, request_id: str, prompt_tokens: int, pad: int | None) -> pb.GenerateResponse:
+    s = event.stats
+    completion = sum(1 for t in event.token_ids if pad is None or t != pad)
+    return pb.GenerateResponse(
+        request_id=request_id, token_ids=event.token_ids, text=event.text or "", finish_reason=event.finish_reason,
+        usage=pb.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion),
+        stats=pb.Stats(blocks=s.blocks, steps_per_block=s.steps_per_block, tokens_per_forward=s.tokens_per_forward,
+                       time_to_first_block_s=s.time_to_first_block_s or 0.0, total_s=s.total_s, queue_s=s.queue_s))
+
+
+def model_info(topo, config: ModelConfig, defaults: GenerationDefaults, limits: Limits, model_id: str,
+               server_version: str) -> pb.ModelInfo:
+    base = SamplerSettings.from_defaults(defaults, **topo.sampler)
+    d = pb.SamplerParams(**{k: getattr(base, k) for k in KNOBS})
+    ranges = [
+        pb.Range(name="max_new_tokens", min=1, max=limits.context_length - 1,
+                 note="output grows by whole canvases; prompt + output must fit the context"),
+        pb.Range(name="max_denoising_steps", min=1, max=MAX_DENOISING_STEPS),
+        pb.Range(name="entropy_bound", min=0, max=float("inf"), min_exclusive=True),
+        pb.Range(name="t_min", min=0, max=float("inf")),
+        pb.Range(name="t_max", min=0, max=float("inf"), min_exclusive=True, note="must be > t_min"),
+        pb.Range(name="stability_threshold", min=0, max=2**32 - 1),
+        pb.Range(name="confidence_threshold", min=0, max=float("inf"), min_exclusive=True),
+        pb.Range(name="seed", min=0, max=float(MAX_SEED)),
+    ]
+    return pb.ModelInfo(
+        api_version=API_VERSION, server_version=server_version, model_id=model_id,
+        model_revision=topo.revision or "", vocab_size=limits.vocab_size,
+        topology=pb.Topology(profile=topo.profile, units_min=topo.units.min, units_max=topo.units.max,
+                             attention_ranks=topo.attention_ranks, expert_ranks=topo.expert_ranks,
+                             dtype=topo.dtype, device=topo.device),
+        limits=pb.Limits(max_prompt_tokens=limits.max_prompt_tokens, context_length=limits.context_length,
+                         canvas_length=limits.canvas_length, max_request_bytes=topo.gateway.max_message_bytes,
+                         max_running_per_unit=topo.running_capacity, max_queued_per_unit=topo.engine.max_queued,
+                         max_request_s=topo.serve.max_request_s),
+        sampler_defaults=d, sampler_ranges=ranges)

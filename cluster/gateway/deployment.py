@@ -1,0 +1,115 @@
+"""The gateway as a Serve deployment (one replica per node): it runs the gRPC server and reaches the engine
+units through a DeploymentHandle. Health is NOT_SERVING until a warm-up request went through a unit."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from ray import serve
+
+from dgserve.model.config import load_generation_defaults, load_model_config
+from dgserve.model.loader import TOKENIZER_PATTERNS, resolve_checkpoint
+from dgserve.model.tokenizer import load_tokenizer
+
+from ..config import Topology, topology_from_dict
+from ..engine.events import Finished
+from ..messages import GenerateRequest
+from ..units import unit_deployment
+from .convert import limits_for, model_info
+from .server import set_serving, start_server
+from .service import DGServeService
+
+log = logging.getLogger("dgserve.gateway")
+
+SERVER_VERSION = "0.1.0"
+GATEWAY_CPUS = 0.5
+
+
+class Gateway:
+    async def __init__(self, unit, topology: dict):
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        self.topo = topology_from_dict(topology)
+        self.unit = unit
+        if self.topo.model is None:
+            from dgserve.model.tiny import default_model_dir
+
+            folder, model_id = default_model_dir(), "dgserve/tiny (embedded default, random weights)"
+        else:
+            folder = resolve_checkpoint(self.topo.model, self.topo.revision, patterns=TOKENIZER_PATTERNS)
+            model_id = self.topo.model
+        self.tokenizer = load_tokenizer(folder)
+        self.config, self.defaults = load_model_config(folder), load_generation_defaults(folder)
+        self.pad = self.defaults.pad_token_id
+        self.limits = limits_for(self.config, self.topo.gateway.max_prompt_tokens)
+        self.info = model_info(self.topo, self.config, self.defaults, self.limits, model_id, SERVER_VERSION)
+        self.inflight: set[str] = set()
+        self.draining, self.hard_stop, self.serving = False, asyncio.Event(), False
+        self.server, self.health, self.port = await start_server(DGServeService(self), self.topo.gateway)
+        log.info("gateway listening on %s:%d (NOT_SERVING until warm)", self.topo.gateway.host, self.port)
+        self._warm = asyncio.create_task(self._warm_up())
+
+    async def _warm_up(self) -> None:
+        """One tiny request through a unit, retried until it works; then health says SERVING."""
+        bos = self.config.bos_token_id if getattr(self.config, "bos_token_id", None) is not None else 2
+        req = GenerateRequest((bos,), 0, {"max_new_tokens": 1, "max_denoising_steps": 1})
+        t0 = time.monotonic()
+        while not self.draining:
+            last = None
+            try:
+                async for event in self.unit.options(stream=True).generate.remote(req):
+                    last = event
+            except Exception as e:  # units still starting
+                log.info("gateway warm-up: %s", e)
+            if isinstance(last, Finished):
+                break
+            await asyncio.sleep(0.5)
+        if not self.draining:
+            self.serving = True
+            await set_serving(self.health, True)
+            log.info("gateway SERVING after %.1fs warm-up", time.monotonic() - t0)
+
+    async def address(self) -> str:
+        return f"{self.topo.gateway.host}:{self.port}"
+
+    async def status(self) -> dict:
+        return {"serving": self.serving, "draining": self.draining, "inflight": sorted(self.inflight),
+                "port": self.port}
+
+    async def check_health(self) -> None:
+        if self.draining:
+            return
+        if self._warm.done() and self._warm.exception() is not None:
+            raise RuntimeError(f"gateway warm-up failed: {self._warm.exception()}")
+
+    async def drain(self, grace_s: float | None = None) -> dict:
+        """Stop accepting (health NOT_SERVING, new calls UNAVAILABLE), let in-flight requests finish within the
+        grace period, fail the rest with UNAVAILABLE, stop the server."""
+        grace = self.topo.gateway.grace_s if grace_s is None else grace_s
+        if not self.draining:
+            self.draining = True
+            await set_serving(self.health, False)
+            t0 = time.monotonic()
+            while self.inflight and time.monotonic() - t0 < grace:
+                await asyncio.sleep(0.05)
+            left = sorted(self.inflight)
+            self.hard_stop.set()
+            await asyncio.sleep(0.2)  # let the aborts reach their clients
+            await self.server.stop(1.0)
+            log.info("gateway drained: %d request(s) failed with UNAVAILABLE after %.1fs", len(left), grace)
+            return {"failed": left}
+        return {"failed": []}
+
+    async def __del__(self):
+        await self.drain()
+
+
+def gateway_app(topo: Topology):
+    """The whole endpoint: the gateway (ingress) bound to the engine units."""
+    units = unit_deployment(topo).bind(topo.to_dict())
+    gw = serve.deployment(Gateway).options(
+        name="Gateway", ray_actor_options={"num_cpus": GATEWAY_CPUS}, max_replicas_per_node=1, num_replicas=1,
+        max_ongoing_requests=100, graceful_shutdown_timeout_s=topo.gateway.grace_s + 5,
+        health_check_period_s=topo.serve.health_check_period_s)
+    return gw.bind(units, topo.to_dict())

@@ -1,0 +1,57 @@
+"""A real endpoint (gateway + one engine unit on the session's local Ray cluster) on a free loopback port."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tests.cluster.ray.conftest import ray_cluster  # noqa: F401 (the session's Ray cluster)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def health(address: str) -> str | None:
+    with grpc.insecure_channel(address) as ch:
+        try:
+            r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1)
+        except grpc.RpcError:
+            return None
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(r.status)
+
+
+@pytest.fixture(scope="module")
+def endpoint(ray_cluster, tiny_dir):  # noqa: F811
+    """(address, statuses seen from the first answer until SERVING, topology)."""
+    from ray import serve
+
+    from dgserve.cluster.config import parse_topology
+    from dgserve.cluster.gateway.deployment import gateway_app
+
+    port = free_port()
+    topo = parse_topology({"name": "gw", "model": str(tiny_dir), "gateway": {"port": port, "max_prompt_tokens": 512,
+                                                                            "grace_s": 2}})
+    import threading
+
+    deploying = threading.Thread(target=serve.run, args=(gateway_app(topo),),
+                                 kwargs={"name": "gw", "route_prefix": None}, daemon=True)
+    deploying.start()  # watch the health from the first answer, while the units load
+    address, seen, t0 = f"127.0.0.1:{port}", [], time.monotonic()
+    while time.monotonic() - t0 < 120:
+        s = health(address)
+        if s is not None:
+            seen.append(s)
+            if s == "SERVING":
+                break
+        time.sleep(0.05)
+    assert seen and seen[-1] == "SERVING", seen
+    deploying.join(60)
+    yield address, seen, topo
+    serve.delete("gw")

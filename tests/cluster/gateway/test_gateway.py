@@ -1,0 +1,186 @@
+"""The public API over real gRPC, against a real local cluster (gateway + engine unit)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+
+import grpc
+import pytest
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from dgserve_client import Client, InvalidArgument
+from dgserve_client.aio import AsyncClient
+from dgserve_client.v1 import dgserve_pb2 as pb
+from dgserve_client.v1 import dgserve_pb2_grpc as pb_grpc
+
+SHORT = {"max_new_tokens": 64, "max_denoising_steps": 6}
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(list(args), capture_output=True, text=True, timeout=300)
+
+
+def last_json(out: str) -> dict:
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_health_is_not_serving_while_loading_then_serving(endpoint):
+    _, seen, _ = endpoint
+    assert seen[0] == "NOT_SERVING" and seen[-1] == "SERVING"
+
+
+def test_model_info_tokenize_and_reflection(endpoint, tiny_dir):
+    address, _, topo = endpoint
+    with Client(address) as c:
+        info = c.info()
+        assert info.api_version.split(".")[0] == "1" and info.server_version
+        assert info.limits.max_prompt_tokens == 512 and info.limits.canvas_length == 32
+        assert info.limits.context_length == 32768 and info.vocab_size == 1024
+        assert info.topology.profile == "replicated" and info.topology.attention_ranks == 1
+        assert info.sampler_defaults.max_denoising_steps == 48
+        assert {r.name for r in info.sampler_ranges} >= {"max_new_tokens", "t_max", "seed"}
+        from dgserve.model.tokenizer import chat_prompt_ids, load_tokenizer
+
+        tok = load_tokenizer(tiny_dir)
+        assert c.tokenize("Hello there", chat=True) == chat_prompt_ids(tok, "Hello there")
+        assert c.tokenize("Hello there") == tok.encode("Hello there", add_special_tokens=False)
+    with grpc.insecure_channel(address) as ch:
+        stub = reflection_pb2_grpc.ServerReflectionStub(ch)
+        resp = next(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+        names = {s.name for s in resp.list_services_response.service}
+        assert {"dgserve.v1.DGServe", "grpc.health.v1.Health"} <= names
+
+
+def test_stream_blocks_equal_unary_equal_dgserve_generate(endpoint, tiny_dir):
+    address, _, _ = endpoint
+    with Client(address) as c:
+        unary = c.generate(prompt="Hello there", seed=5, **SHORT)
+        msgs = list(c.generate_stream(prompt="Hello there", seed=5, stream_drafts=True, **SHORT))
+    blocks = [m.block for m in msgs if m.HasField("block")]
+    drafts = [m.draft for m in msgs if m.HasField("draft")]
+    final = msgs[-1].final
+    assert [t for b in blocks for t in b.token_ids] == list(unary.token_ids) == list(final.token_ids)
+    assert len(drafts) == sum(final.stats.steps_per_block) and final.stats.blocks == 2
+    assert final.usage.prompt_tokens > 0 and final.usage.completion_tokens > 0 and final.text == unary.text
+    one = cli(sys.executable, "-m", "dgserve.cluster.cli", "generate", "--model", str(tiny_dir), "--prompt",
+              "Hello there", "--seed", "5", "--max-new-tokens", "64", "--max-denoising-steps", "6", "--json")
+    assert one.returncode == 0, one.stderr
+    assert last_json(one.stdout)["token_ids"] == list(unary.token_ids)
+
+
+def test_client_cli_contract(endpoint, tiny_dir):
+    address, _, _ = endpoint
+    h = cli(sys.executable, "-m", "dgserve_client.cli", "--target", address, "health")
+    assert h.returncode == 0 and h.stdout.strip() == "SERVING"
+    got = cli(sys.executable, "-m", "dgserve_client.cli", "--target", address, "generate", "--prompt", "Why?",
+              "--seed", "11", "--max-new-tokens", "40", "--json")
+    want = cli(sys.executable, "-m", "dgserve.cluster.cli", "generate", "--model", str(tiny_dir), "--prompt", "Why?",
+               "--seed", "11", "--max-new-tokens", "40", "--json")
+    assert got.returncode == 0 and want.returncode == 0, got.stderr + want.stderr
+    assert last_json(got.stdout)["token_ids"] == last_json(want.stdout)["token_ids"]
+    info = cli(sys.executable, "-m", "dgserve_client.cli", "--target", address, "info", "--json")
+    assert last_json(info.stdout)["api_version"].startswith("1.")
+
+
+def test_thirty_two_concurrent_streams_complete(endpoint):
+    address, _, _ = endpoint
+
+    async def one(c, i):
+        n = 0
+        async for m in c.generate_stream(token_ids=[5, 6, 7 + i], seed=i, max_new_tokens=64,
+                                         max_denoising_steps=4):
+            n += m.HasField("block")
+            last = m
+        return n, last.final
+
+    async def main():
+        async with AsyncClient(address) as c:
+            return await asyncio.gather(*(one(c, i) for i in range(32)))
+
+    results = asyncio.run(main())
+    assert len(results) == 32 and all(n == 2 and len(f.token_ids) == 64 for n, f in results)
+    assert len({f.request_id for _, f in results}) == 32
+
+
+def unit_status(topo) -> dict:
+    from ray import serve
+
+    return serve.get_deployment_handle("EngineUnit", topo.name).status.remote().result()["ranks"][0]
+
+
+def test_a_client_that_cancels_frees_its_request_on_the_server(endpoint):
+    address, _, topo = endpoint
+    with grpc.insecure_channel(address) as ch:
+        stub = pb_grpc.DGServeStub(ch)
+        req = pb.GenerateRequest(token_ids=pb.TokenIds(ids=[5, 6, 7]), stream_drafts=True,
+                                 sampler=pb.SamplerParams(max_new_tokens=32 * 40, max_denoising_steps=48))
+        call = stub.GenerateStream(req, metadata=(("x-request-id", "cancel-me"),))
+        first = next(call)
+        assert first.request_id == "cancel-me" and first.HasField("draft")
+        assert "cancel-me" in unit_status(topo)["request_ids"]
+        call.cancel()
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 15:
+        st = unit_status(topo)
+        if "cancel-me" not in st["request_ids"] and not st["slots"]:
+            break
+        time.sleep(0.2)
+    assert "cancel-me" not in st["request_ids"] and not st["slots"] and st["budget_used_bytes"] == 0
+
+
+def test_the_deadline_ends_the_request_on_both_sides(endpoint):
+    address, _, topo = endpoint
+    with Client(address, retries=0) as c, pytest.raises(Exception) as e:
+        c.generate(token_ids=[5, 6], max_new_tokens=32 * 40, max_denoising_steps=48, timeout=0.5,
+                   request_id="late")
+    assert e.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    t0 = time.monotonic()
+    while "late" in unit_status(topo)["request_ids"] and time.monotonic() - t0 < 15:
+        time.sleep(0.2)
+    assert "late" not in unit_status(topo)["request_ids"]
+
+
+def test_the_request_id_comes_back_in_responses_and_errors(endpoint):
+    address, _, _ = endpoint
+    with Client(address) as c:
+        r = c.generate(token_ids=[5, 6], request_id="abc-123", max_new_tokens=32, max_denoising_steps=2)
+        assert r.request_id == "abc-123"
+        with pytest.raises(InvalidArgument) as e:
+            c.generate(token_ids=[], request_id="bad-456")
+        assert e.value.request_id == "bad-456" and "bad-456" in e.value.message
+        made = c.generate(token_ids=[5], max_new_tokens=32, max_denoising_steps=2)
+        assert len(made.request_id) >= 16  # made by the client when absent
+
+
+@pytest.mark.parametrize(("kwargs", "field"), [
+    ({}, "prompt"),
+    ({"text": ""}, "prompt"),
+    ({"token_ids": pb.TokenIds(ids=[])}, "token_ids"),
+    ({"token_ids": pb.TokenIds(ids=[5, 5000])}, "token_ids"),
+    ({"token_ids": pb.TokenIds(ids=[5] * 600)}, "max_prompt_tokens"),
+    ({"sampler": pb.SamplerParams(max_new_tokens=0)}, "sampler.max_new_tokens"),
+    ({"sampler": pb.SamplerParams(max_new_tokens=40000)}, "context"),
+    ({"sampler": pb.SamplerParams(max_denoising_steps=5000)}, "sampler.max_denoising_steps"),
+    ({"sampler": pb.SamplerParams(t_min=0.9, t_max=0.5)}, "sampler.t_max"),
+    ({"sampler": pb.SamplerParams(entropy_bound=0)}, "sampler.entropy_bound"),
+    ({"sampler": pb.SamplerParams(confidence_threshold=-1)}, "sampler.confidence_threshold"),
+    ({"seed": 2**63}, "seed"),
+])
+def test_bad_requests_are_invalid_argument_naming_the_field(endpoint, kwargs, field):
+    address, _, _ = endpoint
+    base = {"token_ids": pb.TokenIds(ids=[5, 6])} if "text" not in kwargs and "token_ids" not in kwargs and \
+        kwargs != {} else {}
+    with grpc.insecure_channel(address) as ch:
+        stub = pb_grpc.DGServeStub(ch)
+        for method in (stub.Generate, lambda r, **kw: list(stub.GenerateStream(r, **kw))):
+            with pytest.raises(grpc.RpcError) as e:
+                method(pb.GenerateRequest(**{**base, **kwargs}), timeout=30)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
+            assert field in e.value.details()
+    with Client(address) as c:  # the server keeps serving
+        assert c.health() == "SERVING"
+        assert len(c.generate(token_ids=[5], max_new_tokens=32, max_denoising_steps=2).token_ids) == 32
