@@ -59,6 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-running", type=int, default=16, help="--prompts-file: requests denoised at once")
     gen.add_argument("--memory-budget-bytes", type=int, help="--prompts-file: the engine's memory budget")
     _add_sampler_args(gen)
+
+    sv = sub.add_parser("serve", help="the endpoint: gRPC gateway + engine units on Ray, until Ctrl-C")
+    sv.add_argument("--config", type=Path, help="topology YAML (default: the embedded tiny model, one unit)")
+    sv.add_argument("--address", help="join this Ray cluster (e.g. auto) instead of starting a local one")
+    sv.add_argument("--host", help="gateway host (default: the topology's, 127.0.0.1)")
+    sv.add_argument("--port", type=int, help="gateway port (default: the topology's, 50051)")
+    sv.add_argument("--num-cpus", type=int, default=8, help="logical CPUs of a local Ray cluster (default 8)")
+    sv.add_argument("--temp-dir", default=None, help="a local Ray cluster's temp folder (default /tmp/dgray)")
     return ap
 
 
@@ -130,6 +138,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "serve":
+            from dgserve.cluster.serve import run
+
+            return run(args)
         if args.command == "make-tiny":
             from dgserve.model.tiny import make_tiny
 

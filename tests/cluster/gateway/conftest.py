@@ -9,8 +9,6 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.cluster.ray.conftest import ray_cluster  # noqa: F401 (the session's Ray cluster)
-
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -28,7 +26,7 @@ def health(address: str) -> str | None:
 
 
 @pytest.fixture(scope="module")
-def endpoint(ray_cluster, tiny_dir):  # noqa: F811
+def endpoint(ray_cluster, tiny_dir):
     """(address, statuses seen from the first answer until SERVING, topology)."""
     from ray import serve
 

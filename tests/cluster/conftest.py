@@ -1,4 +1,4 @@
-"""One local Ray cluster for the whole session (real Ray, real Serve, loopback only)."""
+"""Cluster fixtures: one local Ray cluster for the whole session (real Ray, real Serve, loopback only)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,98 @@
+"""`dgserve serve`: the main job. Start (or join) Ray, deploy the gateway and the engine units, serve until
+SIGINT/SIGTERM, then drain and shut down, leaving no process behind."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+import time
+
+log = logging.getLogger("dgserve.serve")
+
+
+def wait_serving(address: str, timeout: float) -> bool:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    t0 = time.monotonic()
+    with grpc.insecure_channel(address) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        while time.monotonic() - t0 < timeout:
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == \
+                        health_pb2.HealthCheckResponse.SERVING:
+                    return True
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+    return False
+
+
+def run(args) -> int:
+    from dgserve.cluster import api
+
+    from .config import Topology, load_topology, parse_topology
+
+    topo = load_topology(args.config) if args.config else Topology()
+    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    if overrides:
+        raw = topo.to_dict()
+        raw["gateway"] = {**raw["gateway"], **overrides}
+        topo = parse_topology({k: v for k, v in raw.items()})
+    stop = threading.Event()
+
+    def on_signal(*_):
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
+    started_ray = args.address is None
+    t0 = time.monotonic()
+    print(f"starting {'a local Ray cluster' if started_ray else 'on Ray at ' + args.address} ...", flush=True)
+    try:
+        if started_ray:
+            api.start_local(num_cpus=args.num_cpus, metrics_interval_s=topo.serve.metrics_interval_s,
+                            temp_dir=args.temp_dir)
+        else:
+            api.connect(args.address)
+        # Ray's core worker installs its own SIGTERM handler in this process (it aborts): take the signals back.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, on_signal)
+        endpoint = api.serve_endpoint(topo)
+        if not wait_serving(endpoint.address, timeout=600):
+            print("error: the gateway did not become SERVING within 600 s", file=sys.stderr)
+            return 1
+        model = topo.model or "the embedded tiny model (random weights: its text is noise)"
+        print(f"dgserve is serving {model} on {endpoint.address} (ready in {time.monotonic() - t0:.1f}s)")
+        print(f"try:  .venv/bin/dgserve-client --target {endpoint.address} generate --prompt 'Hello' --json")
+        print("Ctrl-C stops it.", flush=True)
+        while not stop.wait(0.5):
+            pass
+        print("stopping: draining in-flight requests ...", flush=True)
+        left = endpoint.drain()
+        if left["failed"]:
+            print(f"{len(left['failed'])} request(s) did not finish within the grace period (UNAVAILABLE)")
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)  # a second Ctrl-C must not interrupt the clean-up
+        _shutdown(api, topo, started_ray)
+    print("stopped", flush=True)
+    return 0
+
+
+def _shutdown(api, topo, started_ray: bool) -> None:
+    import ray
+    from ray import serve
+
+    if not ray.is_initialized():
+        return
+    try:
+        if started_ray:
+            api.shutdown()
+        else:
+            serve.delete(topo.name)
+            ray.shutdown()
+    except Exception as e:  # clean-up must go on
+        log.warning("shutdown: %s", e)

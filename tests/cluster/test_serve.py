@@ -1,0 +1,140 @@
+"""The main job as a user runs it: `dgserve serve`, a client against it, then Ctrl-C / SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from dgserve_client import Client, Unavailable
+from tests.cluster.gateway.conftest import free_port
+
+
+def leftovers(marker: str) -> list[str]:
+    """Processes whose command line mentions `marker` (the Ray temp folder of one server)."""
+    out = []
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit() or int(p.name) == os.getpid():
+            continue
+        try:
+            cmd = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if marker in cmd:
+            out.append(f"{p.name}: {cmd[:120]}")
+    return out
+
+
+class Server:
+    def __init__(self, tmp_path: Path, *extra: str):
+        self.port = free_port()
+        self.temp = f"/tmp/dgray-{uuid.uuid4().hex[:8]}"
+        env = {**os.environ, "DGSERVE_HOME": str(tmp_path / "home")}
+        self.env = env
+        self.proc = subprocess.Popen([sys.executable, "-m", "dgserve.cluster.cli", "serve", "--port", str(self.port),
+                                      "--temp-dir", self.temp, *extra], stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True, env=env)
+        self.lines: queue.Queue = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+        self.address = f"127.0.0.1:{self.port}"
+
+    def _read(self):
+        for line in self.proc.stdout:
+            self.lines.put(line)
+
+    def wait_for(self, text: str, timeout: float) -> str:
+        t0, seen = time.monotonic(), []
+        while time.monotonic() - t0 < timeout:
+            try:
+                line = self.lines.get(timeout=1)
+            except queue.Empty:
+                if self.proc.poll() is not None:
+                    break
+                continue
+            seen.append(line)
+            if text in line:
+                return line
+        raise AssertionError(f"{text!r} not printed; output:\n{''.join(seen[-30:])}")
+
+    def stop(self, sig) -> int:
+        self.proc.send_signal(sig)
+        return self.proc.wait(90)
+
+
+def test_make_serve_main_job_then_ctrl_c_leaves_nothing(tmp_path):
+    srv = Server(tmp_path)
+    try:
+        line = srv.wait_for("dgserve is serving", 180)
+        assert srv.address in line and "random weights" in line
+        srv.wait_for("dgserve-client --target", 5)
+        with Client(srv.address) as c:
+            assert c.health() == "SERVING"
+            r = c.generate(prompt="Hello world", seed=3, max_new_tokens=40, max_denoising_steps=6)
+        one = subprocess.run([sys.executable, "-m", "dgserve.cluster.cli", "generate", "--prompt", "Hello world",
+                              "--seed", "3", "--max-new-tokens", "40", "--max-denoising-steps", "6", "--json"],
+                             capture_output=True, text=True, env=srv.env, timeout=120)
+        assert json.loads(one.stdout.strip().splitlines()[-1])["token_ids"] == list(r.token_ids)
+    finally:
+        rc = srv.stop(signal.SIGINT)
+    assert rc == 0
+    time.sleep(1)
+    assert leftovers(srv.temp) == []
+
+
+def test_sigterm_drains_in_flight_requests_and_fails_the_rest_as_unavailable(tmp_path):
+    cfg = tmp_path / "topology.yaml"
+    cfg.write_text("gateway: {grace_s: 3}\nserve: {max_request_s: 60}\n")
+    srv = Server(tmp_path, "--config", str(cfg))
+    results: dict = {}
+    try:
+        srv.wait_for("dgserve is serving", 180)
+
+        def long_request():
+            with Client(srv.address, retries=0) as c:
+                try:
+                    for _ in c.generate_stream(token_ids=[5, 6, 7], max_new_tokens=32 * 200, max_denoising_steps=48,
+                                               stream_drafts=True):
+                        results.setdefault("started", time.monotonic())
+                    results["long"] = "finished"
+                except Exception as e:
+                    results["long"] = e
+
+        def short_request():
+            with Client(srv.address, retries=0) as c:
+                results["short"] = c.generate(token_ids=[5, 6], max_new_tokens=32, max_denoising_steps=48)
+
+        t_long = threading.Thread(target=long_request)
+        t_long.start()
+        t0 = time.monotonic()
+        while "started" not in results and time.monotonic() - t0 < 60:
+            time.sleep(0.05)
+        t_short = threading.Thread(target=short_request)
+        t_short.start()
+        time.sleep(0.05)
+    finally:
+        rc = srv.stop(signal.SIGTERM)
+    t_long.join(60)
+    t_short.join(60)
+    assert rc == 0
+    assert isinstance(results["long"], Unavailable), results["long"]  # past the grace period: retriable
+    assert len(results["short"].token_ids) == 32  # finished within the grace period
+    srv.wait_for("did not finish within the grace period", 5)
+    time.sleep(1)
+    assert leftovers(srv.temp) == []
+
+
+@pytest.mark.parametrize("args", [["--config", "/nonexistent.yaml"], ["--port", "70000"]])
+def test_serve_bad_arguments_are_clear_errors(args):
+    r = subprocess.run([sys.executable, "-m", "dgserve.cluster.cli", "serve", *args], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert ("config" in r.stderr) or ("gateway.port" in r.stderr)
