@@ -30,3 +30,17 @@ def deploy(ray_cluster, tiny_dir):
     yield run
     for name in names:
         serve.delete(name)
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_dir):
+    from dgserve.model.loader import load_checkpoint
+
+    return load_checkpoint(tiny_dir, dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def tiny_bf16(tiny_dir):
+    from dgserve.model.loader import load_checkpoint
+
+    return load_checkpoint(tiny_dir, dtype="bfloat16")

@@ -1,24 +1,11 @@
-"""Engine fixtures: the tiny model loaded once, and helpers to build varied requests."""
+"""Engine test helpers: varied requests and engines on the tiny model (fixtures in tests/cluster/conftest.py)."""
 
 from __future__ import annotations
 
 import random
 
-import pytest
-
 from dgserve.cluster.engine import Engine, EngineConfig, EngineRequest
-from dgserve.model.loader import load_checkpoint
 from dgserve.model.sampler import SamplerSettings
-
-
-@pytest.fixture(scope="session")
-def tiny(tiny_dir):
-    return load_checkpoint(tiny_dir, dtype="float32")
-
-
-@pytest.fixture(scope="session")
-def tiny_bf16(tiny_dir):
-    return load_checkpoint(tiny_dir, dtype="bfloat16")
 
 
 def settings(ck, **kw) -> SamplerSettings:
