@@ -120,7 +120,7 @@ class RankActor:
             m = self.engine.metrics
             out |= {"healthy": self.engine.healthy, "failure": self.engine.failure, "queue_depth": m.queue_depth,
                     "running": m.running, "iterations": m.iterations, "kv_bytes": m.kv_bytes,
-                    "budget_used_bytes": m.budget_used_bytes, "budget_bytes": m.budget_bytes,
+                    "budget_used_bytes": sum(b.used for b in self.engine.budgets), "budget_bytes": m.budget_bytes,
                     "rejections": dict(m.rejections), "errors": dict(m.errors),
                     "admitted_per_rank": dict(m.admitted_per_rank), "steps": m.step_summary(),
                     "request_ids": sorted(r.request_id for r in self.engine.driver.by_rid.values()),
