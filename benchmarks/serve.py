@@ -26,7 +26,8 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks.generate import DEFAULT_BENCH_DIR, ensure_checkpoint, make_prompt  # noqa: E402
+from benchmarks.common import parse_workload  # noqa: E402
+from benchmarks.generate import ensure_checkpoint, make_prompt  # noqa: E402
 
 QUICK = {"prompt_len": 32, "max_new_tokens": 128, "max_denoising_steps": 4}
 FULL = {"prompt_len": 128, "max_new_tokens": 192, "max_denoising_steps": 8}
@@ -97,19 +98,8 @@ def free_port() -> int:
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--prompt-len", type=int)
-    p.add_argument("--max-new-tokens", type=int)
-    p.add_argument("--max-denoising-steps", type=int)
-    p.add_argument("--sampler-threads", type=int, default=2)
-    p.add_argument("--bench-dir", type=Path, default=DEFAULT_BENCH_DIR)
-    p.add_argument("--json", action="store_true")
-    args = p.parse_args(argv)
-    for k, v in (QUICK if args.quick else FULL).items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
-    return args
+    return parse_workload(__doc__, QUICK, FULL, argv,
+                          lambda p: p.add_argument("--sampler-threads", type=int, default=2))
 
 
 def main(argv=None) -> int:

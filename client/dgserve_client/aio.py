@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator, Sequence
 
 import grpc
@@ -11,12 +10,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from .client import MAX_MESSAGE_BYTES
 from .errors import from_rpc_error
-from .request import RETRY_CODES, backoff, build_request, check_api, metadata
+from .request import RetryPolicy, backoff, build_request, check_api, metadata
 from .v1 import dgserve_pb2 as pb
 from .v1 import dgserve_pb2_grpc as pb_grpc
 
 
-class AsyncClient:
+class AsyncClient(RetryPolicy):
     def __init__(self, target: str, timeout: float | None = 600.0, retries: int = 5, backoff_s: float = 0.2,
                  backoff_cap_s: float = 5.0, credentials: grpc.ChannelCredentials | None = None,
                  metadata: Sequence[tuple[str, str]] = (), check_version: bool = True):
@@ -104,16 +103,3 @@ class AsyncClient:
                     raise from_rpc_error(e, md[0][1]) from None
             await asyncio.sleep(backoff(attempt, self.backoff_s, self.backoff_cap_s))
             attempt += 1
-
-    def _deadline(self, timeout: float | None) -> float | None:
-        t = timeout if timeout is not None else self.timeout
-        return None if t is None else time.monotonic() + t
-
-    @staticmethod
-    def _left(deadline: float | None) -> float | None:
-        return None if deadline is None else max(0.001, deadline - time.monotonic())
-
-    def _should_retry(self, e: grpc.RpcError, attempt: int, deadline: float | None) -> bool:
-        if e.code().name not in RETRY_CODES or attempt >= self.retries:
-            return False
-        return deadline is None or deadline - time.monotonic() > self.backoff_s

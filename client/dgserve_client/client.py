@@ -9,14 +9,14 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from .errors import from_rpc_error
-from .request import RETRY_CODES, backoff, build_request, check_api, metadata
+from .request import RetryPolicy, backoff, build_request, check_api, metadata
 from .v1 import dgserve_pb2 as pb
 from .v1 import dgserve_pb2_grpc as pb_grpc
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
-class Client:
+class Client(RetryPolicy):
     """A dgserve client. `timeout` is each call's deadline in seconds; retriable errors are retried with
     exponential backoff (up to `retries` times) while the deadline allows."""
 
@@ -111,16 +111,3 @@ class Client:
                     raise from_rpc_error(e, md[0][1]) from None
             time.sleep(backoff(attempt, self.backoff_s, self.backoff_cap_s))
             attempt += 1
-
-    def _deadline(self, timeout: float | None) -> float | None:
-        t = timeout if timeout is not None else self.timeout
-        return None if t is None else time.monotonic() + t
-
-    @staticmethod
-    def _left(deadline: float | None) -> float | None:
-        return None if deadline is None else max(0.001, deadline - time.monotonic())
-
-    def _should_retry(self, e: grpc.RpcError, attempt: int, deadline: float | None) -> bool:
-        if e.code().name not in RETRY_CODES or attempt >= self.retries:
-            return False
-        return deadline is None or deadline - time.monotonic() > self.backoff_s

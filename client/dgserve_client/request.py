@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import time
 import uuid
 from collections.abc import Sequence
 
@@ -52,3 +53,24 @@ def check_api(info: pb.ModelInfo) -> None:
 def backoff(attempt: int, base: float, cap: float) -> float:
     """Exponential backoff with full jitter."""
     return random.uniform(0, min(cap, base * 2 ** attempt))
+
+
+class RetryPolicy:
+    """Deadlines and retry decisions shared by the sync and asyncio clients."""
+
+    timeout: float | None
+    retries: int
+    backoff_s: float
+
+    def _deadline(self, timeout: float | None) -> float | None:
+        t = timeout if timeout is not None else self.timeout
+        return None if t is None else time.monotonic() + t
+
+    @staticmethod
+    def _left(deadline: float | None) -> float | None:
+        return None if deadline is None else max(0.001, deadline - time.monotonic())
+
+    def _should_retry(self, e, attempt: int, deadline: float | None) -> bool:
+        if e.code().name not in RETRY_CODES or attempt >= self.retries:
+            return False
+        return deadline is None or deadline - time.monotonic() > self.backoff_s
