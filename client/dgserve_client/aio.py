@@ -10,7 +10,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from .client import MAX_MESSAGE_BYTES
 from .errors import from_rpc_error
-from .request import RetryPolicy, backoff, build_request, check_api, metadata
+from .request import RetryPolicy, build_request, check_api, metadata
 from .v1 import dgserve_pb2 as pb
 from .v1 import dgserve_pb2_grpc as pb_grpc
 
@@ -66,7 +66,7 @@ class AsyncClient(RetryPolicy):
                     raise from_rpc_error(e, md[0][1]) from None
             finally:
                 call.cancel()
-            await asyncio.sleep(backoff(attempt, self.backoff_s, self.backoff_cap_s))
+            await asyncio.sleep(self._pause(attempt, deadline))
             attempt += 1
 
     async def tokenize(self, text: str, chat: bool = False, thinking: bool = False) -> list[int]:
@@ -101,5 +101,5 @@ class AsyncClient(RetryPolicy):
             except grpc.RpcError as e:
                 if not self._should_retry(e, attempt, deadline):
                     raise from_rpc_error(e, md[0][1]) from None
-            await asyncio.sleep(backoff(attempt, self.backoff_s, self.backoff_cap_s))
+            await asyncio.sleep(self._pause(attempt, deadline))
             attempt += 1

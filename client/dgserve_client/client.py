@@ -9,7 +9,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from .errors import from_rpc_error
-from .request import RetryPolicy, backoff, build_request, check_api, metadata
+from .request import RetryPolicy, build_request, check_api, metadata
 from .v1 import dgserve_pb2 as pb
 from .v1 import dgserve_pb2_grpc as pb_grpc
 
@@ -73,7 +73,7 @@ class Client(RetryPolicy):
                     raise from_rpc_error(e, md[0][1]) from None
             finally:
                 call.cancel()  # no-op once done; frees the request on the server if the caller stopped early
-            time.sleep(backoff(attempt, self.backoff_s, self.backoff_cap_s))
+            time.sleep(self._pause(attempt, deadline))
             attempt += 1
 
     def tokenize(self, text: str, chat: bool = False, thinking: bool = False) -> list[int]:
@@ -109,5 +109,5 @@ class Client(RetryPolicy):
             except grpc.RpcError as e:
                 if not self._should_retry(e, attempt, deadline):
                     raise from_rpc_error(e, md[0][1]) from None
-            time.sleep(backoff(attempt, self.backoff_s, self.backoff_cap_s))
+            time.sleep(self._pause(attempt, deadline))
             attempt += 1

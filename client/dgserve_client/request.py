@@ -61,6 +61,7 @@ class RetryPolicy:
     timeout: float | None
     retries: int
     backoff_s: float
+    backoff_cap_s: float
 
     def _deadline(self, timeout: float | None) -> float | None:
         t = timeout if timeout is not None else self.timeout
@@ -74,3 +75,8 @@ class RetryPolicy:
         if e.code().name not in RETRY_CODES or attempt >= self.retries:
             return False
         return deadline is None or deadline - time.monotonic() > self.backoff_s
+
+    def _pause(self, attempt: int, deadline: float | None) -> float:
+        """The backoff before the next attempt, leaving that attempt at least half of what is left."""
+        wait = backoff(attempt, self.backoff_s, self.backoff_cap_s)
+        return wait if deadline is None else min(wait, max(0.0, (deadline - time.monotonic()) / 2))

@@ -106,7 +106,7 @@ class Engine:
         self._state = threading.Lock()  # applying an outcome vs. breaking the engine
         self._wake = threading.Condition()
         self._inbox: list[Request] = []
-        self._cancels: set[str] = set()
+        self._cancels: set[ev.RequestStream] = set()
         self._streams: dict[str, ev.RequestStream] = {}
         self._rids = itertools.count()
         self._thread: threading.Thread | None = None
@@ -121,7 +121,8 @@ class Engine:
                 raise Unavailable(f"the engine unit failed ({self.failure}); send the request again")
             if self._stopped or self._stopping:
                 raise Unavailable("the engine is stopping; send the request again to another replica")
-            if r.request_id in self._streams:
+            old = self._streams.get(r.request_id)
+            if old is not None and not old.done and old not in self._cancels:
                 raise InputError("request_id", f"{r.request_id!r} is already in use by an active request")
             queued = len(self._inbox) + len(self.driver.waiting)
             if queued >= self.config.max_queued:
@@ -143,13 +144,15 @@ class Engine:
             stream = self._streams.get(request_id)
             if stream is None or stream.done:
                 return False
-            self._cancels.add(request_id)
+            self._cancels.add(stream)  # by stream: a later request may reuse the id
             self._wake.notify_all()
             return True
 
     @property
     def healthy(self) -> bool:
-        return self.failure is None
+        """False once the engine broke, or its driver thread died."""
+        started = self._thread is not None and not self._stopping
+        return self.failure is None and (not started or self._thread.is_alive())
 
     def start(self) -> Engine:
         if self._thread is None:
@@ -166,6 +169,11 @@ class Engine:
             self._wake.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
+            if self._thread.is_alive():  # an iteration is still running: do not touch its executor or group
+                self._break(f"the engine did not stop within {timeout:g}s")
+                with self._wake:
+                    self._stopped = True
+                return
         with self._wake:
             self._stopped = True
             self._drain_inbox()
@@ -198,8 +206,8 @@ class Engine:
         t0 = time.perf_counter()
         with self._wake:
             self._drain_inbox()
-            for request_id in self._cancels:
-                r = next((q for q in self.driver.by_rid.values() if q.request_id == request_id), None)
+            for stream in self._cancels:
+                r = next((q for q in self.driver.by_rid.values() if q.stream is stream), None)
                 if r is not None:
                     r.cancelled = True
             self._cancels.clear()
@@ -340,6 +348,13 @@ class Engine:
             self._iteration_started = None
 
     def _loop(self) -> None:
+        try:
+            self._run_loop()
+        except Exception as e:  # a bug in planning or applying: fail everything visibly, never hang
+            log.exception("the driver loop crashed")
+            self._break(f"the driver loop crashed: {type(e).__name__}: {e}")
+
+    def _run_loop(self) -> None:
         while True:
             with self._wake:
                 while not self._stopping and not self._inbox and not self._cancels and self.driver.active == 0:

@@ -7,6 +7,7 @@ The driver thread pushes; consumers iterate, either blocking (`for event in stre
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections import deque
 from dataclasses import dataclass, field
@@ -84,7 +85,8 @@ class RequestStream:
             self._cond.notify_all()
             waiters, self._waiters = self._waiters, []
         for loop, ev in waiters:
-            loop.call_soon_threadsafe(ev.set)
+            with contextlib.suppress(RuntimeError):  # that consumer's loop is closed: nobody waits there any more
+                loop.call_soon_threadsafe(ev.set)
 
     @property
     def done(self) -> bool:
@@ -122,7 +124,13 @@ class RequestStream:
                     ready = asyncio.Event()
                     self._waiters.append((loop, ready))
             if event is None:
-                await ready.wait()
+                try:
+                    await ready.wait()
+                except BaseException:
+                    with self._cond:
+                        if (loop, ready) in self._waiters:
+                            self._waiters.remove((loop, ready))
+                    raise
                 continue
             yield event
             if isinstance(event, Finished | Failed):

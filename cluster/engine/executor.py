@@ -71,12 +71,13 @@ class Executor:
 
     @torch.inference_mode()
     def run(self, plan: StepPlan) -> StepOutcome:
+        for rid in plan.release:  # frees first, so a failure further on cannot leak them
+            self.slots.pop(rid, None)
+        for rid in plan.evict:
+            if rid in self.slots:
+                self.slots[rid].cache = None
         for a in plan.admit:
             self._admit(a)
-        for rid in plan.evict:
-            self.slots[rid].cache = None
-        for rid in plan.release:
-            self.slots.pop(rid, None)
         if not plan.items:
             return StepOutcome(plan.iteration, (), kv_bytes=self.kv_bytes())
         t0 = time.perf_counter()

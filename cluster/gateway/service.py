@@ -37,14 +37,15 @@ class DGServeService(pb_grpc.DGServeServicer):
     async def Generate(self, request, context):
         rid = await self._begin(context)
         final = None
-        async for event in self._events(request, context, rid):
-            final = event
-        return final_message(final, rid, self._prompt_tokens, self.gw.pad)
+        async for final in self._events(request, context, rid):  # noqa: B007 (the last one is the result)
+            pass
+        event, prompt_tokens = final
+        return final_message(event, rid, prompt_tokens, self.gw.pad)
 
     async def GenerateStream(self, request, context):
         rid = await self._begin(context)
-        async for event in self._events(request, context, rid):
-            yield stream_message(event, rid, self._prompt_tokens, self.gw.pad)
+        async for event, prompt_tokens in self._events(request, context, rid):
+            yield stream_message(event, rid, prompt_tokens, self.gw.pad)
 
     async def Tokenize(self, request, context):
         rid = await self._begin(context)
@@ -72,27 +73,36 @@ class DGServeService(pb_grpc.DGServeServicer):
         return rid
 
     async def _events(self, request, context, rid: str):
+        """(event, prompt tokens) until the Finished event; every failure becomes an abort with its code."""
         try:
             req = to_request(request, rid, self.gw.tokenizer, self.gw.limits, self.gw.defaults,
                              self.gw.topo.sampler, context.time_remaining())
         except DGServeError as e:
             log.info("request %s: refused: %s", rid, e)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request {rid}: {e}")
-        self._prompt_tokens = len(req.prompt_ids)
-        log.info("request %s: %d prompt tokens, seed %d", rid, len(req.prompt_ids), req.seed)
+        n_prompt = len(req.prompt_ids)
+        log.info("request %s: %d prompt tokens, seed %d", rid, n_prompt, req.seed)
         response = self.gw.unit.options(stream=True).generate.remote(req)
         self.gw.inflight.add(rid)
         events = response.__aiter__()
         try:
             while True:
-                event = await self._next(events)
+                try:
+                    event = await self._next(events)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as e:  # the unit's replica died, Serve refused or cancelled the call, ...
+                    log.warning("request %s: the engine unit failed: %r", rid, e)
+                    event = Failed(Code.UNAVAILABLE, f"the engine unit failed ({type(e).__name__}); send the "
+                                                     f"request again")
                 if event is None:
-                    break
+                    event = Failed(Code.UNAVAILABLE, "the engine unit ended the request without a result; send "
+                                                     "it again")
                 if isinstance(event, Failed):
                     log.info("request %s: %s %s", rid, event.code.value, event.message)
                     await context.abort(STATUS.get(event.code, grpc.StatusCode.INTERNAL),
                                         f"request {rid}: {event.message}")
-                yield event
+                yield event, n_prompt
                 if isinstance(event, Finished):
                     log.info("request %s: done, %d tokens in %.3fs", rid, len(event.token_ids), event.stats.total_s)
                     return
@@ -101,15 +111,18 @@ class DGServeService(pb_grpc.DGServeServicer):
             response.cancel()  # a no-op once it ended; otherwise frees the request on rank 0
 
     async def _next(self, events):
-        """The next event, or an UNAVAILABLE abort when the server stops waiting for in-flight requests."""
+        """The next event (None at the end), or an UNAVAILABLE failure when the server stops waiting."""
         nxt = asyncio.ensure_future(events.__anext__())
         stop = asyncio.ensure_future(self.gw.hard_stop.wait())
-        done, _ = await asyncio.wait({nxt, stop}, return_when=asyncio.FIRST_COMPLETED)
-        if nxt in done:
+        try:
+            done, _ = await asyncio.wait({nxt, stop}, return_when=asyncio.FIRST_COMPLETED)
+            if nxt in done:
+                try:
+                    return nxt.result()
+                except StopAsyncIteration:
+                    return None
+            return Failed(Code.UNAVAILABLE, "the server shut down before the request finished; send it again")
+        finally:
             stop.cancel()
-            try:
-                return nxt.result()
-            except StopAsyncIteration:
-                return None
-        nxt.cancel()
-        return Failed(Code.UNAVAILABLE, "the server shut down before the request finished; send it again")
+            if not nxt.done():
+                nxt.cancel()

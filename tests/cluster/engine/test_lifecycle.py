@@ -264,3 +264,41 @@ def test_the_watchdog_fails_a_hung_iteration_as_retriable_and_marks_the_engine_u
         engine.submit(EngineRequest([5, 6], settings(tiny, max_new_tokens=32)))
     hang.set()
     engine.stop()
+
+
+def test_a_crash_in_the_driver_loop_fails_requests_visibly_instead_of_hanging(tiny, monkeypatch):
+    engine = make_engine(tiny).start()
+    monkeypatch.setattr(engine.driver, "apply", lambda plan, outcome: 1 / 0)
+    stream = engine.submit(EngineRequest([5, 6], settings(tiny, max_new_tokens=32, max_denoising_steps=3)))
+    final = list(stream)[-1]
+    assert isinstance(final, Failed) and final.code is Code.UNAVAILABLE and "ZeroDivisionError" in final.message
+    assert not engine.healthy
+    engine.stop()
+
+
+def test_a_consumer_whose_event_loop_closed_does_not_break_the_engine(tiny):
+    s = settings(tiny, max_new_tokens=64, max_denoising_steps=20)
+
+    async def impatient(engine):
+        stream = engine.submit(EngineRequest([5, 6, 7], s, request_id="gone"))
+        async for _ in stream:
+            pass
+
+    with make_engine(tiny) as engine:
+        with pytest.raises(TimeoutError):
+            asyncio.run(asyncio.wait_for(impatient(engine), 0.001))
+        later = engine.submit(EngineRequest([5, 6, 8], s, seed=1))
+        assert isinstance(later.result(timeout=60), Finished)
+        assert engine.healthy
+
+
+def test_a_cancelled_request_id_can_be_reused_at_once_and_the_new_one_runs(tiny):
+    engine = make_engine(tiny)
+    s = settings(tiny, max_new_tokens=32, max_denoising_steps=5)
+    first = engine.submit(EngineRequest([5, 6], s, request_id="retry-me"))
+    engine.step()
+    assert engine.cancel("retry-me")
+    second = engine.submit(EngineRequest([5, 6], s, request_id="retry-me"))  # a client's retry
+    engine.run_until_idle()
+    assert isinstance(first.final, Failed) and first.final.code is Code.CANCELLED
+    assert isinstance(second.final, Finished)

@@ -91,7 +91,7 @@ def test_thirty_two_concurrent_streams_complete(endpoint):
 
     async def one(c, i):
         n = 0
-        async for m in c.generate_stream(token_ids=[5, 6, 7 + i], seed=i, max_new_tokens=64,
+        async for m in c.generate_stream(token_ids=[5] * (1 + i % 7), seed=i, max_new_tokens=64,
                                          max_denoising_steps=4):
             n += m.HasField("block")
             last = m
@@ -103,6 +103,7 @@ def test_thirty_two_concurrent_streams_complete(endpoint):
 
     results = asyncio.run(main())
     assert len(results) == 32 and all(n == 2 and len(f.token_ids) == 64 for n, f in results)
+    assert [f.usage.prompt_tokens for _, f in results] == [1 + i % 7 for i in range(32)]  # per request
     assert len({f.request_id for _, f in results}) == 32
 
 
