@@ -34,10 +34,12 @@ RAY_ENV = {
 OBJECT_STORE_BYTES = 256 * 1024**2
 
 
-def start_local(num_cpus: int = 8, metrics_interval_s: float | None = None, temp_dir: str | None = None) -> None:
+def start_local(num_cpus: int = 8, metrics_interval_s: float | None = None, temp_dir: str | None = None,
+                metrics_port: int | None = None) -> None:
     """Start a local Ray instance and Serve (no HTTP proxy: units are reached through handles).
 
     `metrics_interval_s` sets how often replicas and handles push autoscaling metrics (Ray reads it at start).
+    `metrics_port`: Prometheus metrics (dgserve's and Ray's) at http://127.0.0.1:PORT/metrics.
     """
     os.environ.update({k: v for k, v in RAY_ENV.items() if k not in os.environ})
     if metrics_interval_s is not None:
@@ -45,8 +47,9 @@ def start_local(num_cpus: int = 8, metrics_interval_s: float | None = None, temp
                     "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S"):
             os.environ[key] = str(metrics_interval_s)
     if not ray.is_initialized():
+        extra = {"_metrics_export_port": metrics_port} if metrics_port else {}
         ray.init(num_cpus=num_cpus, object_store_memory=OBJECT_STORE_BYTES, include_dashboard=False,
-                 _temp_dir=temp_dir or "/tmp/dgray", log_to_driver=False)
+                 _temp_dir=temp_dir or "/tmp/dgray", log_to_driver=False, **extra)
     serve.start(proxy_location="Disabled")
 
 

@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--port", type=int, help="gateway port (default: the topology's, 50051)")
     sv.add_argument("--num-cpus", type=int, default=8, help="logical CPUs of a local Ray cluster (default 8)")
     sv.add_argument("--temp-dir", default=None, help="a local Ray cluster's temp folder (default /tmp/dgray)")
+    sv.add_argument("--metrics-port", type=int, default=9464,
+                    help="a local Ray cluster's Prometheus metrics port (default 9464; 0: off)")
     return ap
 
 

@@ -54,7 +54,7 @@ def run(args) -> int:
     try:
         if started_ray:
             api.start_local(num_cpus=args.num_cpus, metrics_interval_s=topo.serve.metrics_interval_s,
-                            temp_dir=args.temp_dir)
+                            temp_dir=args.temp_dir, metrics_port=args.metrics_port or None)
         else:
             api.connect(args.address)
         # Ray's core worker installs its own SIGTERM handler in this process (it aborts): take the signals back.
@@ -67,6 +67,8 @@ def run(args) -> int:
         model = topo.model or "the embedded tiny model (random weights: its text is noise)"
         print(f"dgserve is serving {model} on {endpoint.address} (ready in {time.monotonic() - t0:.1f}s)")
         print(f"try:  .venv/bin/dgserve-client --target {endpoint.address} generate --prompt 'Hello' --json")
+        if started_ray and args.metrics_port:
+            print(f"metrics (Prometheus): http://127.0.0.1:{args.metrics_port}/metrics")
         print("Ctrl-C stops it.", flush=True)
         while not stop.wait(0.5):
             pass

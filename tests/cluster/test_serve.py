@@ -36,13 +36,13 @@ def leftovers(marker: str) -> list[str]:
 
 class Server:
     def __init__(self, tmp_path: Path, *extra: str):
-        self.port = free_port()
+        self.port, self.metrics_port = free_port(), free_port()
         self.temp = f"/tmp/dgray-{uuid.uuid4().hex[:8]}"
         env = {**os.environ, "DGSERVE_HOME": str(tmp_path / "home")}
         self.env = env
-        self.proc = subprocess.Popen([sys.executable, "-m", "dgserve.cluster.cli", "serve", "--port", str(self.port),
-                                      "--temp-dir", self.temp, *extra], stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True, env=env)
+        cmd = [sys.executable, "-m", "dgserve.cluster.cli", "serve", "--port", str(self.port), "--temp-dir", self.temp,
+               "--metrics-port", str(self.metrics_port), *extra]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         self.lines: queue.Queue = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
         self.address = f"127.0.0.1:{self.port}"
@@ -76,9 +76,17 @@ def test_make_serve_main_job_then_ctrl_c_leaves_nothing(tmp_path):
         line = srv.wait_for("dgserve is serving", 180)
         assert srv.address in line and "random weights" in line
         srv.wait_for("dgserve-client --target", 5)
+        srv.wait_for(f"http://127.0.0.1:{srv.metrics_port}/metrics", 5)
         with Client(srv.address) as c:
             assert c.health() == "SERVING"
             r = c.generate(prompt="Hello world", seed=3, max_new_tokens=40, max_denoising_steps=6)
+        import urllib.request
+
+        t0, text = time.monotonic(), ""
+        while "ray_dgserve_step_seconds" not in text and time.monotonic() - t0 < 30:
+            text = urllib.request.urlopen(f"http://127.0.0.1:{srv.metrics_port}/metrics", timeout=5).read().decode()
+            time.sleep(0.5)
+        assert "ray_dgserve_step_seconds" in text
         one = subprocess.run([sys.executable, "-m", "dgserve.cluster.cli", "generate", "--prompt", "Hello world",
                               "--seed", "3", "--max-new-tokens", "40", "--max-denoising-steps", "6", "--json"],
                              capture_output=True, text=True, env=srv.env, timeout=120)
