@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -146,3 +147,36 @@ def test_serve_bad_arguments_are_clear_errors(args):
                        text=True, timeout=60)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert ("config" in r.stderr) or ("gateway.port" in r.stderr)
+
+
+def test_serve_joins_an_existing_ray_cluster_and_leaves_it_running(tmp_path):
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled",
+           "RAY_USAGE_STATS_ENABLED": "0", "DGSERVE_HOME": str(tmp_path / "home")}
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    gcs, temp = free_port(), f"/tmp/dgray-{uuid.uuid4().hex[:8]}"
+    head = subprocess.run([ray_bin, "start", "--head", f"--port={gcs}", "--num-cpus=8", "--include-dashboard=false",
+                           f"--temp-dir={temp}", "--disable-usage-stats"], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert head.returncode == 0, head.stderr
+    try:
+        port = free_port()
+        proc = subprocess.Popen([sys.executable, "-m", "dgserve.cluster.cli", "serve", "--address",
+                                 f"127.0.0.1:{gcs}", "--port", str(port)], stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, env=env)
+        out = []
+        for line in proc.stdout:
+            out.append(line)
+            if "dgserve is serving" in line:
+                break
+        assert any("dgserve is serving" in line for line in out), "".join(out[-20:])
+        with Client(f"127.0.0.1:{port}") as c:
+            assert len(c.generate(token_ids=[5, 6], max_new_tokens=32, max_denoising_steps=2).token_ids) == 32
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(90) == 0
+        status = subprocess.run([ray_bin, "status", f"--address=127.0.0.1:{gcs}"], capture_output=True, text=True,
+                                env=env, timeout=60)
+        assert status.returncode == 0  # the cluster we joined is still there
+    finally:  # stop only this head (`ray stop` would also stop the test session's own cluster)
+        for entry in leftovers(temp):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(entry.split(":")[0]), signal.SIGKILL)
