@@ -16,7 +16,6 @@ import asyncio
 import json
 import os
 import platform
-import socket
 import sys
 import time
 from pathlib import Path
@@ -91,12 +90,6 @@ async def engine_level(engine, generation, prompt: list[int], n: int, args) -> d
     return summarize(n, runs, time.perf_counter() - t0)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def parse_args(argv):
     return parse_workload(__doc__, QUICK, FULL, argv,
                           lambda p: p.add_argument("--sampler-threads", type=int, default=2))
@@ -122,7 +115,7 @@ def main(argv=None) -> int:
     try:
         ep = api.serve_endpoint({"name": "bench", "model": str(folder), "engine": engine_cfg,
                                  "resources": {"attention": {"cpus": args.sampler_threads}},
-                                 "gateway": {"port": free_port()}})
+                                 "gateway": {"port": api.free_port()}})
         if not wait_serving(ep.address, 300):
             raise SystemExit("the endpoint did not become SERVING")
         warm = argparse.Namespace(**{**vars(args), "max_denoising_steps": 1})

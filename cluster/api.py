@@ -23,7 +23,7 @@ from .engine.events import Event, Failed, Finished
 from .messages import GenerateRequest
 from .units import unit_app
 
-__all__ = ["Endpoint", "GenerateRequest", "Topology", "Unit", "connect", "deploy", "load_topology",
+__all__ = ["Endpoint", "GenerateRequest", "Topology", "Unit", "connect", "deploy", "free_port", "load_topology",
            "parse_topology", "serve_endpoint", "shutdown", "start_local"]
 
 RAY_ENV = {
@@ -32,6 +32,23 @@ RAY_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",
 }
 OBJECT_STORE_BYTES = 256 * 1024**2
+
+
+def free_port(low: int = 20000, high: int = 32000) -> int:
+    """A free local port below the kernel's ephemeral range (32768+) and above Ray's worker ports (10002-19999):
+    no outgoing connection or Ray worker can take it between now and a server's bind."""
+    import random
+    import socket
+
+    for _ in range(200):
+        port = random.randrange(low, high)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {low}..{high}")
 
 
 def start_local(num_cpus: int = 8, metrics_interval_s: float | None = None, temp_dir: str | None = None,

@@ -86,6 +86,8 @@ class Gateway:
     async def drain(self, grace_s: float | None = None) -> dict:
         """Stop accepting (health NOT_SERVING, new calls UNAVAILABLE), let in-flight requests finish within the
         grace period, fail the rest with UNAVAILABLE, stop the server."""
+        if not hasattr(self, "server"):  # __init__ failed before the server started: nothing to drain
+            return {"failed": []}
         grace = self.topo.gateway.grace_s if grace_s is None else grace_s
         if not self.draining:
             self.draining = True

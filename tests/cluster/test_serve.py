@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from dgserve.cluster.api import free_port
 from dgserve_client import Client, Unavailable
-from tests.cluster.gateway.conftest import free_port
 
 
 def leftovers(marker: str) -> list[str]:

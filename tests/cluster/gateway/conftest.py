@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import socket
 import time
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from dgserve.cluster.api import free_port
 
 
 def health(address: str) -> str | None:
