@@ -7,13 +7,9 @@ import pytest
 
 @pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory):
-    import socket
-
     from dgserve.cluster import api
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        api.metrics_port = s.getsockname()[1]
+    api.metrics_port = api.free_port()
     api.start_local(num_cpus=8, metrics_interval_s=0.5, temp_dir="/tmp/dgray-tests", metrics_port=api.metrics_port)
     yield api
     api.shutdown()
