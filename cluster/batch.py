@@ -14,13 +14,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from dgserve.model.errors import DGServeError, InputError
-from dgserve.model.sampler import SamplerSettings
+from dgserve.model.sampler import KNOBS, SamplerSettings
 
 from .engine import Engine, EngineConfig, EngineRequest
 from .engine.events import Failed, Finished
 
-KNOBS = ("max_new_tokens", "max_denoising_steps", "entropy_bound", "t_min", "t_max", "stability_threshold",
-         "confidence_threshold")
 FIELDS = {"prompt", "prompt_ids", "seed", "thinking", "request_id", *KNOBS}
 
 

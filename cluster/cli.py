@@ -83,9 +83,9 @@ def _progress_printer(stream):
 
 
 def _sampler_overrides(args) -> dict:
-    return {"max_new_tokens": args.max_new_tokens, "max_denoising_steps": args.max_denoising_steps,
-            "entropy_bound": args.entropy_bound, "t_min": args.t_min, "t_max": args.t_max,
-            "stability_threshold": args.stability_threshold, "confidence_threshold": args.confidence_threshold}
+    from dgserve.model.sampler import KNOBS
+
+    return {k: getattr(args, k) for k in KNOBS}
 
 
 def cmd_generate_file(args) -> int:

@@ -13,14 +13,13 @@ from pathlib import Path
 import yaml
 
 from dgserve.model.errors import ConfigError
+from dgserve.model.sampler import KNOBS
 
 from .engine.config import EngineConfig
 
 PROFILES = ("replicated", "packed", "disaggregated")
 DTYPES = ("float32", "bfloat16")
 EXPERT_DTYPES = ("auto", "float32", "bfloat16")  # fp8 arrives with the FP8 issue (step 6)
-SAMPLER_KNOBS = ("max_new_tokens", "max_denoising_steps", "entropy_bound", "t_min", "t_max",
-                 "stability_threshold", "confidence_threshold")
 
 
 def _is_int(v) -> bool:
@@ -155,7 +154,7 @@ def parse_topology(raw: dict | None) -> Topology:
         kw["engine"] = EngineConfig(**engine)
     except ConfigError as e:
         raise ConfigError(f"engine.{e.field}", e.value, e.allowed, "topology") from e
-    sampler = _section(top.get("sampler"), "sampler", set(SAMPLER_KNOBS))
+    sampler = _section(top.get("sampler"), "sampler", set(KNOBS))
     kw["sampler"] = dict(sampler)
     if "watchdog_s" in top:
         _need("watchdog_s", top["watchdog_s"], _is_num(top["watchdog_s"]) and 0.1 <= top["watchdog_s"] <= 3600,
@@ -258,6 +257,4 @@ def load_topology(path: str | Path) -> Topology:
 
 def topology_from_dict(d: dict) -> Topology:
     """Rebuild from `Topology.to_dict()` (inside replicas and rank actors)."""
-    d = dict(d)
-    d["resources"] = {k: {"cpus": v["cpus"], "gpus": v["gpus"]} for k, v in d["resources"].items()}
     return parse_topology(d)

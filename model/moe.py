@@ -76,15 +76,16 @@ class LocalExperts:
                 missing = sorted(set(expert_ids_TK.reshape(-1)[flat_ids < 0].tolist()))
                 raise RuntimeError(f"layer {layer}: experts {missing} are not held by this process")
         w = self.layers[layer]
-        small_P = self._small_groups(flat_ids, K, layout)
+        groups = self._small_groups(flat_ids, K, layout)
         y_PD = torch.empty(T * K, rows_TD.shape[-1], dtype=rows_TD.dtype, device=rows_TD.device)
-        if small_P is None:
+        if groups is None:
             self._run(rows_TD, K, flat_ids, torch.arange(T * K, device=flat_ids.device), w, y_PD)
         else:
+            key_P, small_P = groups
             big = (~small_P).nonzero().squeeze(-1)
             if big.numel():
                 self._run(rows_TD, K, flat_ids[big], big, w, y_PD)
-            self._run_small(rows_TD, K, flat_ids, small_P.nonzero().squeeze(-1), layout, w, y_PD)
+            self._run_small(rows_TD, K, key_P, small_P.nonzero().squeeze(-1), w, y_PD)
         y_PD = y_PD * weights_TK.reshape(-1).unsqueeze(-1)
         # Per-token sum over its K experts: independent of the other rows in the batch.
         return y_PD.view(T, K, -1).sum(dim=1).to(rows_TD.dtype)
@@ -97,8 +98,10 @@ class LocalExperts:
         src = flat_P[perm]
         out_PD[src] = self._ffn(rows_TD[src // K], counts, w)
 
-    def _small_groups(self, flat_ids: torch.Tensor, K: int, layout: RowLayout | None) -> torch.Tensor | None:
-        """Mask [P] of assignments whose (item, expert) group is under layout.min_rows, or None if none."""
+    def _small_groups(self, flat_ids: torch.Tensor, K: int,
+                      layout: RowLayout | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(item, expert) group key [P] and a mask [P] of assignments whose group is under layout.min_rows; None
+        when there is no such group."""
         if layout is None or not layout.exact or len(layout.bounds) <= 2 or flat_ids.device.type != "cpu":
             return None
         key = self._group_keys(flat_ids, K, layout)
@@ -106,7 +109,7 @@ class LocalExperts:
         small_key = (counts > 0) & (counts < layout.min_rows)
         if not bool(small_key.any()):
             return None
-        return small_key[key]
+        return key, small_key[key]
 
     def _group_keys(self, flat_ids: torch.Tensor, K: int, layout: RowLayout) -> torch.Tensor:
         bounds = torch.tensor(layout.bounds[1:-1], device=flat_ids.device)
@@ -114,10 +117,10 @@ class LocalExperts:
         item_P = torch.bucketize(token_P, bounds, right=True)
         return item_P * len(self.expert_ids) + flat_ids
 
-    def _run_small(self, rows_TD: torch.Tensor, K: int, flat_ids: torch.Tensor, small: torch.Tensor,
-                   layout: RowLayout, w: ExpertWeights, out_PD: torch.Tensor) -> None:
+    def _run_small(self, rows_TD: torch.Tensor, K: int, key_P: torch.Tensor, small: torch.Tensor,
+                   w: ExpertWeights, out_PD: torch.Tensor) -> None:
         """Each small (item, expert) group in a GEMM of its own, rows in the order they would have alone."""
-        key = self._group_keys(flat_ids, K, layout)[small]
+        key = key_P[small]
         key_sorted, perm = torch.sort(key, stable=True)
         src = small[perm]
         keys, counts = torch.unique_consecutive(key_sorted, return_counts=True)

@@ -17,6 +17,10 @@ from .config import GenerationDefaults
 from .errors import ConfigError
 
 MAX_DENOISING_STEPS = 1024
+MAX_SEED = (1 << 63) - 1
+# The knobs a request may set (eos and pad ids come from the checkpoint).
+KNOBS = ("max_new_tokens", "max_denoising_steps", "entropy_bound", "t_min", "t_max", "stability_threshold",
+         "confidence_threshold")
 
 
 @dataclass(frozen=True)

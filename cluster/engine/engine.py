@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dgserve.model.config import num_blocks
 from dgserve.model.errors import InputError
 from dgserve.model.generate import validate_prompt
-from dgserve.model.sampler import SamplerSettings
+from dgserve.model.sampler import MAX_SEED, SamplerSettings
 from dgserve.model.transformer import DiffusionGemma
 
 from . import events as ev
@@ -34,8 +35,6 @@ from .executor import Executor
 from .plan import StepOutcome
 
 log = logging.getLogger("dgserve.engine")
-
-MAX_SEED = (1 << 63) - 1
 
 
 @dataclass(frozen=True)
@@ -267,7 +266,7 @@ class Engine:
                 f"tokens need {need} bytes of KV cache and canvas workspace, more than the engine's memory "
                 f"budget (memory_budget_bytes={self.config.memory_budget_bytes})")
         now = self.clock()
-        blocks = -(-req.settings.max_new_tokens // self.model.config.canvas_length)
+        blocks = num_blocks(req.settings.max_new_tokens, self.model.config.canvas_length)
         return Request(next(self._rids), request_id, tuple(prompt.tolist()), req.settings, req.seed, req.drafts,
                        blocks, ev.RequestStream(request_id), now, None if timeout is None else now + timeout)
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from dgserve.model.config import GenerationDefaults, ModelConfig
 from dgserve.model.errors import ConfigError, InputError
-from dgserve.model.sampler import MAX_DENOISING_STEPS, SamplerSettings
+from dgserve.model.sampler import KNOBS, MAX_DENOISING_STEPS, MAX_SEED, SamplerSettings
 from dgserve.model.tokenizer import chat_prompt_ids
 from dgserve_client.v1 import dgserve_pb2 as pb
 
@@ -14,9 +14,6 @@ from ..engine.events import BlockCommitted, Draft, Finished
 from ..messages import GenerateRequest
 
 API_VERSION = "1.0"
-KNOBS = ("max_new_tokens", "max_denoising_steps", "entropy_bound", "t_min", "t_max", "stability_threshold",
-         "confidence_threshold")
-MAX_SEED = (1 << 63) - 1
 
 
 @dataclass(frozen=True)
