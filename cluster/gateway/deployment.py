@@ -52,7 +52,7 @@ class Gateway:
 
     async def _warm_up(self) -> None:
         """One tiny request through a unit, retried until it works; then health says SERVING."""
-        bos = self.config.bos_token_id if getattr(self.config, "bos_token_id", None) is not None else 2
+        bos = self.config.text.bos_token_id if self.config.text.bos_token_id is not None else 2
         req = GenerateRequest((bos,), 0, {"max_new_tokens": 1, "max_denoising_steps": 1})
         t0 = time.monotonic()
         while not self.draining:
