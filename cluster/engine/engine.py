@@ -14,9 +14,8 @@ import os
 import threading
 import time
 import uuid
-from collections import Counter, deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -32,6 +31,7 @@ from .config import EngineConfig
 from .driver import Driver, Request
 from .errors import Code, ResourceExhausted, Unavailable, UnitFailure
 from .executor import Executor
+from .metrics import EngineMetrics
 from .plan import StepOutcome
 
 log = logging.getLogger("dgserve.engine")
@@ -45,38 +45,6 @@ class EngineRequest:
     drafts: bool = False  # stream the argmax canvas after every step
     timeout_s: float | None = None  # from submit; None: the engine's default_timeout_s
     request_id: str | None = None  # made if absent
-
-
-@dataclass
-class EngineMetrics:
-    iterations: int = 0
-    queue_depth: int = 0
-    running: int = 0
-    paused: int = 0
-    canvases_last_step: int = 0
-    kv_bytes: int = 0
-    budget_used_bytes: int = 0
-    budget_bytes: int = 0
-    step_s_total: float = 0.0
-    time_s: dict[str, float] = field(default_factory=lambda: {"prefill": 0.0, "commit": 0.0, "denoise": 0.0,
-                                                              "sampling": 0.0})
-    canvas_steps: int = 0
-    rejections: Counter = field(default_factory=Counter)  # by reason
-    errors: Counter = field(default_factory=Counter)  # ended requests by code
-    preemptions: int = 0
-    admitted_per_rank: Counter = field(default_factory=Counter)
-    # (iteration seconds, seconds of it outside the forward and the sampling: planning, applying, events, and
-    # with several ranks the plan broadcast and outcome gather) for the latest iterations
-    recent_steps: deque = field(default_factory=lambda: deque(maxlen=4096))
-
-    def step_summary(self) -> dict:
-        steps = sorted(s for s, _ in self.recent_steps)
-        if not steps:
-            return {"steps": 0}
-        pick = lambda q: steps[min(len(steps) - 1, int(q * len(steps)))]  # noqa: E731
-        return {"steps": len(steps), "step_s_p50": pick(0.5), "step_s_p99": pick(0.99),
-                "control_s_mean": sum(c for _, c in self.recent_steps) / len(steps),
-                "step_s_mean": sum(steps) / len(steps)}
 
 
 class Engine:
@@ -295,16 +263,7 @@ class Engine:
 
     def _record(self, out: StepOutcome, step_s: float) -> None:
         m = self.metrics
-        m.iterations += 1
-        m.step_s_total += step_s
-        m.recent_steps.append((step_s, max(0.0, step_s - out.forward_s - out.sampling_s)))
-        m.canvases_last_step = len(out.canvases)
-        m.canvas_steps += len(out.canvases)
-        total_rows = sum(out.rows.values()) or 1
-        for kind, n in out.rows.items():
-            m.time_s[kind] += out.forward_s * n / total_rows
-        m.time_s["sampling"] += out.sampling_s
-        m.kv_bytes = out.kv_bytes
+        m.record(out, step_s)
         m.budget_used_bytes = sum(b.used for b in self.budgets)
         m.queue_depth = len(self.driver.waiting)
         m.running, m.paused = len(self.driver.running), len(self.driver.paused)

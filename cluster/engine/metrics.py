@@ -1,0 +1,66 @@
+"""The engine's own counters and latency summaries (what the Prometheus exporter and the benchmarks read).
+
+`EngineMetrics.record` folds one iteration's outcome in; nothing here touches requests or tensors.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from .plan import StepOutcome
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-quantile (0 <= q <= 1) of `values` by nearest rank from below; NaN for no values."""
+    if not 0.0 <= q <= 1.0:
+        raise ValueError(f"q={q!r} is not in 0..1")
+    xs = sorted(values)
+    if not xs:
+        return float("nan")
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+@dataclass
+class EngineMetrics:
+    iterations: int = 0
+    queue_depth: int = 0
+    running: int = 0
+    paused: int = 0
+    canvases_last_step: int = 0
+    kv_bytes: int = 0
+    budget_used_bytes: int = 0
+    budget_bytes: int = 0
+    step_s_total: float = 0.0
+    time_s: dict[str, float] = field(default_factory=lambda: {"prefill": 0.0, "commit": 0.0, "denoise": 0.0,
+                                                              "sampling": 0.0})
+    canvas_steps: int = 0
+    rejections: Counter = field(default_factory=Counter)  # by reason
+    errors: Counter = field(default_factory=Counter)  # ended requests by code
+    preemptions: int = 0
+    admitted_per_rank: Counter = field(default_factory=Counter)
+    # (iteration seconds, seconds of it outside the forward and the sampling: planning, applying, events, and
+    # with several ranks the plan broadcast and outcome gather) for the latest iterations
+    recent_steps: deque = field(default_factory=lambda: deque(maxlen=4096))
+
+    def record(self, out: StepOutcome, step_s: float) -> None:
+        """One iteration: its latency, its control share, and the forward time split by row kind."""
+        self.iterations += 1
+        self.step_s_total += step_s
+        self.recent_steps.append((step_s, max(0.0, step_s - out.forward_s - out.sampling_s)))
+        self.canvases_last_step = len(out.canvases)
+        self.canvas_steps += len(out.canvases)
+        total_rows = sum(out.rows.values()) or 1
+        for kind, n in out.rows.items():
+            self.time_s[kind] += out.forward_s * n / total_rows
+        self.time_s["sampling"] += out.sampling_s
+        self.kv_bytes = out.kv_bytes
+
+    def step_summary(self) -> dict:
+        steps = [s for s, _ in self.recent_steps]
+        if not steps:
+            return {"steps": 0}
+        return {"steps": len(steps), "step_s_p50": percentile(steps, 0.5), "step_s_p99": percentile(steps, 0.99),
+                "control_s_mean": sum(c for _, c in self.recent_steps) / len(steps),
+                "step_s_mean": sum(steps) / len(steps)}
