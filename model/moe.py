@@ -81,11 +81,10 @@ class LocalExperts:
         if groups is None:
             self._run(rows_TD, K, flat_ids, torch.arange(T * K, device=flat_ids.device), w, y_PD)
         else:
-            key_P, small_P = groups
-            big = (~small_P).nonzero().squeeze(-1)
+            big = (~groups).nonzero().squeeze(-1)
             if big.numel():
                 self._run(rows_TD, K, flat_ids[big], big, w, y_PD)
-            self._run_small(rows_TD, K, key_P, small_P.nonzero().squeeze(-1), w, y_PD)
+            self._run_small(rows_TD, K, flat_ids, groups, layout, w, y_PD)
         y_PD = y_PD * weights_TK.reshape(-1).unsqueeze(-1)
         # Per-token sum over its K experts: independent of the other rows in the batch.
         return y_PD.view(T, K, -1).sum(dim=1).to(rows_TD.dtype)
@@ -93,15 +92,17 @@ class LocalExperts:
     def _run(self, rows_TD: torch.Tensor, K: int, ids_P: torch.Tensor, flat_P: torch.Tensor, w: ExpertWeights,
              out_PD: torch.Tensor) -> None:
         """Expert outputs (unweighted) for assignments `flat_P` (indices into T*K) with local expert ids `ids_P`."""
-        ids_sorted, perm = torch.sort(ids_P, stable=True)
+        # The reference's own (unstable) sort: with several threads a small GEMM's row depends on its place in
+        # the group, so rows must be ordered as the reference orders them.
+        ids_sorted, perm = torch.sort(ids_P)
         counts = torch.bincount(ids_sorted, minlength=len(self.expert_ids)).tolist()
         src = flat_P[perm]
         out_PD[src] = self._ffn(rows_TD[src // K], counts, w)
 
     def _small_groups(self, flat_ids: torch.Tensor, K: int,
-                      layout: RowLayout | None) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(item, expert) group key [P] and a mask [P] of assignments whose group is under layout.min_rows; None
-        when there is no such group."""
+                      layout: RowLayout | None) -> torch.Tensor | None:
+        """A mask [P] of the assignments whose (item, expert) group is under layout.min_rows rows; None when there
+        is no such group."""
         if layout is None or not layout.exact or len(layout.bounds) <= 2 or flat_ids.device.type != "cpu":
             return None
         key = self._group_keys(flat_ids, K, layout)
@@ -109,7 +110,7 @@ class LocalExperts:
         small_key = (counts > 0) & (counts < layout.min_rows)
         if not bool(small_key.any()):
             return None
-        return key, small_key[key]
+        return small_key[key]
 
     def _group_keys(self, flat_ids: torch.Tensor, K: int, layout: RowLayout) -> torch.Tensor:
         bounds = torch.tensor(layout.bounds[1:-1], device=flat_ids.device)
@@ -117,19 +118,24 @@ class LocalExperts:
         item_P = torch.bucketize(token_P, bounds, right=True)
         return item_P * len(self.expert_ids) + flat_ids
 
-    def _run_small(self, rows_TD: torch.Tensor, K: int, key_P: torch.Tensor, small: torch.Tensor,
-                   w: ExpertWeights, out_PD: torch.Tensor) -> None:
-        """Each small (item, expert) group in a GEMM of its own, rows in the order they would have alone."""
-        key = key_P[small]
-        key_sorted, perm = torch.sort(key, stable=True)
-        src = small[perm]
-        keys, counts = torch.unique_consecutive(key_sorted, return_counts=True)
-        start = 0
-        for k, n in zip(keys.tolist(), counts.tolist(), strict=True):
-            rows = src[start:start + n]
-            e = k % len(self.expert_ids)
-            out_PD[rows] = expert_ffn(rows_TD[rows // K], [n], w, first_expert=e)
-            start += n
+    def _run_small(self, rows_TD: torch.Tensor, K: int, flat_ids: torch.Tensor, small_P: torch.Tensor,
+                   layout: RowLayout, w: ExpertWeights, out_PD: torch.Tensor) -> None:
+        """Each small (item, expert) group in a GEMM of its own, its rows in the order the item's own sort puts them
+        when it runs alone (with several threads a small GEMM's row depends on its place in the group)."""
+        for a, b in zip(layout.bounds, layout.bounds[1:], strict=False):
+            span = slice(a * K, b * K)
+            if not bool(small_P[span].any()):
+                continue
+            ids_sorted, perm = torch.sort(flat_ids[span])  # the very call `_run` makes for this item alone
+            perm = perm + a * K
+            keep = small_P[perm]
+            src, ids_sorted = perm[keep], ids_sorted[keep]
+            experts, counts = torch.unique_consecutive(ids_sorted, return_counts=True)
+            start = 0
+            for e, n in zip(experts.tolist(), counts.tolist(), strict=True):
+                rows = src[start:start + n]
+                out_PD[rows] = expert_ffn(rows_TD[rows // K], [n], w, first_expert=e)
+                start += n
 
     @staticmethod
     def _ffn(x_PD: torch.Tensor, counts: list[int], w: ExpertWeights) -> torch.Tensor:

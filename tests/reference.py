@@ -45,6 +45,14 @@ SPECS = {
                               "full_attention"),
                  num_attention_heads=2, num_key_value_heads=1, head_dim=16, global_head_dim=16,
                  num_global_key_value_heads=1, sliding_window=5, canvas_length=12, seed=2),
+    # The real checkpoint's structure at small width: 16 heads of 256 with 8 KV heads on sliding layers, 2 KV heads
+    # of 512 with proportional RoPE on the full layer, window 1024, canvas 256, 128 experts top-8 (so many
+    # (item, expert) groups are smaller than a GEMM's small-M bound). Widths are multiples of 64, as the real
+    # ones are (2816, 2112, 704): the elementwise kernels then split work the same way at 1 and 2 threads.
+    "real": RefSpec("real", vocab_size=512, hidden_size=64, intermediate_size=128, moe_intermediate_size=64,
+                    num_experts=128, top_k_experts=8, layer_types=("sliding_attention",) * 5 + ("full_attention",),
+                    num_attention_heads=16, num_key_value_heads=8, head_dim=256, global_head_dim=512,
+                    num_global_key_value_heads=2, sliding_window=1024, canvas_length=256, seed=3),
 }
 
 

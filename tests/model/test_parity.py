@@ -1,4 +1,5 @@
-"""Parity with transformers 5.23.0 on three tiny random configs, in float32.
+"""Parity with transformers 5.23.0 on tiny random configs, in float32: three small ones that differ in every
+shape, and one with the real checkpoint's structure at small width (test_parity_real.py).
 
 The reference is saved with save_pretrained and loaded back with from_pretrained (sdpa, dynamic cache); our
 loader reads the same folder.
@@ -18,10 +19,10 @@ from dgserve.model.sampler import SamplerSettings
 from tests.reference import SPECS, load_reference, reference_generate
 
 TOL = 1e-4
-SPEC_NAMES = sorted(SPECS)
+SPEC_NAMES = ("a", "b", "c")
 
 
-def _prompt(n: int, vocab: int, seed: int) -> torch.Tensor:
+def prompt_ids(n: int, vocab: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, vocab - 4, (n,), generator=g)
 
@@ -29,15 +30,6 @@ def _prompt(n: int, vocab: int, seed: int) -> torch.Tensor:
 def _pair(ref_folders, name):
     folder = ref_folders(name)
     return load_reference(folder), load_checkpoint(folder).model
-
-
-@pytest.mark.parametrize("name", SPEC_NAMES)
-def test_configs_differ_where_it_matters(name):
-    a, b = SPECS[name], SPECS["a" if name != "a" else "b"]
-    assert (a.layer_types, a.num_attention_heads, a.num_key_value_heads, a.num_experts, a.top_k_experts,
-            a.canvas_length, a.sliding_window) != (b.layer_types, b.num_attention_heads, b.num_key_value_heads,
-                                                   b.num_experts, b.top_k_experts, b.canvas_length,
-                                                   b.sliding_window)
 
 
 @pytest.mark.parametrize("name", SPEC_NAMES)
@@ -49,8 +41,8 @@ def test_encoder_cache_and_decoder_logits_match(ref_folders, name, prompt_vs_win
     ref, ours = _pair(ref_folders, name)
     spec = SPECS[name]
     n = spec.sliding_window - 3 if prompt_vs_window == "shorter" else 3 * spec.sliding_window + 2
-    prompt = _prompt(n, spec.vocab_size, seed=n)
-    canvas = _prompt(spec.canvas_length, spec.vocab_size, seed=99)
+    prompt = prompt_ids(n, spec.vocab_size, seed=n)
+    canvas = prompt_ids(spec.canvas_length, spec.vocab_size, seed=99)
     sc_logits = torch.randn(1, spec.canvas_length, spec.vocab_size, generator=torch.Generator().manual_seed(5))
 
     cache = DynamicCache(config=ref.config.get_text_config(decoder=True))
@@ -80,9 +72,9 @@ def test_logits_after_committed_blocks_pass_the_window(ref_folders, name):
     ref, ours = _pair(ref_folders, name)
     spec = SPECS[name]
     C = spec.canvas_length
-    prompt = _prompt(5, spec.vocab_size, 1)
-    blocks = [_prompt(C, spec.vocab_size, 10 + b) for b in range(2)]
-    canvas = _prompt(C, spec.vocab_size, 7)
+    prompt = prompt_ids(5, spec.vocab_size, 1)
+    blocks = [prompt_ids(C, spec.vocab_size, 10 + b) for b in range(2)]
+    canvas = prompt_ids(C, spec.vocab_size, 7)
     cache = DynamicCache(config=ref.config.get_text_config(decoder=True))
     kv = ours.new_cache()
     for chunk in [prompt, *blocks]:
@@ -99,7 +91,7 @@ def test_generate_is_token_exact_over_several_blocks(ref_folders, name, seed):
     folder = ref_folders(name)
     ref, ck = load_reference(folder), load_checkpoint(folder)
     spec = SPECS[name]
-    prompt = _prompt(4 + 5 * seed, spec.vocab_size, seed).tolist()
+    prompt = prompt_ids(4 + 5 * seed, spec.vocab_size, seed).tolist()
     steps = 12
     expected, drafts = reference_generate(ref, prompt, seed, max_new_tokens=3 * spec.canvas_length,
                                           max_denoising_steps=steps)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from dgserve.cluster.engine import EngineRequest
 from dgserve.model.generate import generate
 from dgserve.model.transformer import WorkItem
 
@@ -124,5 +125,25 @@ def test_batching_stays_exact_with_two_cpu_threads(tiny):
         engine.run_until_idle()
         for r, s in zip(reqs, streams, strict=True):  # solo also at 2 threads
             assert list(s.result(0).token_ids) == solo_tokens(tiny, r), r.request_id
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_batching_stays_exact_with_128_experts_at_two_threads(ref_folders):
+    """The real structure (tests/reference.py "real"): with 128 experts top-8 most (item, expert) groups are under
+    the 2-thread small-M bound, so each must keep the row order it has when its item runs alone."""
+    from dgserve.model.loader import load_checkpoint
+
+    ck = load_checkpoint(ref_folders("real"))
+    before = torch.get_num_threads()
+    try:
+        engine = make_engine(ck, cpu_threads=2, sampler_threads=1)
+        s = settings(ck, max_new_tokens=2 * ck.model.config.canvas_length, max_denoising_steps=2)
+        reqs = [EngineRequest(list(range(5, 5 + n)), s, seed=i, request_id=f"r{i}")
+                for i, n in enumerate((1, 3, 20, 300))]
+        streams = [engine.submit(r) for r in reqs]
+        engine.run_until_idle()
+        for r, st in zip(reqs, streams, strict=True):  # solo also at 2 threads
+            assert list(st.result(0).token_ids) == solo_tokens(ck, r), r.request_id
     finally:
         torch.set_num_threads(before)
