@@ -57,15 +57,11 @@ def merge(iteration: int, outcomes: list[StepOutcome]) -> StepOutcome:
 
 
 class GroupExecutor:
-    """Rank 0's executor: the same interface as Executor, run by all ranks of the group."""
+    """Rank 0's executor (a StepExecutor): every plan runs on all ranks of the group."""
 
     def __init__(self, local: Executor, group, world: int):
         self.local, self.group, self.world = local, group, world
         self.ownership = Ownership(0)
-        self.slots = local.slots  # rank 0's own requests (the engine's failure path clears them)
-
-    def kv_bytes(self) -> int:
-        return self.local.kv_bytes()
 
     def run(self, plan: StepPlan) -> StepOutcome:
         try:

@@ -65,7 +65,7 @@ class RankActor:
         if ck.model.device.type == "cpu":
             torch.set_num_threads(cfg.cpu_threads)
         page = cfg.page_size or ck.config.canvas_length
-        threads = cfg.sampler_threads or max(1, int(self.topo.resources["attention"].cpus))
+        threads = cfg.sampler_threads_for(ck.model.device.type, int(self.topo.resources["attention"].cpus))
         self.local = Executor(ck.model, page, sampler_threads=threads)
         if self.rank == 0:
             self._start_driver(ck, control)
@@ -118,14 +118,13 @@ class RankActor:
         out = {"rank": self.rank, "pid": os.getpid(), "slots": sorted(self.local.slots) if self.local else []}
         if self.rank == 0 and self.engine is not None:
             m = self.engine.metrics
-            requests = list(self.engine.driver.by_rid.values())  # one snapshot (the driver thread mutates it)
+            placed = self.engine.snapshot().ranks
             out |= {"healthy": self.engine.healthy, "failure": self.engine.failure, "queue_depth": m.queue_depth,
                     "running": m.running, "iterations": m.iterations, "kv_bytes": m.kv_bytes,
                     "budget_used_bytes": sum(b.used for b in self.engine.budgets), "budget_bytes": m.budget_bytes,
                     "rejections": dict(m.rejections), "errors": dict(m.errors),
                     "admitted_per_rank": dict(m.admitted_per_rank), "steps": m.step_summary(),
-                    "request_ids": sorted(r.request_id for r in requests),
-                    "ranks_of_requests": {r.request_id: r.rank for r in requests}}
+                    "request_ids": sorted(placed), "ranks_of_requests": placed}
         else:
             out["healthy"] = self._follower is not None and self._follower.is_alive()
         return out

@@ -35,6 +35,28 @@ def small_m(threads: int) -> int:
     return worst + 1
 
 
+@functools.cache
+def activation_rows_invariant(threads: int, width: int) -> bool:
+    """Whether the GeGLU activation over [P, width] rows gives every row bitwise what it gives alone, at `threads`.
+
+    torch splits a large elementwise op between threads at numel / threads, and the end of each thread's share runs
+    the kernel's scalar tail, which rounds tanh differently from the vector body; a row then depends on where the
+    split falls. With one thread, or two and widths that are multiples of 64 (the real checkpoint's 704 and 2112),
+    every split falls on a whole vector step. Measured, like small_m, so the engine can say when batching is not
+    bitwise (tests/model/test_batch_invariance.py).
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x = torch.randn(4097, 2 * width, generator=torch.Generator().manual_seed(0))
+        gate, up = x.chunk(2, dim=-1)
+        together = F.gelu(gate, approximate="tanh") * up
+        return all(torch.equal(F.gelu(gate[i:i + 1], approximate="tanh") * up[i:i + 1], together[i:i + 1])
+                   for i in range(x.shape[0]))
+    finally:
+        torch.set_num_threads(before)
+
+
 @dataclass(frozen=True, slots=True)
 class RowLayout:
     """How packed rows split into work items, so batched GEMMs give each item the rows it would get alone.

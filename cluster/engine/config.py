@@ -52,6 +52,13 @@ class EngineConfig:
         need("sampler_threads", self.sampler_threads is None or (
             is_int(self.sampler_threads) and 1 <= self.sampler_threads <= 64), "null or an integer in 1..64")
 
+    def sampler_threads_for(self, device_type: str, cpus: int | None) -> int:
+        """The sampler threads to run with: the configured number, or by default the CPUs given (at most 8) on
+        CPU and 1 on GPU."""
+        if self.sampler_threads is not None:
+            return self.sampler_threads
+        return max(1, min(8, cpus or 1)) if device_type == "cpu" else 1
+
     @classmethod
     def from_dict(cls, raw: dict) -> EngineConfig:
         known = {f.name for f in fields(cls)}

@@ -61,7 +61,6 @@ class Request:
     encoded: int = 0  # positions held by the executor's cache
     context_len: int = 0  # prompt + committed blocks
     segments: list[tuple[int, int, ItemKind]] = field(default_factory=list)  # encode passes, for replay
-    has_canvas: bool = False  # the executor holds denoiser state (a block in progress)
     steps_per_block: list[int] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
     preemptions: int = 0
@@ -69,11 +68,20 @@ class Request:
     in_executor: bool = False
 
 
+@dataclass(frozen=True, slots=True)
+class DriverSnapshot:
+    waiting: int
+    running: int
+    paused: int
+    preemptions: int  # over the requests not ended
+    ranks: dict[str, int]  # request id -> the attention rank holding it
+
+
 class Driver:
     def __init__(self, config: ModelConfig, engine: EngineConfig, sizes: MemorySizes,
-                 budgets: list[MemoryBudget], tokenizer=None, clock=time.monotonic):
+                 budgets: list[MemoryBudget], clock=time.monotonic):
         self.config, self.engine, self.sizes, self.budgets = config, engine, sizes, budgets
-        self.tokenizer, self.clock = tokenizer, clock
+        self.clock = clock
         self.C = config.canvas_length
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # admission order
@@ -100,9 +108,33 @@ class Driver:
         self.waiting.append(r)
 
     @property
+    def queued(self) -> int:
+        return len(self.waiting)
+
+    @property
     def active(self) -> int:
         """Requests not ended, plus executor state still to release (it takes an iteration)."""
         return len(self.waiting) + len(self.running) + len(self.paused) + len(self._release)
+
+    def snapshot(self) -> DriverSnapshot:
+        """Counts and placements at this instant (other threads read this, never the live collections)."""
+        requests = list(self.by_rid.values())
+        return DriverSnapshot(len(self.waiting), len(self.running), len(self.paused),
+                              sum(r.preemptions for r in requests), {r.request_id: r.rank for r in requests})
+
+    def cancel(self, stream: ev.RequestStream) -> None:
+        """The request of `stream` ends with CANCELLED at the next plan (nothing if it already ended)."""
+        for r in self.by_rid.values():
+            if r.stream is stream:
+                r.cancelled = True
+
+    def fail_plan(self, plan: StepPlan, code: Code, message: str) -> None:
+        """End every request the plan touched; the executor state they may hold is released by the next plan."""
+        for rid in {a.rid for a in plan.admit} | {it.rid for it in plan.items}:
+            r = self.by_rid.get(rid)
+            if r is not None:
+                r.in_executor = True
+                self._end(r, ev.Failed(code, message))
 
     def _end(self, r: Request, event: ev.Event) -> None:
         if r.in_executor:
@@ -264,7 +296,7 @@ class Driver:
         r.tokens.extend(c.committed)
         if r.first_block_at is None:
             r.first_block_at = now
-        r.stream.push(ev.BlockCommitted(c.block, c.committed, c.step, self._text(c.committed, r.settings.pad_token_id)))
+        r.stream.push(ev.BlockCommitted(c.block, c.committed, c.step))
         if c.finished:
             r.in_executor = False  # the executor freed it already
             pad = r.settings.pad_token_id
@@ -274,14 +306,6 @@ class Driver:
                              r.first_block_at - r.submitted_at, now - r.submitted_at,
                              (r.admitted_at or now) - r.submitted_at, r.preemptions)
             self._drop(r)
-            r.stream.push(ev.Finished(tuple(r.tokens), "eos" if c.hit_eos else "length", stats,
-                                      self._text(r.tokens, pad)))
+            r.stream.push(ev.Finished(tuple(r.tokens), "eos" if c.hit_eos else "length", stats))
         else:
             r.context_len += self.C
-
-    def _text(self, ids, pad: int | None) -> str | None:
-        if self.tokenizer is None:
-            return None
-        from dgserve.model.tokenizer import decode
-
-        return decode(self.tokenizer, list(ids), pad)

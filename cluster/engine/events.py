@@ -1,7 +1,9 @@
 """Per-request event streams: drafts (if asked), committed blocks, then final statistics or an error.
 
-The driver thread pushes; consumers iterate, either blocking (`for event in stream`) or from asyncio
-(`async for event in stream`). A stream always ends with exactly one `Finished` or `Failed` event.
+The driver thread pushes token events; consumers iterate, either blocking (`for event in stream`) or from asyncio
+(`async for event in stream`). A stream's `output` step (detokenization, cluster/engine/output.py) runs on the
+consumer's side as events are taken out, never on the driver thread. A stream always ends with exactly one
+`Finished` or `Failed` event.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import asyncio
 import contextlib
 import threading
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .errors import Code
@@ -29,7 +32,7 @@ class BlockCommitted:
     block: int
     token_ids: tuple[int, ...]  # padded after EOS, as the reference returns them
     steps: int
-    text: str | None = None  # when the engine has a tokenizer
+    text: str | None = None  # filled on the way out when the engine has a tokenizer
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +72,7 @@ class RequestStream:
     """The events of one request. Thread-safe producer side; sync or async consumer side."""
 
     request_id: str
+    output: Callable[[Event], Event] | None = None  # applied to each event as a consumer takes it
     _events: deque = field(default_factory=deque)
     _cond: threading.Condition = field(default_factory=threading.Condition)
     _closed: bool = False
@@ -93,7 +97,10 @@ class RequestStream:
         return self._closed
 
     def _pop(self) -> Event | None:
-        return self._events.popleft() if self._events else None
+        return self._out(self._events.popleft()) if self._events else None
+
+    def _out(self, event: Event) -> Event:
+        return event if self.output is None else self.output(event)
 
     def __iter__(self):
         while True:
@@ -145,4 +152,4 @@ class RequestStream:
                 raise TimeoutError(f"request {self.request_id}: not finished within {timeout}s")
         if isinstance(self.final, Failed):
             raise EngineError(f"request {self.request_id}: {self.final.message}", self.final.code)
-        return self.final
+        return self._out(self.final)

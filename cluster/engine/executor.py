@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -20,6 +21,26 @@ from dgserve.model.sampler import BlockDenoiser, NoiseStream, finalize_block
 from dgserve.model.transformer import DiffusionGemma, WorkItem
 
 from .plan import Admit, CanvasResult, ItemKind, PlanItem, StepOutcome, StepPlan
+
+
+class StepExecutor(Protocol):
+    """What runs the engine's plans: this process's Executor, or rank 0's GroupExecutor over a unit's ranks."""
+
+    def run(self, plan: StepPlan) -> StepOutcome:
+        """Run one plan; raises UnitFailure when the unit cannot go on, anything else fails the plan only."""
+        ...
+
+    def heartbeat(self, iteration: int) -> None:
+        """An empty iteration while idle (a group finds a rank that died meanwhile)."""
+        ...
+
+    def stop(self) -> None:
+        """Release the other ranks (the engine is stopping cleanly)."""
+        ...
+
+    def close(self) -> None:
+        """Free this process's threads."""
+        ...
 
 
 class PlanError(RuntimeError):
@@ -54,6 +75,12 @@ class Executor:
         self.sampler_threads = sampler_threads
         self._pool = (ThreadPoolExecutor(sampler_threads - 1, thread_name_prefix="dgserve-sampler")
                       if sampler_threads > 1 else None)
+
+    def heartbeat(self, iteration: int) -> None:
+        """Nothing to keep alive in one process."""
+
+    def stop(self) -> None:
+        """No other ranks to release."""
 
     def close(self) -> None:
         if self._pool is not None:

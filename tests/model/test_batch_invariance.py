@@ -29,3 +29,13 @@ def test_rows_from_small_m_on_do_not_depend_on_the_batch(tiny_dir, threads):
         full = F.linear(x, w)
         for rows in (m, m + 1, 2 * m + 3, 64, 129):
             assert torch.equal(F.linear(x[7:7 + rows], w), full[7:7 + rows]), (tuple(w.shape), rows)
+
+
+def test_the_activation_is_row_invariant_where_the_engine_relies_on_it():
+    """One thread always; two threads for widths that are multiples of 64, as the real checkpoint's (704 experts,
+    2112 dense); the measurement does see the split when it is off the vector step (width 32 at two threads)."""
+    from dgserve.model.layers import activation_rows_invariant
+
+    assert all(activation_rows_invariant(1, w) for w in (32, 64, 704, 2112))
+    assert all(activation_rows_invariant(2, w) for w in (64, 128, 704, 2112))
+    assert not activation_rows_invariant(2, 32)

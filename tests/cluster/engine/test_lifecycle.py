@@ -169,6 +169,25 @@ def test_bad_requests_are_refused_naming_the_field_and_the_engine_keeps_serving(
     assert isinstance(ok.final, Finished)
 
 
+def test_text_is_decoded_on_the_way_out_never_on_the_driver_thread(tiny_dir, tiny):
+    import threading
+
+    tok = load_tokenizer(tiny_dir)
+    threads = []
+
+    class Watched:
+        def decode(self, ids, **kw):
+            threads.append(threading.current_thread().name)
+            return tok.decode(ids, **kw)
+
+    s = settings(tiny, max_new_tokens=64, max_denoising_steps=3)
+    with Engine(tiny.model, EngineConfig(), tokenizer=Watched()) as engine:
+        events = list(engine.submit(EngineRequest([5, 6, 7], s, seed=2)))
+    texts = [e.text for e in events if isinstance(e, BlockCommitted | Finished)]
+    assert len(texts) == 3 and all(isinstance(t, str) for t in texts)
+    assert threads and "dgserve-driver" not in threads
+
+
 def test_a_long_prompt_over_the_context_is_refused(tiny):
     engine = make_engine(tiny)
     n = tiny.config.text.max_position_embeddings
@@ -243,14 +262,15 @@ def test_the_watchdog_fails_a_hung_iteration_as_retriable_and_marks_the_engine_u
     class HungExecutor:
         """Stands in for a group whose rank stopped answering: the iteration never returns."""
 
-        slots: dict = {}
-
         def run(self, plan):
             hang.wait(30)
             raise RuntimeError("released")
 
-        def kv_bytes(self):
-            return 0
+        def heartbeat(self, iteration):
+            pass
+
+        def stop(self):
+            pass
 
         def close(self):
             pass
