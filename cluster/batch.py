@@ -15,6 +15,7 @@ from pathlib import Path
 
 from dgserve.model.errors import DGServeError, InputError
 from dgserve.model.sampler import KNOBS, SamplerSettings
+from dgserve.model.validate import is_int
 
 from .engine import Engine, EngineConfig, EngineRequest
 from .engine.events import Failed, Finished
@@ -63,7 +64,7 @@ def _request(obj, defaults: dict, generation, tokenizer, chat_ids: Callable, ind
         ids = chat_ids(tokenizer, obj["prompt"], enable_thinking=bool(obj.get("thinking", False)))
     else:
         ids = obj["prompt_ids"]
-        if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+        if not isinstance(ids, list) or not all(map(is_int, ids)):
             raise InputError("prompt_ids", "must be a list of integer token ids")
     knobs = {k: obj.get(k, defaults.get(k)) for k in KNOBS}
     settings = SamplerSettings.from_defaults(generation, **knobs)

@@ -14,25 +14,16 @@ import yaml
 
 from dgserve.model.errors import ConfigError
 from dgserve.model.sampler import KNOBS
+from dgserve.model.validate import is_int, is_number, require
 
 from .engine.config import EngineConfig
 
 PROFILES = ("replicated", "packed", "disaggregated")
 DTYPES = ("float32", "bfloat16")
-EXPERT_DTYPES = ("auto", "float32", "bfloat16")  # fp8 arrives with the FP8 issue (step 6)
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_num(v) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool)
 
 
 def _need(path: str, value, ok: bool, allowed: str) -> None:
-    if not ok:
-        raise ConfigError(path, value, allowed, "topology")
+    require(ok, path, value, allowed, "topology")
 
 
 def _section(raw, path: str, known: set[str]) -> dict:
@@ -86,7 +77,6 @@ class Topology:
     model: str | None = None  # folder or hub id; None: the embedded tiny model
     revision: str | None = None
     dtype: str = "float32"
-    experts_dtype: str = "auto"
     device: str = "cpu"
     profile: str = "replicated"
     units: Units = field(default_factory=Units)
@@ -135,7 +125,7 @@ def parse_topology(raw: dict | None) -> Topology:
         _need("name", top["name"], isinstance(top["name"], str) and top["name"].replace("-", "").isalnum(),
               "letters, digits and '-'")
         kw["name"] = top["name"]
-    for key, allowed in (("dtype", DTYPES), ("experts_dtype", EXPERT_DTYPES), ("profile", PROFILES),
+    for key, allowed in (("dtype", DTYPES), ("profile", PROFILES),
                          ("device", ("cpu", "cuda"))):
         if key in top:
             _need(key, top[key], top[key] in allowed, " | ".join(allowed))
@@ -144,7 +134,7 @@ def parse_topology(raw: dict | None) -> Topology:
     for key in ("attention_ranks", "expert_ranks"):
         if key in top:
             lo = 1 if key == "attention_ranks" else 0
-            _need(key, top[key], _is_int(top[key]) and lo <= top[key] <= 1024, f"an integer in {lo}..1024")
+            _need(key, top[key], is_int(top[key]) and lo <= top[key] <= 1024, f"an integer in {lo}..1024")
             kw[key] = top[key]
     _profile_ranks(kw.get("profile", "replicated"), kw.get("expert_ranks", 0))
     kw["resources"] = _resources(top.get("resources"))
@@ -157,7 +147,7 @@ def parse_topology(raw: dict | None) -> Topology:
     sampler = _section(top.get("sampler"), "sampler", set(KNOBS))
     kw["sampler"] = dict(sampler)
     if "watchdog_s" in top:
-        _need("watchdog_s", top["watchdog_s"], _is_num(top["watchdog_s"]) and 0.1 <= top["watchdog_s"] <= 3600,
+        _need("watchdog_s", top["watchdog_s"], is_number(top["watchdog_s"]) and 0.1 <= top["watchdog_s"] <= 3600,
               "a number of seconds in 0.1..3600")
         kw["watchdog_s"] = float(top["watchdog_s"])
     kw["serve"] = _serve(top.get("serve"))
@@ -169,11 +159,11 @@ def _gateway(raw) -> GatewaySettings:
     g = _section(raw, "gateway", {f.name for f in fields(GatewaySettings)})
     checks = {
         "host": (lambda v: isinstance(v, str) and v != "", "a host name or address"),
-        "port": (lambda v: _is_int(v) and 0 <= v <= 65535, "an integer in 0..65535 (0: any free port)"),
-        "max_message_bytes": (lambda v: _is_int(v) and 1024 <= v <= 2**31 - 1, "an integer in 1024..2147483647"),
-        "max_prompt_tokens": (lambda v: v is None or (_is_int(v) and v >= 1), "null or an integer >= 1"),
-        "grace_s": (lambda v: _is_num(v) and 0 <= v <= 3600, "a number of seconds in 0..3600"),
-        "keepalive_s": (lambda v: _is_num(v) and 1 <= v <= 3600, "a number of seconds in 1..3600"),
+        "port": (lambda v: is_int(v) and 0 <= v <= 65535, "an integer in 0..65535 (0: any free port)"),
+        "max_message_bytes": (lambda v: is_int(v) and 1024 <= v <= 2**31 - 1, "an integer in 1024..2147483647"),
+        "max_prompt_tokens": (lambda v: v is None or (is_int(v) and v >= 1), "null or an integer >= 1"),
+        "grace_s": (lambda v: is_number(v) and 0 <= v <= 3600, "a number of seconds in 0..3600"),
+        "keepalive_s": (lambda v: is_number(v) and 1 <= v <= 3600, "a number of seconds in 1..3600"),
     }
     for key, value in g.items():
         ok, allowed = checks[key]
@@ -184,10 +174,10 @@ def _gateway(raw) -> GatewaySettings:
 def _units(raw) -> Units:
     u = _section(raw, "units", {"min", "max", "initial"})
     lo, hi = u.get("min", 1), u.get("max", max(1, u.get("min", 1)))
-    _need("units.min", lo, _is_int(lo) and 0 <= lo <= 1000, "an integer in 0..1000")
-    _need("units.max", hi, _is_int(hi) and max(1, lo) <= hi <= 1000, f"an integer in {max(1, lo)}..1000")
+    _need("units.min", lo, is_int(lo) and 0 <= lo <= 1000, "an integer in 0..1000")
+    _need("units.max", hi, is_int(hi) and max(1, lo) <= hi <= 1000, f"an integer in {max(1, lo)}..1000")
     init = u.get("initial")
-    _need("units.initial", init, init is None or (_is_int(init) and lo <= init <= hi), f"null or {lo}..{hi}")
+    _need("units.initial", init, init is None or (is_int(init) and lo <= init <= hi), f"null or {lo}..{hi}")
     return Units(lo, hi, init)
 
 
@@ -206,8 +196,8 @@ def _resources(raw) -> dict[str, RankResources]:
     for role in ("attention", "experts"):
         sec = _section(r.get(role), f"resources.{role}", {"cpus", "gpus"})
         cpus, gpus = sec.get("cpus", 1.0), sec.get("gpus", 0.0)
-        _need(f"resources.{role}.cpus", cpus, _is_num(cpus) and 0 < cpus <= 512, "a number in (0, 512]")
-        _need(f"resources.{role}.gpus", gpus, _is_num(gpus) and 0 <= gpus <= 16, "a number in 0..16")
+        _need(f"resources.{role}.cpus", cpus, is_number(cpus) and 0 < cpus <= 512, "a number in (0, 512]")
+        _need(f"resources.{role}.gpus", gpus, is_number(gpus) and 0 <= gpus <= 16, "a number in 0..16")
         out[role] = RankResources(float(cpus), float(gpus))
     return out
 
@@ -228,12 +218,12 @@ def _serve(raw) -> ServeSettings:
     kw = {}
     for key, value in s.items():
         if key == "max_ongoing_requests":
-            _need(f"serve.{key}", value, value is None or (_is_int(value) and 1 <= value <= 1_000_000),
+            _need(f"serve.{key}", value, value is None or (is_int(value) and 1 <= value <= 1_000_000),
                   "null or an integer in 1..1000000")
         elif key in ("target_ongoing_requests", "graceful_shutdown_timeout_s"):
-            _need(f"serve.{key}", value, value is None or (_is_num(value) and value > 0), "null or a number > 0")
+            _need(f"serve.{key}", value, value is None or (is_number(value) and value > 0), "null or a number > 0")
         else:
-            _need(f"serve.{key}", value, _is_num(value) and value >= (0 if "delay" in key else 0.01),
+            _need(f"serve.{key}", value, is_number(value) and value >= (0 if "delay" in key else 0.01),
                   "a number of seconds >= 0" if "delay" in key else "a number of seconds > 0")
         kw[key] = value
     out = ServeSettings(**kw)

@@ -9,11 +9,13 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from .errors import ConfigError
+from .sampler import SamplerSettings
+from .validate import is_int
 
 log = logging.getLogger(__name__)
 
@@ -96,32 +98,15 @@ class ModelConfig:
     boi_token_id: int | None = None
     eoi_token_id: int | None = None
     video_token_id: int | None = None
-    has_vision: bool = False
-    raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         _positive(self, "canvas_length")
 
 
-@dataclass(frozen=True)
-class GenerationDefaults:
-    """The checkpoint's `generation_config.json`, with transformers' defaults for unset (null) fields."""
-
-    max_new_tokens: int = 256
-    max_denoising_steps: int = 48
-    entropy_bound: float = 0.1
-    t_min: float = 0.4
-    t_max: float = 0.8
-    stability_threshold: int = 1
-    confidence_threshold: float = 0.005
-    eos_token_ids: tuple[int, ...] = ()
-    pad_token_id: int | None = None
-
-
 def _positive(obj: object, *names: str) -> None:
     for name in names:
         value = getattr(obj, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        if not is_int(value) or value <= 0:
             raise ConfigError(name, value, "a positive integer")
 
 
@@ -240,30 +225,24 @@ def model_config_from_dict(raw: dict) -> ModelConfig:
         boi_token_id=raw.get("boi_token_id"),
         eoi_token_id=raw.get("eoi_token_id"),
         video_token_id=raw.get("video_token_id"),
-        has_vision=raw.get("vision_config") is not None,
-        raw=raw,
     )
 
 
-def generation_defaults_from_dict(g: dict) -> GenerationDefaults:
+def generation_defaults_from_dict(g: dict) -> SamplerSettings:
+    """The checkpoint's sampler defaults; null or missing fields take transformers' defaults."""
     src = "generation_config.json"
-    base = GenerationDefaults()
     sampler = g.get("sampler_config") or {}
     if sampler and sampler.get("_cls_name", "EntropyBoundSamplerConfig") != "EntropyBoundSamplerConfig":
         raise ConfigError("sampler_config._cls_name", sampler.get("_cls_name"), "EntropyBoundSamplerConfig", src)
     eos = g.get("eos_token_id")
     eos_ids = () if eos is None else (eos,) if isinstance(eos, int) else tuple(eos)
-    return GenerationDefaults(
-        max_new_tokens=_get(g, "max_new_tokens", base.max_new_tokens),
-        max_denoising_steps=_get(g, "max_denoising_steps", base.max_denoising_steps),
-        entropy_bound=float(_get(sampler, "entropy_bound", base.entropy_bound)),
-        t_min=float(_get(g, "t_min", base.t_min)),
-        t_max=float(_get(g, "t_max", base.t_max)),
-        stability_threshold=_get(g, "stability_threshold", base.stability_threshold),
-        confidence_threshold=float(_get(g, "confidence_threshold", base.confidence_threshold)),
-        eos_token_ids=tuple(int(e) for e in eos_ids),
-        pad_token_id=g.get("pad_token_id"),
-    )
+    fields_ = {k: g.get(k) for k in ("max_new_tokens", "max_denoising_steps", "t_min", "t_max",
+                                     "stability_threshold", "confidence_threshold", "pad_token_id")}
+    fields_["entropy_bound"] = sampler.get("entropy_bound")
+    try:
+        return SamplerSettings.from_defaults(SamplerSettings(), eos_token_ids=eos_ids, **fields_)
+    except ConfigError as e:
+        raise ConfigError(e.field, e.value, e.allowed, src) from e
 
 
 def _read_json(path: Path) -> dict:
@@ -284,10 +263,10 @@ def load_model_config(folder: str | Path) -> ModelConfig:
     return model_config_from_dict(_read_json(path))
 
 
-def load_generation_defaults(folder: str | Path) -> GenerationDefaults:
+def load_generation_defaults(folder: str | Path) -> SamplerSettings:
     """Missing file or null fields take transformers' defaults, exactly as the reference's `generate`."""
     path = Path(folder) / "generation_config.json"
-    return generation_defaults_from_dict(_read_json(path)) if path.is_file() else GenerationDefaults()
+    return generation_defaults_from_dict(_read_json(path)) if path.is_file() else SamplerSettings()
 
 
 def num_blocks(max_new_tokens: int, canvas_length: int) -> int:

@@ -16,15 +16,18 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .config import GenerationDefaults, ModelConfig, load_generation_defaults, load_model_config
+from .config import ModelConfig, load_generation_defaults, load_model_config
 from .errors import CheckpointError, ConfigError
 from .moe import ExpertWeights, LocalExperts
+from .sampler import SamplerSettings
 from .transformer import DiffusionGemma
 from .weights import LayerWeights, TensorSpec, TextWeights, expert_specs, global_specs, layer_specs
 
 # float64 is for verification: it separates logic errors from float32 rounding in tests.
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
-_HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model"]
+# What a gateway needs from the hub (configs, tokenizer, chat template), and what a rank needs: that plus weights.
+TOKENIZER_PATTERNS = ["*.json", "*.jinja", "tokenizer*", "*.model"]
+_HUB_PATTERNS = [*TOKENIZER_PATTERNS, "*.safetensors"]
 
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
@@ -33,9 +36,6 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     if name not in DTYPES:
         raise ConfigError("dtype", name, " | ".join(DTYPES))
     return DTYPES[name]
-
-
-TOKENIZER_PATTERNS = ["*.json", "*.jinja", "tokenizer*", "*.model"]  # what a gateway needs: no weights
 
 
 def resolve_checkpoint(model: str | os.PathLike, revision: str | None = None,
@@ -134,7 +134,7 @@ def _runs(rows: Sequence[int]) -> list[tuple[int, int]]:
 class LoadedCheckpoint:
     folder: Path
     config: ModelConfig
-    generation: GenerationDefaults
+    generation: SamplerSettings  # the checkpoint's sampler defaults (generation_config.json)
     model: DiffusionGemma
     expert_ids: tuple[int, ...]
 

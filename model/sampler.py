@@ -9,12 +9,12 @@ Self-conditioning keeps the soft embedding [C, D], never the logits.
 from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 
-from .config import GenerationDefaults
 from .errors import ConfigError
+from .validate import is_int, require
 
 MAX_DENOISING_STEPS = 1024
 MAX_SEED = (1 << 63) - 1
@@ -25,6 +25,9 @@ KNOBS = ("max_new_tokens", "max_denoising_steps", "entropy_bound", "t_min", "t_m
 
 @dataclass(frozen=True)
 class SamplerSettings:
+    """One request's sampler settings. A checkpoint's generation_config.json gives the defaults
+    (config.load_generation_defaults, with transformers' values for unset fields); a request overrides them."""
+
     max_new_tokens: int = 256
     max_denoising_steps: int = 48
     entropy_bound: float = 0.1
@@ -36,44 +39,36 @@ class SamplerSettings:
     pad_token_id: int | None = None
 
     def __post_init__(self) -> None:
-        def bad(name: str, allowed: str):
-            raise ConfigError(name, getattr(self, name), allowed, "sampler")
+        def need(name: str, ok: bool, allowed: str) -> None:
+            require(ok, name, getattr(self, name), allowed, "sampler")
 
-        def is_int(v) -> bool:
-            return isinstance(v, int) and not isinstance(v, bool)
-
-        if not is_int(self.max_new_tokens) or self.max_new_tokens <= 0:
-            bad("max_new_tokens", "an integer >= 1")
-        if not is_int(self.max_denoising_steps) or not 1 <= self.max_denoising_steps <= MAX_DENOISING_STEPS:
-            bad("max_denoising_steps", f"an integer in 1..{MAX_DENOISING_STEPS}")
-        if not isinstance(self.entropy_bound, float) or not self.entropy_bound > 0:
-            bad("entropy_bound", "a float > 0")
-        if not isinstance(self.t_min, float) or not self.t_min >= 0:
-            bad("t_min", "a float >= 0")
-        if not isinstance(self.t_max, float) or not self.t_max > self.t_min:
-            bad("t_max", f"a float > t_min ({self.t_min})")
-        if not is_int(self.stability_threshold) or self.stability_threshold < 0:
-            bad("stability_threshold", "an integer >= 0")
-        if not isinstance(self.confidence_threshold, float) or not self.confidence_threshold > 0:
-            bad("confidence_threshold", "a float > 0")
+        need("max_new_tokens", is_int(self.max_new_tokens) and self.max_new_tokens >= 1, "an integer >= 1")
+        need("max_denoising_steps", is_int(self.max_denoising_steps) and
+             1 <= self.max_denoising_steps <= MAX_DENOISING_STEPS, f"an integer in 1..{MAX_DENOISING_STEPS}")
+        need("entropy_bound", isinstance(self.entropy_bound, float) and self.entropy_bound > 0, "a float > 0")
+        need("t_min", isinstance(self.t_min, float) and self.t_min >= 0, "a float >= 0")
+        need("t_max", isinstance(self.t_max, float) and self.t_max > self.t_min, f"a float > t_min ({self.t_min})")
+        need("stability_threshold", is_int(self.stability_threshold) and self.stability_threshold >= 0,
+             "an integer >= 0")
+        need("confidence_threshold", isinstance(self.confidence_threshold, float) and self.confidence_threshold > 0,
+             "a float > 0")
+        need("eos_token_ids", isinstance(self.eos_token_ids, tuple) and all(map(is_int, self.eos_token_ids)),
+             "a tuple of token ids")
+        need("pad_token_id", self.pad_token_id is None or is_int(self.pad_token_id), "null or a token id")
 
     @classmethod
-    def from_defaults(cls, defaults: GenerationDefaults, **overrides) -> SamplerSettings:
-        """Checkpoint defaults, with every override that is not None applied (and validated)."""
-        base = {f.name: getattr(defaults, f.name) for f in fields(GenerationDefaults)}
+    def from_defaults(cls, defaults: SamplerSettings, **overrides) -> SamplerSettings:
+        """`defaults` (the checkpoint's), with every override that is not None applied (and validated)."""
         known = {f.name for f in fields(cls)}
-        unknown = set(overrides) - known
+        unknown = sorted(set(overrides) - known)
         if unknown:
-            raise ConfigError(sorted(unknown)[0], overrides[sorted(unknown)[0]], f"one of {sorted(known)}",
-                              "sampler")
+            raise ConfigError(unknown[0], overrides[unknown[0]], f"one of {sorted(known)}", "sampler")
         for k in ("entropy_bound", "t_min", "t_max", "confidence_threshold"):
-            v = overrides.get(k)
-            if isinstance(v, int) and not isinstance(v, bool):
-                overrides[k] = float(v)
-        base.update({k: v for k, v in overrides.items() if v is not None})
-        if "eos_token_ids" in base:
-            base["eos_token_ids"] = tuple(base["eos_token_ids"])
-        return cls(**base)
+            if is_int(overrides.get(k)):
+                overrides[k] = float(overrides[k])
+        if overrides.get("eos_token_ids") is not None:
+            overrides["eos_token_ids"] = tuple(overrides["eos_token_ids"])
+        return replace(defaults, **{k: v for k, v in overrides.items() if v is not None})
 
     def temperatures(self) -> torch.Tensor:
         """Float32 temperature for remaining-step n = 1..N at index n (computed with the reference's ops)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 from dgserve.model.errors import ConfigError
+from dgserve.model.validate import is_int, is_number, require
 
 GiB = 1 << 30
 
@@ -27,11 +28,7 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         def need(name: str, ok: bool, allowed: str) -> None:
-            if not ok:
-                raise ConfigError(name, getattr(self, name), allowed, "engine")
-
-        def is_int(v) -> bool:
-            return isinstance(v, int) and not isinstance(v, bool)
+            require(ok, name, getattr(self, name), allowed, "engine")
 
         need("max_running", is_int(self.max_running) and 1 <= self.max_running <= 4096, "an integer in 1..4096")
         need("max_queued", is_int(self.max_queued) and 0 <= self.max_queued <= 1_000_000,
@@ -45,8 +42,7 @@ class EngineConfig:
         need("page_size", self.page_size is None or (is_int(self.page_size) and 1 <= self.page_size <= 1 << 16),
              "null or an integer in 1..65536")
         need("default_timeout_s", self.default_timeout_s is None or (
-            isinstance(self.default_timeout_s, int | float) and not isinstance(self.default_timeout_s, bool)
-            and self.default_timeout_s > 0), "null or a number of seconds > 0")
+            is_number(self.default_timeout_s) and self.default_timeout_s > 0), "null or a number of seconds > 0")
 
         need("cpu_threads", is_int(self.cpu_threads) and 1 <= self.cpu_threads <= 1024, "an integer in 1..1024")
         need("sampler_threads", self.sampler_threads is None or (

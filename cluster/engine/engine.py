@@ -26,6 +26,7 @@ from dgserve.model.generate import validate_prompt
 from dgserve.model.layers import activation_rows_invariant
 from dgserve.model.sampler import MAX_SEED, SamplerSettings
 from dgserve.model.transformer import DiffusionGemma
+from dgserve.model.validate import is_int, is_number
 
 from . import events as ev
 from .budget import MemoryBudget, MemorySizes
@@ -219,11 +220,10 @@ class Engine:
     def _validate(self, req: EngineRequest) -> Request:
         if not isinstance(req.settings, SamplerSettings):
             raise InputError("settings", f"expected SamplerSettings, got {type(req.settings).__name__}")
-        if not isinstance(req.seed, int) or isinstance(req.seed, bool) or not 0 <= req.seed <= MAX_SEED:
+        if not is_int(req.seed) or not 0 <= req.seed <= MAX_SEED:
             raise InputError("seed", f"{req.seed!r} is not an integer in 0..{MAX_SEED}")
         timeout = req.timeout_s if req.timeout_s is not None else self.config.default_timeout_s
-        if timeout is not None and (not isinstance(timeout, int | float) or isinstance(timeout, bool)
-                                    or not timeout > 0):
+        if timeout is not None and not (is_number(timeout) and timeout > 0):
             raise InputError("timeout_s", f"{timeout!r} is not a number of seconds > 0")
         request_id = req.request_id if req.request_id is not None else uuid.uuid4().hex
         if not isinstance(request_id, str) or not 0 < len(request_id) <= 128:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dgserve.model.config import GenerationDefaults, ModelConfig
+from dgserve.model.config import ModelConfig
 from dgserve.model.errors import ConfigError, InputError
 from dgserve.model.sampler import KNOBS, MAX_DENOISING_STEPS, MAX_SEED, SamplerSettings
 from dgserve.model.tokenizer import chat_prompt_ids
@@ -30,7 +30,7 @@ def limits_for(config: ModelConfig, max_prompt_tokens: int | None) -> Limits:
     return Limits(min(max_prompt_tokens, cap) if max_prompt_tokens else cap, ctx, C, config.text.vocab_size)
 
 
-def to_request(msg: pb.GenerateRequest, request_id: str, tokenizer, limits: Limits, defaults: GenerationDefaults,
+def to_request(msg: pb.GenerateRequest, request_id: str, tokenizer, limits: Limits, defaults: SamplerSettings,
                overrides: dict, timeout_s: float | None) -> GenerateRequest:
     """Validate and convert; raises InputError naming the field and the limit."""
     which = msg.WhichOneof("prompt")
@@ -83,7 +83,7 @@ def final_message(event: Finished, request_id: str, prompt_tokens: int, pad: int
                        time_to_first_block_s=s.time_to_first_block_s or 0.0, total_s=s.total_s, queue_s=s.queue_s))
 
 
-def model_info(topo, config: ModelConfig, defaults: GenerationDefaults, limits: Limits, model_id: str,
+def model_info(topo, config: ModelConfig, defaults: SamplerSettings, limits: Limits, model_id: str,
                server_version: str) -> pb.ModelInfo:
     base = SamplerSettings.from_defaults(defaults, **topo.sampler)
     d = pb.SamplerParams(**{k: getattr(base, k) for k in KNOBS})

@@ -8,13 +8,13 @@ import json
 import pytest
 
 from dgserve.model.config import (
-    GenerationDefaults,
     generation_defaults_from_dict,
     load_generation_defaults,
     load_model_config,
     model_config_from_dict,
 )
 from dgserve.model.errors import ConfigError
+from dgserve.model.sampler import SamplerSettings
 
 
 def _raw(tiny_dir):
@@ -71,8 +71,13 @@ def test_missing_required_field_is_named(tiny_dir):
 
 def test_generation_defaults_follow_the_checkpoint_and_fill_nulls(tiny_dir):
     g = load_generation_defaults(tiny_dir)
-    assert g == GenerationDefaults(max_new_tokens=256, max_denoising_steps=48, entropy_bound=0.1, t_min=0.4,
-                                   t_max=0.8, stability_threshold=1, confidence_threshold=0.005,
-                                   eos_token_ids=(1, 106, 50), pad_token_id=0)
+    assert g == SamplerSettings(max_new_tokens=256, max_denoising_steps=48, entropy_bound=0.1, t_min=0.4,
+                                t_max=0.8, stability_threshold=1, confidence_threshold=0.005,
+                                eos_token_ids=(1, 106, 50), pad_token_id=0)
     nulls = generation_defaults_from_dict({"max_denoising_steps": None, "sampler_config": None, "t_min": None})
     assert nulls.max_denoising_steps == 48 and nulls.eos_token_ids == () and nulls.pad_token_id is None
+
+
+def test_a_bad_generation_config_value_is_named_with_its_file():
+    with pytest.raises(ConfigError, match="generation_config.json: invalid max_denoising_steps=0"):
+        generation_defaults_from_dict({"max_denoising_steps": 0})

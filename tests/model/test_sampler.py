@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dgserve.model.config import GenerationDefaults
 from dgserve.model.errors import ConfigError
 from dgserve.model.sampler import SamplerSettings, entropy, finalize_block
 
@@ -36,16 +35,16 @@ def test_temperatures_are_the_reference_schedule():
 ])
 def test_bad_settings_name_the_field(field, value):
     with pytest.raises(ConfigError, match=field):
-        SamplerSettings.from_defaults(GenerationDefaults(), **{field: value})
+        SamplerSettings.from_defaults(SamplerSettings(), **{field: value})
 
 
 def test_unknown_knob_is_refused():
     with pytest.raises(ConfigError, match="top_p"):
-        SamplerSettings.from_defaults(GenerationDefaults(), top_p=0.9)
+        SamplerSettings.from_defaults(SamplerSettings(), top_p=0.9)
 
 
 def test_overrides_default_to_the_checkpoint():
-    s = SamplerSettings.from_defaults(GenerationDefaults(eos_token_ids=(1, 106), pad_token_id=0),
+    s = SamplerSettings.from_defaults(SamplerSettings(eos_token_ids=(1, 106), pad_token_id=0),
                                       max_new_tokens=64, t_min=None)
     assert (s.max_new_tokens, s.t_min, s.eos_token_ids, s.pad_token_id) == (64, 0.4, (1, 106), 0)
 
