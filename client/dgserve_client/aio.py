@@ -1,4 +1,5 @@
-"""The asyncio client: the same calls as `Client`, as coroutines and async iterators."""
+"""The asyncio client: the same calls as `Client`, as coroutines and async iterators. The constructor and the
+retry decisions are shared (`calls.py`); what is here is only the asyncio shell around them."""
 
 from __future__ import annotations
 
@@ -6,28 +7,17 @@ import asyncio
 from collections.abc import AsyncIterator, Sequence
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
-from .client import MAX_MESSAGE_BYTES
+from .calls import MESSAGE_OPTIONS, ClientBase
 from .errors import from_rpc_error
-from .request import RetryPolicy, build_request, check_api, metadata
+from .request import build_request, check_api
 from .v1 import dgserve_pb2 as pb
-from .v1 import dgserve_pb2_grpc as pb_grpc
 
 
-class AsyncClient(RetryPolicy):
-    def __init__(self, target: str, timeout: float | None = 600.0, retries: int = 5, backoff_s: float = 0.2,
-                 backoff_cap_s: float = 5.0, credentials: grpc.ChannelCredentials | None = None,
-                 metadata: Sequence[tuple[str, str]] = (), check_version: bool = True):
-        opts = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
-        self.channel = (grpc.aio.secure_channel(target, credentials, opts) if credentials
-                        else grpc.aio.insecure_channel(target, opts))
-        self.stub = pb_grpc.DGServeStub(self.channel)
-        self.health_stub = health_pb2_grpc.HealthStub(self.channel)
-        self.timeout, self.retries, self.backoff_s, self.backoff_cap_s = timeout, retries, backoff_s, backoff_cap_s
-        self.extra_metadata = tuple(metadata)
-        self._version_checked = not check_version
+class AsyncClient(ClientBase):
+    _grpc = grpc.aio
+    _options = MESSAGE_OPTIONS  # as before: no client keepalive pings (the sync client sends them)
 
     async def close(self) -> None:
         await self.channel.close()
@@ -48,26 +38,16 @@ class AsyncClient(RetryPolicy):
                               seed: int | None = None, thinking: bool = False, stream_drafts: bool = False,
                               request_id: str | None = None, timeout: float | None = None,
                               **knobs) -> AsyncIterator[pb.GenerateStreamResponse]:
+        """Messages as they come; retried (with backoff) only until the first one arrives."""
         await self._check_version()
         req = build_request(prompt, token_ids, seed, stream_drafts, thinking, **knobs)
-        md = metadata(request_id, self.extra_metadata)
-        deadline = self._deadline(timeout)
-        attempt = 0
+        attempts = self._attempts(request_id, timeout)
         while True:
-            call = self.stub.GenerateStream(req, timeout=self._left(deadline), metadata=md)
-            received = False
-            try:
+            with attempts.stream(self.stub.GenerateStream, req) as call:
                 async for msg in call:
-                    received = True
-                    yield msg
+                    yield attempts.received(msg)
                 return
-            except grpc.RpcError as e:
-                if received or not self._should_retry(e, attempt, deadline):
-                    raise from_rpc_error(e, md[0][1]) from None
-            finally:
-                call.cancel()
-            await asyncio.sleep(self._pause(attempt, deadline))
-            attempt += 1
+            await asyncio.sleep(attempts.pause)
 
     async def tokenize(self, text: str, chat: bool = False, thinking: bool = False) -> list[int]:
         r = await self._unary(self.stub.Tokenize, pb.TokenizeRequest(text=text, chat=chat, thinking=thinking),
@@ -78,6 +58,7 @@ class AsyncClient(RetryPolicy):
         return await self._unary(self.stub.GetModelInfo, pb.GetModelInfoRequest(), None, None, check=False)
 
     async def health(self, service: str = "", timeout: float = 5.0) -> str:
+        """SERVING | NOT_SERVING | SERVICE_UNKNOWN (raises Unavailable when the server cannot be reached)."""
         try:
             r = await self.health_stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
         except grpc.RpcError as e:
@@ -92,14 +73,8 @@ class AsyncClient(RetryPolicy):
     async def _unary(self, method, req, request_id, timeout, check: bool = True):
         if check:
             await self._check_version()
-        md = metadata(request_id, self.extra_metadata)
-        deadline = self._deadline(timeout)
-        attempt = 0
+        attempts = self._attempts(request_id, timeout)
         while True:
-            try:
-                return await method(req, timeout=self._left(deadline), metadata=md)
-            except grpc.RpcError as e:
-                if not self._should_retry(e, attempt, deadline):
-                    raise from_rpc_error(e, md[0][1]) from None
-            await asyncio.sleep(self._pause(attempt, deadline))
-            attempt += 1
+            with attempts:
+                return await method(req, **attempts.call_options())
+            await asyncio.sleep(attempts.pause)

@@ -1,4 +1,5 @@
-"""The synchronous client."""
+"""The synchronous client. The constructor and the retry decisions are shared with the asyncio client
+(`calls.py`); what is here is only the synchronous shell around them."""
 
 from __future__ import annotations
 
@@ -6,33 +7,22 @@ import time
 from collections.abc import Iterator, Sequence
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
+from .calls import KEEPALIVE_OPTIONS, MAX_MESSAGE_BYTES, MESSAGE_OPTIONS, ClientBase
 from .errors import from_rpc_error
-from .request import RetryPolicy, build_request, check_api, metadata
+from .request import build_request, check_api
 from .v1 import dgserve_pb2 as pb
-from .v1 import dgserve_pb2_grpc as pb_grpc
 
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+__all__ = ["MAX_MESSAGE_BYTES", "Client"]
 
 
-class Client(RetryPolicy):
+class Client(ClientBase):
     """A dgserve client. `timeout` is each call's deadline in seconds; retriable errors are retried with
     exponential backoff (up to `retries` times) while the deadline allows."""
 
-    def __init__(self, target: str, timeout: float | None = 600.0, retries: int = 5, backoff_s: float = 0.2,
-                 backoff_cap_s: float = 5.0, credentials: grpc.ChannelCredentials | None = None,
-                 metadata: Sequence[tuple[str, str]] = (), check_version: bool = True):
-        opts = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.keepalive_time_ms", 30_000), ("grpc.keepalive_timeout_ms", 10_000)]
-        self.channel = (grpc.secure_channel(target, credentials, opts) if credentials
-                        else grpc.insecure_channel(target, opts))
-        self.stub = pb_grpc.DGServeStub(self.channel)
-        self.health_stub = health_pb2_grpc.HealthStub(self.channel)
-        self.timeout, self.retries, self.backoff_s, self.backoff_cap_s = timeout, retries, backoff_s, backoff_cap_s
-        self.extra_metadata = tuple(metadata)
-        self._version_checked = not check_version
+    _grpc = grpc
+    _options = MESSAGE_OPTIONS + KEEPALIVE_OPTIONS
 
     def close(self) -> None:
         self.channel.close()
@@ -57,24 +47,13 @@ class Client(RetryPolicy):
         """Messages as they come; retried (with backoff) only until the first one arrives."""
         self._check_version()
         req = build_request(prompt, token_ids, seed, stream_drafts, thinking, **knobs)
-        md = metadata(request_id, self.extra_metadata)
-        deadline = self._deadline(timeout)
-        attempt = 0
+        attempts = self._attempts(request_id, timeout)
         while True:
-            call = self.stub.GenerateStream(req, timeout=self._left(deadline), metadata=md)
-            received = False
-            try:
+            with attempts.stream(self.stub.GenerateStream, req) as call:
                 for msg in call:
-                    received = True
-                    yield msg
+                    yield attempts.received(msg)
                 return
-            except grpc.RpcError as e:
-                if received or not self._should_retry(e, attempt, deadline):
-                    raise from_rpc_error(e, md[0][1]) from None
-            finally:
-                call.cancel()  # no-op once done; frees the request on the server if the caller stopped early
-            time.sleep(self._pause(attempt, deadline))
-            attempt += 1
+            time.sleep(attempts.pause)
 
     def tokenize(self, text: str, chat: bool = False, thinking: bool = False) -> list[int]:
         r = self._unary(self.stub.Tokenize, pb.TokenizeRequest(text=text, chat=chat, thinking=thinking), None, None)
@@ -100,14 +79,8 @@ class Client(RetryPolicy):
     def _unary(self, method, req, request_id, timeout, check: bool = True):
         if check:
             self._check_version()
-        md = metadata(request_id, self.extra_metadata)
-        deadline = self._deadline(timeout)
-        attempt = 0
+        attempts = self._attempts(request_id, timeout)
         while True:
-            try:
-                return method(req, timeout=self._left(deadline), metadata=md)
-            except grpc.RpcError as e:
-                if not self._should_retry(e, attempt, deadline):
-                    raise from_rpc_error(e, md[0][1]) from None
-            time.sleep(self._pause(attempt, deadline))
-            attempt += 1
+            with attempts:
+                return method(req, **attempts.call_options())
+            time.sleep(attempts.pause)

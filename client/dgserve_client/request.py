@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import random
-import time
 import uuid
 from collections.abc import Sequence
 
@@ -13,7 +11,6 @@ from .v1 import dgserve_pb2 as pb
 API_MAJOR = 1
 KNOBS = ("max_new_tokens", "max_denoising_steps", "entropy_bound", "t_min", "t_max", "stability_threshold",
          "confidence_threshold")
-RETRY_CODES = ("UNAVAILABLE", "RESOURCE_EXHAUSTED")
 
 
 def build_request(prompt: str | None = None, token_ids: Sequence[int] | None = None, seed: int | None = None,
@@ -48,35 +45,3 @@ def check_api(info: pb.ModelInfo) -> None:
 
         raise ApiVersionMismatch(grpc.StatusCode.FAILED_PRECONDITION,
                                  f"server API version {info.api_version!r}; this client speaks {API_MAJOR}.x")
-
-
-def backoff(attempt: int, base: float, cap: float) -> float:
-    """Exponential backoff with full jitter."""
-    return random.uniform(0, min(cap, base * 2 ** attempt))
-
-
-class RetryPolicy:
-    """Deadlines and retry decisions shared by the sync and asyncio clients."""
-
-    timeout: float | None
-    retries: int
-    backoff_s: float
-    backoff_cap_s: float
-
-    def _deadline(self, timeout: float | None) -> float | None:
-        t = timeout if timeout is not None else self.timeout
-        return None if t is None else time.monotonic() + t
-
-    @staticmethod
-    def _left(deadline: float | None) -> float | None:
-        return None if deadline is None else max(0.001, deadline - time.monotonic())
-
-    def _should_retry(self, e, attempt: int, deadline: float | None) -> bool:
-        if e.code().name not in RETRY_CODES or attempt >= self.retries:
-            return False
-        return deadline is None or deadline - time.monotonic() > self.backoff_s
-
-    def _pause(self, attempt: int, deadline: float | None) -> float:
-        """The backoff before the next attempt, leaving that attempt at least half of what is left."""
-        wait = backoff(attempt, self.backoff_s, self.backoff_cap_s)
-        return wait if deadline is None else min(wait, max(0.0, (deadline - time.monotonic()) / 2))

@@ -1,7 +1,10 @@
-"""Client retries, backoff, deadlines and typed errors against a scripted in-process gRPC server."""
+"""Client retries, backoff, deadlines and typed errors against a scripted in-process gRPC server, through the sync
+and the asyncio client alike."""
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import time
 from concurrent import futures
 
@@ -9,6 +12,7 @@ import grpc
 import pytest
 
 from dgserve_client import Client, InvalidArgument, ResourceExhausted, Unavailable
+from dgserve_client.aio import AsyncClient
 from dgserve_client.v1 import dgserve_pb2 as pb
 from dgserve_client.v1 import dgserve_pb2_grpc as pb_grpc
 
@@ -16,8 +20,9 @@ from dgserve_client.v1 import dgserve_pb2_grpc as pb_grpc
 class Scripted(pb_grpc.DGServeServicer):
     """Fails the first calls with the given codes, then answers."""
 
-    def __init__(self, failures: list[grpc.StatusCode], api: str = "1.0"):
+    def __init__(self, failures: list[grpc.StatusCode], api: str = "1.0", fail_after_first: bool = False):
         self.failures, self.api, self.calls, self.ids = list(failures), api, 0, []
+        self.fail_after_first = fail_after_first  # streams: the failure comes after the first message
 
     def GetModelInfo(self, request, context):
         return pb.ModelInfo(api_version=self.api)
@@ -31,9 +36,12 @@ class Scripted(pb_grpc.DGServeServicer):
 
     def GenerateStream(self, request, context):
         self.calls += 1
-        if self.failures:
+        self.ids.append(dict(context.invocation_metadata()).get("x-request-id"))
+        if self.failures and not self.fail_after_first:
             context.abort(self.failures.pop(0), "scripted failure")
         yield pb.GenerateStreamResponse(request_id="s", block=pb.Block(block=0, token_ids=[7]))
+        if self.failures:
+            context.abort(self.failures.pop(0), "scripted failure")
         yield pb.GenerateStreamResponse(request_id="s", final=pb.GenerateResponse(token_ids=[7]))
 
 
@@ -54,47 +62,104 @@ def server():
         s.stop(0)
 
 
-def test_unavailable_and_resource_exhausted_are_retried_with_the_same_request_id(server):
+class SyncCalls:
+    """Each call on a fresh client, so that the same test runs against both clients."""
+
+    def generate(self, target, client_kw=None, **kw):
+        with Client(target, **(client_kw or {})) as c:
+            return c.generate(**kw)
+
+    def stream(self, target, client_kw=None, **kw):
+        with Client(target, **(client_kw or {})) as c:
+            return list(c.generate_stream(**kw))
+
+    def health(self, target, client_kw=None, **kw):
+        with Client(target, **(client_kw or {})) as c:
+            return c.health(**kw)
+
+
+class AsyncCalls:
+    def generate(self, target, client_kw=None, **kw):
+        async def go():
+            async with AsyncClient(target, **(client_kw or {})) as c:
+                return await c.generate(**kw)
+        return asyncio.run(go())
+
+    def stream(self, target, client_kw=None, **kw):
+        async def go():
+            async with AsyncClient(target, **(client_kw or {})) as c:
+                return [m async for m in c.generate_stream(**kw)]
+        return asyncio.run(go())
+
+    def health(self, target, client_kw=None, **kw):
+        async def go():
+            async with AsyncClient(target, **(client_kw or {})) as c:
+                return await c.health(**kw)
+        return asyncio.run(go())
+
+
+@pytest.fixture(params=["sync", "asyncio"])
+def calls(request):
+    return SyncCalls() if request.param == "sync" else AsyncCalls()
+
+
+def test_unavailable_and_resource_exhausted_are_retried_with_the_same_request_id(server, calls):
     s = Scripted([grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED])
-    with Client(server(s), backoff_s=0.01) as c:
-        r = c.generate(token_ids=[1], request_id="same")
+    r = calls.generate(server(s), {"backoff_s": 0.01}, token_ids=[1], request_id="same")
     assert list(r.token_ids) == [1, 2, 3] and s.calls == 3 and s.ids == ["same"] * 3
 
 
-def test_retries_stop_after_the_limit_with_a_typed_error(server):
+def test_retries_stop_after_the_limit_with_a_typed_error(server, calls):
     s = Scripted([grpc.StatusCode.RESOURCE_EXHAUSTED] * 5)
-    with Client(server(s), retries=2, backoff_s=0.01) as c, pytest.raises(ResourceExhausted) as e:
-        c.generate(token_ids=[1], request_id="r1")
+    with pytest.raises(ResourceExhausted) as e:
+        calls.generate(server(s), {"retries": 2, "backoff_s": 0.01}, token_ids=[1], request_id="r1")
     assert s.calls == 3 and e.value.retriable and e.value.request_id == "r1"
 
 
-def test_invalid_argument_is_not_retried(server):
+def test_invalid_argument_is_not_retried(server, calls):
     s = Scripted([grpc.StatusCode.INVALID_ARGUMENT])
-    with Client(server(s), backoff_s=0.01) as c, pytest.raises(InvalidArgument):
-        c.generate(token_ids=[1])
+    with pytest.raises(InvalidArgument):
+        calls.generate(server(s), {"backoff_s": 0.01}, token_ids=[1])
     assert s.calls == 1
 
 
-def test_a_stream_is_retried_before_its_first_message(server):
+def test_a_stream_is_retried_before_its_first_message(server, calls):
     s = Scripted([grpc.StatusCode.UNAVAILABLE])
-    with Client(server(s), backoff_s=0.01) as c:
-        msgs = list(c.generate_stream(token_ids=[1]))
-    assert [m.WhichOneof("event") for m in msgs] == ["block", "final"] and s.calls == 2
+    msgs = calls.stream(server(s), {"backoff_s": 0.01}, token_ids=[1], request_id="st")
+    assert [m.WhichOneof("event") for m in msgs] == ["block", "final"] and s.calls == 2 and s.ids == ["st"] * 2
 
 
-def test_the_deadline_bounds_the_retries(server):
+def test_a_stream_is_not_retried_after_its_first_message(server, calls):
+    s = Scripted([grpc.StatusCode.UNAVAILABLE], fail_after_first=True)
+    with pytest.raises(Unavailable) as e:
+        calls.stream(server(s), {"backoff_s": 0.01}, token_ids=[1], request_id="once")
+    assert s.calls == 1 and e.value.request_id == "once"
+
+
+def test_the_deadline_bounds_the_retries(server, calls):
     s = Scripted([grpc.StatusCode.UNAVAILABLE] * 100)
     t0 = time.monotonic()
-    with Client(server(s), retries=100, backoff_s=0.05, backoff_cap_s=0.1) as c, pytest.raises(Unavailable):
-        c.generate(token_ids=[1], timeout=1.0)
+    with pytest.raises(Unavailable):
+        calls.generate(server(s), {"retries": 100, "backoff_s": 0.05, "backoff_cap_s": 0.1}, token_ids=[1],
+                       timeout=1.0)
     assert time.monotonic() - t0 < 3
 
 
-def test_a_server_of_another_api_major_version_is_refused(server):
-    with Client(server(Scripted([], api="2.1"))) as c, pytest.raises(Exception, match="speaks 1.x"):
-        c.generate(token_ids=[1])
+def test_a_server_of_another_api_major_version_is_refused(server, calls):
+    with pytest.raises(Exception, match="speaks 1.x"):
+        calls.generate(server(Scripted([], api="2.1")), token_ids=[1])
 
 
-def test_an_unreachable_server_is_unavailable():
-    with Client("127.0.0.1:1", retries=1, backoff_s=0.01, timeout=2) as c, pytest.raises(Unavailable):
-        c.health(timeout=0.5)
+def test_an_unreachable_server_is_unavailable(calls):
+    with pytest.raises(Unavailable):
+        calls.health("127.0.0.1:1", {"retries": 1, "backoff_s": 0.01, "timeout": 2}, timeout=0.5)
+
+
+def test_the_sync_and_asyncio_clients_have_the_same_public_signatures():
+    def public(cls):  # the parameters (the return types differ: Iterator or AsyncIterator, Client or AsyncClient)
+        return {n: list(inspect.signature(f).parameters.values()) for n, f in inspect.getmembers(cls, callable)
+                if not n.startswith("_") or n == "__init__"}
+
+    sync, aio = public(Client), public(AsyncClient)
+    assert {"__init__", "generate", "generate_stream", "tokenize", "info", "health", "close"} <= set(sync)
+    assert sync == aio
