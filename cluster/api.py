@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -24,7 +26,7 @@ from .messages import GenerateRequest
 from .units import unit_app
 
 __all__ = ["Endpoint", "GenerateRequest", "Topology", "Unit", "connect", "deploy", "free_port", "load_topology",
-           "parse_topology", "serve_endpoint", "shutdown", "start_local"]
+           "leave", "parse_topology", "serve_endpoint", "shutdown", "start_local"]
 
 RAY_ENV = {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # every Ray port on 127.0.0.1
@@ -32,6 +34,7 @@ RAY_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",
 }
 OBJECT_STORE_BYTES = 256 * 1024**2
+_started_here = False  # start_local started the Ray cluster this process is connected to
 
 
 def free_port(low: int = 20000, high: int = 32000) -> int:
@@ -58,6 +61,7 @@ def start_local(num_cpus: int = 8, metrics_interval_s: float | None = None, temp
     `metrics_interval_s` sets how often replicas and handles push autoscaling metrics (Ray reads it at start).
     `metrics_port`: Prometheus metrics (dgserve's and Ray's) at http://127.0.0.1:PORT/metrics.
     """
+    global _started_here
     os.environ.update({k: v for k, v in RAY_ENV.items() if k not in os.environ})
     if metrics_interval_s is not None:
         for key in ("RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S",
@@ -67,6 +71,7 @@ def start_local(num_cpus: int = 8, metrics_interval_s: float | None = None, temp
         extra = {"_metrics_export_port": metrics_port} if metrics_port else {}
         ray.init(num_cpus=num_cpus, object_store_memory=OBJECT_STORE_BYTES, include_dashboard=False,
                  _temp_dir=temp_dir or "/tmp/dgray", log_to_driver=False, **extra)
+        _started_here = True
     serve.start(proxy_location="Disabled")
 
 
@@ -123,9 +128,49 @@ def _topology(topology) -> Topology:
 
 
 def shutdown() -> None:
-    if ray.is_initialized():
-        serve.shutdown()
+    """Delete the Serve applications (their replicas stop gracefully), then shut Ray down.
+
+    On the local cluster of `start_local`, Serve's controller ends with the cluster, after this driver has
+    disconnected. `serve.shutdown()` is not used there: it kills the controller while this driver still has calls
+    pending on it (its handles' long polls, and `graceful_shutdown` itself, which returns only when the controller is
+    gone); Ray retries each and reports it to the driver as "(raylet) Task ServeController.listen_for_change failed
+    ... killed by `ray.kill`". On a joined cluster Serve is shut down (its controller included), as before."""
+    global _started_here
+    if not ray.is_initialized():
+        return
+    try:
+        with quiet_serve():
+            if _started_here:
+                for name in serve.status().applications:
+                    serve.delete(name)
+            else:
+                serve.shutdown()
+    finally:
         ray.shutdown()
+        _started_here = False
+
+
+def leave(name: str) -> None:
+    """Delete one application and disconnect, leaving the (joined) cluster and its Serve instance running."""
+    if not ray.is_initialized():
+        return
+    try:
+        with quiet_serve():
+            serve.delete(name)
+    finally:
+        ray.shutdown()
+
+
+@contextlib.contextmanager
+def quiet_serve():
+    """Serve's driver-side INFO lines ("Deleting app ...") off for the block; its warnings and errors still show."""
+    logger = logging.getLogger("ray.serve")
+    level = logger.level
+    logger.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 class Unit:

@@ -45,11 +45,14 @@ class Server:
                "--metrics-port", str(self.metrics_port), *extra]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         self.lines: queue.Queue = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
+        self.output: list[str] = []  # every line, stdout and stderr, in order
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
         self.address = f"127.0.0.1:{self.port}"
 
     def _read(self):
         for line in self.proc.stdout:
+            self.output.append(line)
             self.lines.put(line)
 
     def wait_for(self, text: str, timeout: float) -> str:
@@ -68,7 +71,28 @@ class Server:
 
     def stop(self, sig) -> int:
         self.proc.send_signal(sig)
-        return self.proc.wait(90)
+        rc = self.proc.wait(90)
+        self.reader.join(10)  # the output to its end
+        return rc
+
+
+def assert_no_ray_shutdown_lines(output: list[str]) -> None:
+    """Serve's shutdown used to print "(raylet) Task ServeController.listen_for_change failed ... killed by
+    `ray.kill`" (one line per call the driver still had pending on the controller it killed)."""
+    out = "".join(output)
+    for text in ("ray.kill", "listen_for_change", "Traceback", "(raylet)"):
+        assert text not in out, f"{text!r} in the output:\n{out}"
+
+
+def assert_clean_stop(output: list[str], *allowed: str) -> None:
+    """From the stop on, the output of `dgserve serve` on its own local cluster is its own lines only (and those
+    starting with one of `allowed`): nothing from Ray, and no traceback anywhere."""
+    assert_no_ray_shutdown_lines(output)
+    start = next(i for i, line in enumerate(output) if line.startswith("stopping: "))
+    own = ("stopping: draining in-flight requests ...", "stopped")
+    stray = [line for line in output[start:]
+             if line.rstrip("\n") not in own and not (allowed and line.startswith(allowed))]
+    assert stray == [], f"lines not from dgserve after the stop:\n{''.join(stray)}"
 
 
 def test_make_serve_main_job_then_ctrl_c_leaves_nothing(tmp_path):
@@ -95,6 +119,7 @@ def test_make_serve_main_job_then_ctrl_c_leaves_nothing(tmp_path):
     finally:
         rc = srv.stop(signal.SIGINT)
     assert rc == 0
+    assert_clean_stop(srv.output)
     time.sleep(1)
     assert leftovers(srv.temp) == []
 
@@ -137,6 +162,7 @@ def test_sigterm_drains_in_flight_requests_and_fails_the_rest_as_unavailable(tmp
     assert isinstance(results["long"], Unavailable), results["long"]  # past the grace period: retriable
     assert len(results["short"].token_ids) == 32  # finished within the grace period
     srv.wait_for("did not finish within the grace period", 5)
+    assert_clean_stop(srv.output, "1 request(s) did not finish within the grace period")
     time.sleep(1)
     assert leftovers(srv.temp) == []
 
@@ -172,7 +198,11 @@ def test_serve_joins_an_existing_ray_cluster_and_leaves_it_running(tmp_path):
         with Client(f"127.0.0.1:{port}") as c:
             assert len(c.generate(token_ids=[5, 6], max_new_tokens=32, max_denoising_steps=2).token_ids) == 32
         proc.send_signal(signal.SIGINT)
+        out += proc.stdout.readlines()
         assert proc.wait(90) == 0
+        # A joined cluster forwards its workers' logs to the driver (log_to_driver), so only Ray's shutdown lines
+        # are checked here.
+        assert_no_ray_shutdown_lines(out)
         status = subprocess.run([ray_bin, "status", f"--address=127.0.0.1:{gcs}"], capture_output=True, text=True,
                                 env=env, timeout=60)
         assert status.returncode == 0  # the cluster we joined is still there
