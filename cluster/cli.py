@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     mt = sub.add_parser("make-tiny", help="write a tiny random checkpoint in the real layout")
     mt.add_argument("dir", type=Path)
     mt.add_argument("--seed", type=int, default=0)
-    mt.add_argument("--preset", default="tiny", help="tiny (default) | bench")
+    mt.add_argument("--preset", default="tiny", help="tiny (default) | bench | confident (blocks stop early)")
     mt.add_argument("--shards", type=int, default=3)
 
     gen = sub.add_parser("generate", help="generate in this process (no Ray)")

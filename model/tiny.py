@@ -61,6 +61,13 @@ class TinyPreset:
     max_position_embeddings: int = 32768
     vision_hidden: int = 32
     vision_layers: int = 1
+    # A planted copy path. `branch_scale` scales every layer's post-attention and post-feedforward norm weights:
+    # well under 1 the residual stream keeps each position's own token, so the logits favour it by a margin that
+    # `head_scale` (on the final norm) sets. The sampler's stable-and-confident stop then fires when the falling
+    # temperature makes every position confident, after a number of steps that varies with the canvas (as on the
+    # real model), instead of never: random weights always run max_denoising_steps.
+    branch_scale: float = 1.0
+    head_scale: float = 1.0
 
 
 PRESETS = {
@@ -70,6 +77,8 @@ PRESETS = {
                         num_experts=32, top_k_experts=4, num_hidden_layers=8, full_every=4,
                         num_attention_heads=8, num_key_value_heads=4, head_dim=64, global_head_dim=128,
                         num_global_key_value_heads=2, sliding_window=128, canvas_length=64),
+    # The tiny model with a planted copy path: blocks stop after about 10 to 25 of 48 steps (tests of step counts).
+    "confident": TinyPreset(branch_scale=0.02, head_scale=0.4),
 }
 
 
@@ -156,7 +165,7 @@ def _text_tensors(p: TinyPreset, g: torch.Generator) -> dict[str, torch.Tensor]:
         return 1.0 + 0.25 * torch.randn(n, generator=g)
 
     out = {f"{DECODER}.embed_tokens.weight": torch.randn(p.vocab_size, D, generator=g) * 0.5,
-           f"{DECODER}.norm.weight": norm(D), f"{DECODER}.self_conditioning.pre_norm.weight": norm(D),
+           f"{DECODER}.norm.weight": norm(D) * p.head_scale, f"{DECODER}.self_conditioning.pre_norm.weight": norm(D),
            f"{DECODER}.self_conditioning.gate_proj.weight": mat(F, D, fan_in=D),
            f"{DECODER}.self_conditioning.up_proj.weight": mat(F, D, fan_in=D),
            f"{DECODER}.self_conditioning.down_proj.weight": mat(D, F, fan_in=F)}
@@ -182,6 +191,8 @@ def _text_tensors(p: TinyPreset, g: torch.Generator) -> dict[str, torch.Tensor]:
                   "post_feedforward_layernorm", "post_feedforward_layernorm_1", "post_feedforward_layernorm_2",
                   "pre_feedforward_layernorm_2"):
             out[f"{pre}.{n}.weight"] = norm(D)
+        for n in ("post_attention_layernorm", "post_feedforward_layernorm"):
+            out[f"{pre}.{n}.weight"] *= p.branch_scale
         # The shipped checkpoint duplicates layer_scalar for the encoder pass; keep the same layout.
         out[f"{ENCODER_TEXT}.layers.{i}.layer_scalar"] = out[f"{pre}.layer_scalar"].clone()
     return out

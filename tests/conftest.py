@@ -21,6 +21,14 @@ def tiny_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def confident_dir(tmp_path_factory):
+    """The tiny model with a planted copy path: blocks stop after a number of steps that varies by request."""
+    from dgserve.model.tiny import make_tiny
+
+    return make_tiny(tmp_path_factory.mktemp("confident") / "ckpt", seed=0, preset="confident")
+
+
+@pytest.fixture(scope="session")
 def ref_folders(tmp_path_factory):
     """Reference checkpoints written by transformers' save_pretrained, built lazily by spec name."""
     from tests.reference import SPECS, build_reference

@@ -45,3 +45,17 @@ def tiny_bf16(tiny_dir):
     from dgserve.model.loader import load_checkpoint
 
     return load_checkpoint(tiny_dir, dtype="bfloat16")
+
+
+@pytest.fixture(scope="session")
+def confident(confident_dir):
+    from dgserve.model.loader import load_checkpoint
+
+    return load_checkpoint(confident_dir, dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def confident_bf16(confident_dir):
+    from dgserve.model.loader import load_checkpoint
+
+    return load_checkpoint(confident_dir, dtype="bfloat16")
