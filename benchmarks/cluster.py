@@ -1,11 +1,13 @@
 """CPU benchmark: the engine in one process against the same engine as a Ray Serve unit (A = 1).
 
-Same checkpoint as benchmarks/generate.py (`make_tiny(preset="bench")`), float32, 1 torch thread and the same
-sampler threads on both sides. For N in 1, 4, 16 concurrent requests (same prompt and settings, seeds 0..N-1)
-it measures aggregate tokens/s, iteration latency p50/p99 and the per-iteration control overhead (the part of
-an iteration outside the forward and the sampling: planning, applying outcomes, pushing events) against the
-compute time. The Ray side goes through a Serve DeploymentHandle, the replica and rank 0's streaming generator:
-one Ray call per request, none per step. `orchestration_ratio` = Ray tokens/s over one-process tokens/s at 16.
+Same checkpoint as benchmarks/generate.py (`make_tiny(preset="bench")`), float32, the same engine thread settings
+on both sides (--threads, see the printed rule). For N in 1, 4, 16 concurrent requests (same prompt and settings,
+seeds seed..seed+N-1), alternating the sides, it measures aggregate tokens/s, iteration latency p50/p99 and the
+per-iteration control overhead (the part of an iteration outside the forward and the sampling: planning,
+applying outcomes, pushing events) against the compute time. The Ray side goes through a Serve DeploymentHandle,
+the replica and rank 0's streaming generator: one Ray call per request, none per step. Both sides must produce
+the same tokens per request (the script exits 1 otherwise). `orchestration_ratio` = Ray tokens/s over
+one-process tokens/s at 16.
 
     python benchmarks/cluster.py --quick      # ~1-2 minutes (Ray start included)
     python benchmarks/cluster.py --json
@@ -16,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import platform
 import sys
 import time
@@ -24,30 +25,26 @@ from pathlib import Path
 
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import parse_workload  # noqa: E402
-from benchmarks.generate import ensure_checkpoint, make_prompt  # noqa: E402
+from benchmarks import common  # noqa: E402
 
-QUICK = {"prompt_len": 32, "max_new_tokens": 64, "max_denoising_steps": 4}
-FULL = {"prompt_len": 128, "max_new_tokens": 128, "max_denoising_steps": 8}
+QUICK = {"prompt_len": 32, "max_new_tokens": 64, "max_denoising_steps": 4, "repeats": 1}
+FULL = {"prompt_len": 128, "max_new_tokens": 128, "max_denoising_steps": 8, "repeats": 1}
 CONCURRENCY = (1, 4, 16)
+SIDES = ("one-process", "ray-unit")
 
 
-def engine_config(args) -> dict:
-    return {"max_running": max(CONCURRENCY), "cpu_threads": 1, "sampler_threads": args.sampler_threads}
-
-
-def run_inprocess(model, generation, prompt, n: int, args) -> dict:
+def run_inprocess(model, generation, prompt, n: int, args, engine_cfg: dict) -> dict:
     from dgserve.cluster.engine import Engine, EngineConfig, EngineRequest
     from dgserve.model.sampler import SamplerSettings
 
     settings = SamplerSettings.from_defaults(generation, max_new_tokens=args.max_new_tokens,
                                              max_denoising_steps=args.max_denoising_steps)
-    with Engine(model, EngineConfig(**engine_config(args))) as engine:
+    # prefetch_noise as in a Ray unit, whose rank builds its executor with the noise worker on
+    with Engine(model, EngineConfig(**engine_cfg), prefetch_noise=True) as engine:
         t0 = time.perf_counter()
-        streams = [engine.submit(EngineRequest(prompt, settings, seed=i)) for i in range(n)]
+        streams = [engine.submit(EngineRequest(prompt, settings, seed=args.seed + i)) for i in range(n)]
         finals = [s.result(600) for s in streams]
         wall = time.perf_counter() - t0
         steps = engine.metrics.step_summary()
@@ -61,8 +58,8 @@ def run_ray(unit, prompt, n: int, args) -> dict:
     unit.handle.reset_step_stats.remote().result()
 
     async def go():
-        return await asyncio.gather(*(unit.generate(GenerateRequest(tuple(prompt), seed=i, sampler=sampler))
-                                      for i in range(n)))
+        return await asyncio.gather(*(unit.generate(GenerateRequest(tuple(prompt), seed=args.seed + i,
+                                                                    sampler=sampler)) for i in range(n)))
 
     t0 = time.perf_counter()
     finals = asyncio.run(go())
@@ -81,60 +78,68 @@ def summarize(n, finals, wall, steps) -> dict:
             "token_ids": [list(f.token_ids) for f in finals]}
 
 
-def print_table(config, rows: dict[str, list[dict]], ratio: float, same: bool) -> None:
-    print(f"cluster benchmark: {config['preset']} checkpoint, prompt {config['prompt_len']}, "
-          f"{config['max_new_tokens']} new tokens, {config['max_denoising_steps']} steps, cpu float32")
-    print(f"{'side':<11}{'N':>4}{'tok/s':>9}{'wall s':>8}{'step p50 ms':>12}{'p99 ms':>9}{'control ms':>11}"
-          f"{'compute ms':>11}{'control %':>10}")
+def report_lines(config, rows: dict[str, dict[int, dict]], ratio: dict) -> list[str]:
+    lines = [f"cluster benchmark: {config['preset']} checkpoint, prompt {config['prompt_len']}, "
+             f"{config['max_new_tokens']} new tokens, {config['max_denoising_steps']} steps, cpu float32, "
+             f"repeats {config['repeats']} (each row: its median run)"]
+    table = [("side", "N", "threads", "tok/s", "min", "max", "wall s", "step p50 ms", "p99 ms", "control ms",
+              "compute ms", "control %")]
     for side, levels in rows.items():
-        for lv in levels:
-            print(f"{side:<11}{lv['concurrency']:>4}{lv['tokens_per_s']:>9.1f}{lv['wall_s']:>8.2f}"
-                  f"{lv['step_ms_p50']:>12.1f}{lv['step_ms_p99']:>9.1f}{lv['control_ms_per_step']:>11.2f}"
-                  f"{lv['compute_ms_per_step']:>11.1f}{lv['control_share']:>10.1%}")
-    print(f"orchestration_ratio (Ray unit / one process, tok/s at {max(CONCURRENCY)}): {ratio:.2f}   "
-          f"same tokens on both sides: {same}")
-
-
-def parse_args(argv):
-    return parse_workload(__doc__, QUICK, FULL, argv,
-                          lambda p: p.add_argument("--sampler-threads", type=int, default=2))
+        for n, lv in levels.items():
+            tps = lv["tokens_per_s_spread"]
+            table.append((side, str(n), str(config["threads_per_side"]), f"{lv['tokens_per_s']:.1f}",
+                          f"{tps['min']:.1f}", f"{tps['max']:.1f}", f"{lv['wall_s']:.2f}", f"{lv['step_ms_p50']:.1f}",
+                          f"{lv['step_ms_p99']:.1f}", f"{lv['control_ms_per_step']:.2f}",
+                          f"{lv['compute_ms_per_step']:.1f}", f"{lv['control_share']:.1%}"))
+    lines += common.table(table)
+    lines.append(f"orchestration_ratio (Ray unit / one process, tok/s at {max(CONCURRENCY)}, pairwise per repeat): "
+                 f"{common.fmt_spread(ratio, 'x')}")
+    return lines
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    torch.set_num_threads(1)
-    folder = ensure_checkpoint(args.bench_dir)
+    args = common.parse_args(__doc__, QUICK, FULL, argv, common.add_unit_flags)
+    load = common.LoadWatch()
+    folder = common.ensure_checkpoint(args.bench_dir)
     from dgserve.cluster import api
     from dgserve.model.loader import load_checkpoint
 
     ck = load_checkpoint(folder, dtype="float32")
-    prompt = make_prompt(folder, args.prompt_len)
-    config = {"preset": "bench", "prompt_len": args.prompt_len, "max_new_tokens": args.max_new_tokens,
-              "max_denoising_steps": args.max_denoising_steps, "sampler_threads": args.sampler_threads,
-              "quick": args.quick, "torch": torch.__version__, "python": platform.python_version(),
-              "cpu_count": os.cpu_count()}
+    prompt = common.make_prompt(folder, args.prompt_len)
+    threads = common.unit_threads(args.threads, args.sampler_threads)
+    engine_cfg = common.engine_config(threads, max(CONCURRENCY))
+    config = {"preset": common.PRESET, "prompt_len": args.prompt_len, "max_new_tokens": args.max_new_tokens,
+              "max_denoising_steps": args.max_denoising_steps, "repeats": args.repeats, "seed": args.seed,
+              "quick": args.quick, "threads": args.threads, "threads_per_side": threads.total, "engine": engine_cfg,
+              "torch": torch.__version__, "python": platform.python_version()}
+    thread_lines, threads_json = common.threads_report(args.threads, common.UNIT_RULE,
+                                                       dict.fromkeys(SIDES, threads))
+    note = common.RAY_NOTE.format(extra="")
     api.start_local(num_cpus=8, temp_dir="/tmp/dgray-bench")
     try:
-        unit = api.deploy({"name": "bench", "model": str(folder), "engine": engine_config(args),
-                           "resources": {"attention": {"cpus": args.sampler_threads}}})
-        run_ray(unit, prompt, 2, argparse.Namespace(**{**vars(args), "max_denoising_steps": 2}))  # warm-up
-        run_inprocess(ck.model, ck.generation, prompt, 2, argparse.Namespace(**{**vars(args),
-                                                                                "max_denoising_steps": 2}))
-        rows = {"one-process": [], "ray-unit": []}
+        unit = api.deploy(common.unit_topology(folder, engine_cfg, threads))
+        warm = argparse.Namespace(**{**vars(args), "max_denoising_steps": 2})
+        run_ray(unit, prompt, 2, warm)
+        run_inprocess(ck.model, ck.generation, prompt, 2, warm, engine_cfg)
+        runs = {side: {n: [] for n in CONCURRENCY} for side in SIDES}
         for n in CONCURRENCY:  # alternate the sides at each N
-            rows["one-process"].append(run_inprocess(ck.model, ck.generation, prompt, n, args))
-            rows["ray-unit"].append(run_ray(unit, prompt, n, args))
+            for _ in range(args.repeats):
+                runs["one-process"][n].append(run_inprocess(ck.model, ck.generation, prompt, n, args, engine_cfg))
+                runs["ray-unit"][n].append(run_ray(unit, prompt, n, args))
     finally:
         api.shutdown()
-    same = all(a["token_ids"] == b["token_ids"] for a, b in zip(rows["one-process"], rows["ray-unit"], strict=True))
-    ratio = rows["ray-unit"][-1]["tokens_per_s"] / rows["one-process"][-1]["tokens_per_s"]
-    print_table(config, rows, ratio, same)
+    rows, ratio, tokens = common.compare_sides(runs, *SIDES)
+    load_json = load.finish(own=threads.total + 1)  # + 1: the Ray side's relaying processes
+
+    lines = report_lines(config, rows, ratio) + thread_lines + [f"  note: {note}"]
+    lines += common.token_lines(tokens, "both sides (request i, every N and repeat)")
+    print("\n".join(lines + common.load_lines(load_json)))
     if args.json:
-        for levels in rows.values():
-            for lv in levels:
-                lv.pop("token_ids")
-        print(json.dumps({"config": config, "levels": rows, "orchestration_ratio": ratio, "same_tokens": same}))
-    return 0 if same else 1
+        print(json.dumps({"config": config, "levels": {side: list(by_n.values()) for side, by_n in rows.items()},
+                          "orchestration_ratio": ratio["median"], "orchestration_ratio_spread": ratio,
+                          "threads": threads_json | {"note": note}, "same_tokens": tokens["same_tokens"],
+                          "mismatches": tokens["mismatches"], "load": load_json, "contended": load_json["contended"]}))
+    return 0 if tokens["same_tokens"] else 1
 
 
 if __name__ == "__main__":

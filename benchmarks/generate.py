@@ -2,46 +2,42 @@
 
 Both sides load the same checkpoint (`make_tiny(preset="bench")`, seed 0, cached under `.bench/`) in float32
 and generate from the same prompt with the same seed and sampler settings, so the generated ids must be
-identical; the script exits non-zero when they are not. Runs alternate (reference, dgserve, reference, ...)
-in one process after one warm-up run per side, and the median wall time per side is reported.
+identical; the script exits non-zero when they are not. Both sides get the same thread budget (--threads N):
+N torch threads each and no helper thread (dgserve draws its sampler noise inline; --unequal adds its noise
+worker and says so). Runs alternate (reference, dgserve, reference, ...) in one process after one warm-up run
+per side; torch's thread count is set before each run. Reported: min / median / max per side and of the
+pairwise speed-up.
 
-    python benchmarks/generate.py --quick            # 1 block, 16 steps, 1 repeat (seconds)
-    python benchmarks/generate.py                    # 2 blocks, the checkpoint's 48 steps, 3 repeats
-    python benchmarks/generate.py --quick --profile  # + torch.profiler split of self CPU time per side
-    python benchmarks/generate.py --json             # + one JSON object on the last line of stdout
+    python benchmarks/generate.py --quick              # 1 block, 16 steps, 1 repeat (seconds)
+    python benchmarks/generate.py                      # 2 blocks, the checkpoint's 48 steps, 3 repeats
+    python benchmarks/generate.py --quick --threads 2  # a budget of 2 threads per side
+    python benchmarks/generate.py --quick --unequal    # dgserve + its noise worker thread (budgets differ)
+    python benchmarks/generate.py --quick --profile    # + torch.profiler split of self CPU time per side
+    python benchmarks/generate.py --json               # + one JSON object on the last line of stdout
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_BENCH_DIR = REPO_ROOT / ".bench"
-PRESET = "bench"
-CKPT_SEED = 0
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks import common  # noqa: E402
+from benchmarks.common import Threads  # noqa: E402
 
 QUICK = {"prompt_len": 32, "max_new_tokens": 64, "max_denoising_steps": 16, "repeats": 1}
 # max_denoising_steps None: the checkpoint's own (48 for the bench preset).
 FULL = {"prompt_len": 128, "max_new_tokens": 128, "max_denoising_steps": None, "repeats": 3}
-
-PROMPT_TEXT = (
-    "Block diffusion writes text a canvas at a time: the canvas starts as noise and is refined over "
-    "several denoising steps, the confident tokens are kept and the rest are drawn again. Once the canvas is "
-    "stable it is committed to the cache and the next block begins. The quick brown fox jumps over the "
-    "lazy dog. What is the capital of France? Paris is the capital of France. def add(a, b): return a + b. "
-)
+REFERENCE_RULE = "reference: N torch threads; "
 
 # Profile categories, by op name (self CPU time; composite ops' children are counted where they run).
 CATEGORIES = {
@@ -60,41 +56,6 @@ CATEGORIES = {
 }
 CATEGORY_ORDER = ("matmul", "sampler_noise", "softmax_entropy", "other")
 TOP_OPS = 8
-
-
-# ----------------------------------------------------------------------------------------------- setup
-
-
-def ensure_checkpoint(bench_dir: Path) -> Path:
-    """The benchmark checkpoint, made once (atomically: a half-written folder is never reused)."""
-    target = bench_dir / f"gen-{PRESET}-seed{CKPT_SEED}"
-    if (target / "model.safetensors.index.json").is_file():
-        return target
-    from dgserve.model.tiny import make_tiny
-
-    bench_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".gen-", dir=bench_dir))
-    try:
-        make_tiny(tmp, seed=CKPT_SEED, preset=PRESET)
-        tmp.rename(target)
-    except OSError:
-        if not (target / "model.safetensors.index.json").is_file():
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
-def make_prompt(folder: Path, length: int) -> list[int]:
-    """`length` ids: <bos> then the checkpoint tokenizer's encoding of a fixed text, repeated as needed."""
-    from tokenizers import Tokenizer
-
-    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
-    body = tok.encode(PROMPT_TEXT, add_special_tokens=False).ids
-    ids = [2]
-    while len(ids) < length:
-        ids.extend(body)
-    return ids[:length]
 
 
 # ----------------------------------------------------------------------------------------------- runners
@@ -116,7 +77,7 @@ class Reference:
     name = "reference"
 
     def __init__(self, folder: Path, prompt: list[int], max_new_tokens: int, steps: int, seed: int,
-                 device: str = "cpu", dtype: str = "float32", prefetch: bool = True):
+                 threads: Threads, device: str = "cpu", dtype: str = "float32"):
         import transformers
         from transformers import DiffusionGemmaForBlockDiffusion
 
@@ -125,7 +86,7 @@ class Reference:
         self.model = DiffusionGemmaForBlockDiffusion.from_pretrained(
             folder, dtype=getattr(torch, dtype), attn_implementation="sdpa").to(device).eval()
         self.prompt = torch.tensor(prompt, dtype=torch.long, device=device)
-        self.device = device
+        self.device, self.threads = device, threads
         self.max_new_tokens, self.steps, self.seed = max_new_tokens, steps, seed
         self._blocks: list[int] = []
         # generate() runs the encoder (a module call) once per block, then `self.forward` once per denoising
@@ -140,6 +101,7 @@ class Reference:
         self.model.forward = counted_forward
 
     def __call__(self) -> Run:
+        torch.set_num_threads(self.threads.torch)  # process-wide: set again before every run of this side
         self._blocks = []
         with torch.inference_mode():
             t0 = time.perf_counter()
@@ -158,12 +120,12 @@ class Dgserve:
     name = "dgserve"
 
     def __init__(self, folder: Path, prompt: list[int], max_new_tokens: int, steps: int, seed: int,
-                 device: str = "cpu", dtype: str = "float32", prefetch: bool = True):
+                 threads: Threads, device: str = "cpu", dtype: str = "float32"):
         from dgserve.model.loader import load_checkpoint
         from dgserve.model.sampler import SamplerSettings
 
         self.ck = load_checkpoint(folder, dtype=dtype, device=device)
-        self.prefetch = prefetch
+        self.threads = threads
         self.settings = SamplerSettings.from_defaults(self.ck.generation, max_new_tokens=max_new_tokens,
                                                       max_denoising_steps=steps)
         self.prompt, self.seed = prompt, seed
@@ -171,8 +133,10 @@ class Dgserve:
     def __call__(self) -> Run:
         from dgserve.model.generate import generate
 
+        torch.set_num_threads(self.threads.torch)
         t0 = time.perf_counter()
-        res = generate(self.ck.model, self.prompt, self.settings, seed=self.seed, prefetch_noise=self.prefetch)
+        res = generate(self.ck.model, self.prompt, self.settings, seed=self.seed,
+                       prefetch_noise=self.threads.prefetch)
         total = time.perf_counter() - t0
         return Run(list(res.token_ids), total, res.decoder_passes, list(res.steps_per_block),
                    float(res.tokens_per_forward), dict(res.timings))
@@ -211,13 +175,16 @@ def profile_once(side) -> dict:
 # ----------------------------------------------------------------------------------------------- report
 
 
-def summarize(runs: list[Run], n_tokens: int) -> dict:
-    med = statistics.median(r.total_s for r in runs)
-    passes = runs[0].passes
+def summarize(runs: list[Run], threads: Threads) -> dict:
+    """One side's timed runs: tokens/s and passes/s at the median time, and the time's min / median / max."""
+    times = common.spread([r.total_s for r in runs])
+    n_tokens, passes = len(runs[0].ids), runs[0].passes
     out = {
-        "tokens_per_s": n_tokens / med,
-        "passes_per_s": passes / med,
-        "total_s": med,
+        "threads": threads.total,
+        "tokens_per_s": n_tokens / times["median"],
+        "passes_per_s": passes / times["median"],
+        "total_s": times["median"],
+        "total_s_spread": times,
         "total_s_runs": [r.total_s for r in runs],
         "generated_tokens": n_tokens,
         "decoder_passes": passes,
@@ -229,29 +196,35 @@ def summarize(runs: list[Run], n_tokens: int) -> dict:
     return out
 
 
-def first_mismatch(a: list[int], b: list[int]) -> str:
-    if len(a) != len(b):
-        return f"lengths differ ({len(a)} vs {len(b)})"
-    i = next(i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y)
-    return f"first difference at generated index {i}: {a[i]} vs {b[i]}"
+def equal_work(runs: dict[str, list[Run]], exact: bool) -> dict:
+    """Every run of both sides (warm-ups included) against the reference's first: the same ids and, when the ids
+    are checked exactly, the same steps per block."""
+    expected = runs["reference"][0]
+    labelled = [(f"{name} run {i}", r) for name, rs in runs.items() for i, r in enumerate(rs)]
+    check = common.check_tokens([(label, expected.ids, r.ids) for label, r in labelled], exact)
+    steps = [f"{label}: steps per block {r.steps_per_block} vs the reference's {expected.steps_per_block}"
+             for label, r in labelled if r.steps_per_block != expected.steps_per_block]
+    if exact and steps:
+        check |= {"same_tokens": False, "mismatches": check["mismatches"] + steps}
+    return check
 
 
-def print_table(config: dict, ref: dict, ours: dict, speedup: float, exact: bool) -> None:
-    print(f"dgserve generate benchmark  (preset {config['preset']}, prompt {config['prompt_len']}, "
-          f"max_new_tokens {config['max_new_tokens']}, max_denoising_steps {config['max_denoising_steps']}, "
-          f"threads {config['threads']}, repeats {config['repeats']}, median)")
-    rows = [("", "tokens/s", "passes/s", "total s", "passes", "steps/block")]
+def report_lines(config: dict, ref: dict, ours: dict, speedup: dict) -> list[str]:
+    lines = [f"dgserve generate benchmark  (preset {config['preset']}, prompt {config['prompt_len']}, "
+             f"max_new_tokens {config['max_new_tokens']}, max_denoising_steps {config['max_denoising_steps']}, "
+             f"{config['device']} {config['dtype']}, repeats {config['repeats']})"]
+    rows = [("", "threads", "tokens/s", "passes/s", "total s median", "min", "max", "passes", "steps/block")]
     for name, s in (("reference", ref), ("dgserve", ours)):
-        rows.append((name, f"{s['tokens_per_s']:.2f}", f"{s['passes_per_s']:.2f}", f"{s['total_s']:.3f}",
-                     str(s["decoder_passes"]), ",".join(map(str, s["steps_per_block"]))))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        cells = [c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))]
-        print("  " + "  ".join(cells))
+        t = s["total_s_spread"]
+        rows.append((name, str(s["threads"]), f"{s['tokens_per_s']:.2f}", f"{s['passes_per_s']:.2f}",
+                     f"{t['median']:.3f}", f"{t['min']:.3f}", f"{t['max']:.3f}", str(s["decoder_passes"]),
+                     ",".join(map(str, s["steps_per_block"]))))
+    lines += common.table(rows)
     if "timings_median_s" in ours:
-        t = ours["timings_median_s"]
-        print("  dgserve split: " + ", ".join(f"{k} {v:.3f}" for k, v in t.items()))
-    print(f"speedup_vs_reference {speedup:.2f}x   token_exact {exact}")
+        lines.append("  dgserve split: " + ", ".join(f"{k} {v:.3f}" for k, v in ours["timings_median_s"].items()))
+    lines.append(f"speedup_vs_reference (dgserve tok/s / reference tok/s, pairwise per repeat): "
+                 f"{common.fmt_spread(speedup, 'x')}")
+    return lines
 
 
 def print_profile(prof: dict) -> None:
@@ -268,97 +241,71 @@ def print_profile(prof: dict) -> None:
 # ----------------------------------------------------------------------------------------------- main
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true",
-                   help="short run: prompt 32, max_new_tokens 64 (1 block), 16 steps, 1 repeat")
-    p.add_argument("--prompt-len", type=int, help="prompt tokens (default 128; quick 32)")
-    p.add_argument("--max-new-tokens", type=int, help="new tokens (default 128 = 2 blocks; quick 64)")
-    p.add_argument("--max-denoising-steps", type=int,
-                   help="denoising steps per block (default: the checkpoint's, 48; quick 16)")
-    p.add_argument("--repeats", type=int, help="timed runs per side after one warm-up (default 3; quick 1)")
-    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
-    p.add_argument("--device", default="cpu", help="cpu | cuda")
-    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 (token-exactness is checked in float32)")
-    p.add_argument("--no-prefetch", action="store_true",
-                   help="draw dgserve's sampler noise inline instead of on a worker thread during the forward")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed, the same for both sides")
-    p.add_argument("--bench-dir", type=Path, default=DEFAULT_BENCH_DIR,
-                   help="where the benchmark checkpoint is cached (default: <repo>/.bench)")
+def extra_flags(p: argparse.ArgumentParser) -> None:
+    common.add_device_flags(p)
+    p.add_argument("--unequal", action="store_true",
+                   help="opt out of equal budgets: dgserve also draws its sampler noise on its worker thread, "
+                        "N + 1 threads (CPU; the output says the budgets differ)")
     p.add_argument("--profile", action="store_true",
                    help="also run torch.profiler once per side and report the self CPU time split")
-    p.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout")
-    args = p.parse_args(argv)
-    base = QUICK if args.quick else FULL
-    for k, v in base.items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
-    for k in ("prompt_len", "max_new_tokens", "repeats", "threads"):
-        if getattr(args, k) < 1:
-            p.error(f"--{k.replace('_', '-')} must be >= 1")
-    return args
+
+
+def side_threads(args) -> dict[str, Threads]:
+    dgserve = common.dgserve_threads(args.threads)
+    if args.unequal and args.device == "cpu":  # the noise worker exists only on CPU
+        dgserve = Threads(dgserve.torch, noise_worker=1)
+    return {"reference": Threads(args.threads), "dgserve": dgserve}
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    folder = ensure_checkpoint(args.bench_dir)
+    args = common.parse_args(__doc__, QUICK, FULL, argv, extra_flags)
+    load = common.LoadWatch()
+    folder = common.ensure_checkpoint(args.bench_dir)
 
     from dgserve.model.config import load_generation_defaults
 
     steps = args.max_denoising_steps or load_generation_defaults(folder).max_denoising_steps
-    prompt = make_prompt(folder, args.prompt_len)
+    prompt = common.make_prompt(folder, args.prompt_len)
     config = {
-        "preset": PRESET, "checkpoint_seed": CKPT_SEED, "prompt_len": args.prompt_len,
+        "preset": common.PRESET, "checkpoint_seed": common.CKPT_SEED, "prompt_len": args.prompt_len,
         "max_new_tokens": args.max_new_tokens, "max_denoising_steps": steps, "threads": args.threads,
-        "repeats": args.repeats, "seed": args.seed, "quick": args.quick,
+        "repeats": args.repeats, "seed": args.seed, "quick": args.quick, "device": args.device, "dtype": args.dtype,
         "torch": torch.__version__, "transformers": __import__("transformers").__version__,
-        "python": platform.python_version(), "machine": platform.machine(), "cpu_count": os.cpu_count(),
+        "python": platform.python_version(), "machine": platform.machine(),
     }
-    config |= {"device": args.device, "dtype": args.dtype, "noise_prefetch": not args.no_prefetch}
-    sides = [cls(folder, prompt, args.max_new_tokens, steps, args.seed, device=args.device, dtype=args.dtype,
-                 prefetch=not args.no_prefetch) for cls in (Reference, Dgserve)]
+    threads = side_threads(args)
+    thread_lines, threads_json = common.threads_report(args.threads, REFERENCE_RULE + common.DGSERVE_RULE, threads)
+    sides = [cls(folder, prompt, args.max_new_tokens, steps, args.seed, threads[cls.name], args.device, args.dtype)
+             for cls in (Reference, Dgserve)]
 
     runs: dict[str, list[Run]] = {s.name: [] for s in sides}
-    for s in sides:  # warm-up (not timed, but its ids are checked too)
-        runs[s.name].append(s())
-    for _ in range(args.repeats):
+    for _ in range(1 + args.repeats):  # run 0 of each side is the warm-up (not timed; its ids are checked)
         for s in sides:
             runs[s.name].append(s())
+    exact = args.dtype == "float32"  # in bf16 the two stacks' kernels round differently: agreement is reported
+    tokens = equal_work(runs, exact)
 
-    expected = runs["reference"][0].ids
-    problems = [f"{name} run {i}: {first_mismatch(expected, r.ids)}"
-                for name, rs in runs.items() for i, r in enumerate(rs) if r.ids != expected]
-    ref_r, our_r = runs["reference"][0], runs["dgserve"][0]
-    if not problems and ref_r.steps_per_block != our_r.steps_per_block:
-        problems.append(f"steps per block differ: reference {ref_r.steps_per_block} vs dgserve "
-                        f"{our_r.steps_per_block}")
-    exact = not problems
-    if args.dtype != "float32":  # bf16 kernels differ between the two stacks: report agreement, not exactness
-        ours_ids = runs["dgserve"][0].ids
-        same = sum(a == b for a, b in zip(expected, ours_ids, strict=False))
-        config["bf16_token_agreement"] = same / max(1, len(expected))
-        problems, exact = [], None
+    timed = {name: rs[1:] for name, rs in runs.items()}
+    ref, ours = (summarize(timed[name], threads[name]) for name in ("reference", "dgserve"))
+    tok_s = {name: [len(r.ids) / r.total_s for r in rs] for name, rs in timed.items()}
+    speedup = common.spread(common.pairwise_ratios(tok_s["dgserve"], tok_s["reference"]))
+    prof = {s.name: profile_once(s) for s in sides} if args.profile else None
+    load_json = load.finish(own=max(t.total for t in threads.values()))
 
-    n_tokens = len(expected)
-    ref = summarize(runs["reference"][1:], n_tokens)
-    ours = summarize(runs["dgserve"][1:], len(our_r.ids))
-    speedup = ours["tokens_per_s"] / ref["tokens_per_s"]
-    print_table(config, ref, ours, speedup, exact)
-
-    prof = None
-    if args.profile:
-        prof = {s.name: profile_once(s) for s in sides}
+    if prof:
         print_profile(prof)
-
-    for msg in problems:
-        print(f"TOKEN MISMATCH: {msg}")
+    lines = report_lines(config, ref, ours, speedup) + thread_lines
+    lines += common.token_lines(tokens, "every run of both sides (warm-ups included)")
+    print("\n".join(lines + common.load_lines(load_json)))
     if args.json:
-        result = {"config": config, "reference": ref, "dgserve": ours, "speedup_vs_reference": speedup,
-                  "token_exact": exact, "mismatches": problems, "profile": prof}
+        result = {"config": config, "reference": ref, "dgserve": ours, "speedup_vs_reference": speedup["median"],
+                  "speedup_spread": speedup, "threads_reference": threads["reference"].total,
+                  "threads_dgserve": threads["dgserve"].total, "threads": threads_json,
+                  "token_exact": tokens["same_tokens"], "token_agreement": tokens["agreement"],
+                  "mismatches": tokens["mismatches"], "load": load_json, "contended": load_json["contended"],
+                  "profile": prof}
         print(json.dumps(result))
-    return 1 if exact is False else 0
+    return 1 if tokens["same_tokens"] is False else 0
 
 
 if __name__ == "__main__":

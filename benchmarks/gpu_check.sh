@@ -33,15 +33,17 @@ $PY - "$OUT" <<'PY'
 import json, pathlib, sys
 out = pathlib.Path(sys.argv[1])
 print("\n== GPU check ==")
-print(f"{'run':<22}{'dgserve tok/s':>15}{'reference tok/s':>17}{'speedup':>9}{'token_exact':>13}")
+print(f"{'run':<22}{'dgserve tok/s':>15}{'reference tok/s':>17}{'speedup':>9}{'threads r/d':>13}{'token_exact':>13}"
+      f"{'contended':>11}")
 for f in sorted(out.glob("bench_*.json")):
     lines = [l for l in f.read_text().splitlines() if l.startswith("{")]
     if not lines:
         print(f"{f.stem:<22} no result: see {f.with_suffix('.err').name}")
         continue
     r = json.loads(lines[-1])
+    threads = f"{r['threads_reference']}/{r['threads_dgserve']}"
     print(f"{f.stem:<22}{r['dgserve']['tokens_per_s']:>15.1f}{r['reference']['tokens_per_s']:>17.1f}"
-          f"{r['speedup_vs_reference']:>9.2f}{str(r['token_exact']):>13}")
+          f"{r['speedup_vs_reference']:>9.2f}{threads:>13}{str(r['token_exact']):>13}{str(r['contended']):>11}")
 for f in sorted(out.glob("engine_*.json")):
     lines = [l for l in f.read_text().splitlines() if l.startswith("{")]
     if not lines:
@@ -49,7 +51,7 @@ for f in sorted(out.glob("engine_*.json")):
         continue
     r = json.loads(lines[-1])
     tps = "  ".join(f"N={lv['concurrency']}: {lv['tokens_per_s']:.1f} tok/s" for lv in r["levels"])
-    print(f"{f.stem:<22} {tps}  batching_gain {r['batching_gain']:.2f}x")
+    print(f"{f.stem:<22} {tps}  batching_gain {r['batching_gain']:.2f}x  contended {r['contended']}")
 tests = (out / "tests.log").read_text().strip().splitlines()
 print("tests:", tests[-1] if tests else "no output")
 PY

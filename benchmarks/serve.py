@@ -1,9 +1,12 @@
 """End-to-end benchmark: gRPC clients -> gateway -> engine unit on a local Ray cluster, against the engine in
 one process, at 1, 8 and 32 concurrent clients (CPU, bench checkpoint, float32).
 
-Per side and N: aggregate tokens/s, time to first block (p50), time between blocks (p50/p99). The gRPC side
-uses `GenerateStream` through `dgserve_client.aio.AsyncClient`; the one-process side iterates the engine's own
-event streams. `overhead_ratio` = gRPC tokens/s over one-process tokens/s at 32 clients.
+Both sides run the same engine thread settings (--threads, see the printed rule) and the same requests (request
+i: seed + i), alternating the sides at each N; request i must produce the same token ids on both sides (the
+script exits 1 with the first difference otherwise). Per side and N: aggregate tokens/s, time to first block
+(p50), time between blocks (p50/p99). The gRPC side uses `GenerateStream` through
+`dgserve_client.aio.AsyncClient`; the one-process side iterates the engine's own event streams.
+`overhead_ratio` = gRPC tokens/s over one-process tokens/s at 32 clients.
 
     python benchmarks/serve.py --quick
     python benchmarks/serve.py --json
@@ -14,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import platform
 import sys
 import time
@@ -22,44 +24,40 @@ from pathlib import Path
 
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import parse_workload  # noqa: E402
-from benchmarks.generate import ensure_checkpoint, make_prompt  # noqa: E402
+from benchmarks import common  # noqa: E402
 
-QUICK = {"prompt_len": 32, "max_new_tokens": 128, "max_denoising_steps": 4}
-FULL = {"prompt_len": 128, "max_new_tokens": 192, "max_denoising_steps": 8}
+QUICK = {"prompt_len": 32, "max_new_tokens": 128, "max_denoising_steps": 4, "repeats": 1}
+FULL = {"prompt_len": 128, "max_new_tokens": 192, "max_denoising_steps": 8, "repeats": 1}
 CONCURRENCY = (1, 8, 32)
+SIDES = ("one-process", "grpc")
 
 
-def pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
+def summarize(n: int, runs: list[tuple[float, list[float], list[int]]], wall: float) -> dict:
+    """runs: (start, block arrival times, final token ids) per request."""
+    from dgserve.cluster.engine.metrics import percentile
 
-
-def summarize(n: int, runs: list[tuple[float, list[float], int]], wall: float) -> dict:
-    """runs: (start, block arrival times, tokens) per request."""
     ttfb = [blocks[0] - start for start, blocks, _ in runs if blocks]
     gaps = [b - a for _, blocks, _ in runs for a, b in zip(blocks, blocks[1:], strict=False)]
-    tokens = sum(t for _, _, t in runs)
+    tokens = sum(len(ids) for _, _, ids in runs)
     return {"concurrency": n, "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
-            "ttfb_ms_p50": 1000 * pct(ttfb, 0.5), "between_blocks_ms_p50": 1000 * pct(gaps, 0.5),
-            "between_blocks_ms_p99": 1000 * pct(gaps, 0.99)}
+            "ttfb_ms_p50": 1000 * percentile(ttfb, 0.5), "between_blocks_ms_p50": 1000 * percentile(gaps, 0.5),
+            "between_blocks_ms_p99": 1000 * percentile(gaps, 0.99), "token_ids": [ids for _, _, ids in runs]}
 
 
 async def grpc_level(address: str, prompt: list[int], n: int, args) -> dict:
     from dgserve_client.aio import AsyncClient
 
     async def one(c, i):
-        start, blocks, tokens = time.perf_counter(), [], 0
-        async for m in c.generate_stream(token_ids=prompt, seed=i, max_new_tokens=args.max_new_tokens,
+        start, blocks, ids = time.perf_counter(), [], []
+        async for m in c.generate_stream(token_ids=prompt, seed=args.seed + i, max_new_tokens=args.max_new_tokens,
                                          max_denoising_steps=args.max_denoising_steps):
             if m.HasField("block"):
                 blocks.append(time.perf_counter())
             if m.HasField("final"):
-                tokens = len(m.final.token_ids)
-        return start, blocks, tokens
+                ids = list(m.final.token_ids)
+        return start, blocks, ids
 
     async with AsyncClient(address) as c:
         await c.info()
@@ -77,68 +75,85 @@ async def engine_level(engine, generation, prompt: list[int], n: int, args) -> d
                                       max_denoising_steps=args.max_denoising_steps)
 
     async def one(i):
-        start, blocks, tokens = time.perf_counter(), [], 0
-        async for e in engine.submit(EngineRequest(prompt, s, seed=i)):
+        start, blocks, ids = time.perf_counter(), [], []
+        async for e in engine.submit(EngineRequest(prompt, s, seed=args.seed + i)):
             if isinstance(e, BlockCommitted):
                 blocks.append(time.perf_counter())
             if isinstance(e, Finished):
-                tokens = len(e.token_ids)
-        return start, blocks, tokens
+                ids = list(e.token_ids)
+        return start, blocks, ids
 
     t0 = time.perf_counter()
     runs = await asyncio.gather(*(one(i) for i in range(n)))
     return summarize(n, runs, time.perf_counter() - t0)
 
 
-def parse_args(argv):
-    return parse_workload(__doc__, QUICK, FULL, argv,
-                          lambda p: p.add_argument("--sampler-threads", type=int, default=2))
+def report_lines(config: dict, rows: dict[str, dict[int, dict]], ratio: dict) -> list[str]:
+    lines = [f"serve benchmark: bench checkpoint, prompt {config['prompt_len']}, {config['max_new_tokens']} new "
+             f"tokens, {config['max_denoising_steps']} steps, cpu float32, repeats {config['repeats']} "
+             f"(each row: its median run)"]
+    table = [("side", "N", "threads", "tok/s", "min", "max", "wall s", "TTFB p50 ms", "between p50", "p99 ms")]
+    for side, levels in rows.items():
+        for n, lv in levels.items():
+            tps = lv["tokens_per_s_spread"]
+            table.append((side, str(n), str(config["threads_per_side"]), f"{lv['tokens_per_s']:.1f}",
+                          f"{tps['min']:.1f}", f"{tps['max']:.1f}", f"{lv['wall_s']:.2f}", f"{lv['ttfb_ms_p50']:.1f}",
+                          f"{lv['between_blocks_ms_p50']:.1f}", f"{lv['between_blocks_ms_p99']:.1f}"))
+    lines += common.table(table)
+    lines.append(f"overhead_ratio (gRPC end to end / one process, tok/s at {max(CONCURRENCY)}, pairwise per "
+                 f"repeat): {common.fmt_spread(ratio, 'x')}")
+    return lines
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    torch.set_num_threads(1)
-    folder = ensure_checkpoint(args.bench_dir)
+    args = common.parse_args(__doc__, QUICK, FULL, argv, common.add_unit_flags)
+    load = common.LoadWatch()
+    folder = common.ensure_checkpoint(args.bench_dir)
     from dgserve.cluster import api
     from dgserve.cluster.engine import Engine, EngineConfig
     from dgserve.cluster.serve import wait_serving
     from dgserve.model.loader import load_checkpoint
 
     ck = load_checkpoint(folder, dtype="float32")
-    prompt = make_prompt(folder, args.prompt_len)
-    engine_cfg = {"max_running": max(CONCURRENCY), "cpu_threads": 1, "sampler_threads": args.sampler_threads}
-    config = {"preset": "bench", **{k: getattr(args, k) for k in QUICK}, "quick": args.quick,
-              "sampler_threads": args.sampler_threads, "torch": torch.__version__,
-              "python": platform.python_version(), "cpu_count": os.cpu_count()}
+    prompt = common.make_prompt(folder, args.prompt_len)
+    threads = common.unit_threads(args.threads, args.sampler_threads)
+    engine_cfg = common.engine_config(threads, max(CONCURRENCY))
+    config = {"preset": common.PRESET, **{k: getattr(args, k) for k in QUICK}, "seed": args.seed,
+              "quick": args.quick, "threads": args.threads, "threads_per_side": threads.total, "engine": engine_cfg,
+              "torch": torch.__version__, "python": platform.python_version()}
+    thread_lines, threads_json = common.threads_report(args.threads, common.UNIT_RULE,
+                                                       dict.fromkeys(SIDES, threads))
+    note = common.RAY_NOTE.format(extra="the gRPC gateway, ") + "; the gRPC clients run in this process"
     api.start_local(num_cpus=8, temp_dir="/tmp/dgray-bench")
-    rows: dict[str, list[dict]] = {"one-process": [], "grpc": []}
+    runs = {side: {n: [] for n in CONCURRENCY} for side in SIDES}
     try:
-        ep = api.serve_endpoint({"name": "bench", "model": str(folder), "engine": engine_cfg,
-                                 "resources": {"attention": {"cpus": args.sampler_threads}},
-                                 "gateway": {"port": api.free_port()}})
+        ep = api.serve_endpoint(common.unit_topology(folder, engine_cfg, threads,
+                                                     gateway={"port": api.free_port()}))
         if not wait_serving(ep.address, 300):
             raise SystemExit("the endpoint did not become SERVING")
         warm = argparse.Namespace(**{**vars(args), "max_denoising_steps": 1})
         asyncio.run(grpc_level(ep.address, prompt, 2, warm))
-        with Engine(ck.model, EngineConfig(**engine_cfg)) as engine:
+        # prefetch_noise as in a Ray unit, whose rank builds its executor with the noise worker on
+        with Engine(ck.model, EngineConfig(**engine_cfg), prefetch_noise=True) as engine:
             asyncio.run(engine_level(engine, ck.generation, prompt, 2, warm))
             for n in CONCURRENCY:  # alternate the sides at each N
-                rows["one-process"].append(asyncio.run(engine_level(engine, ck.generation, prompt, n, args)))
-                rows["grpc"].append(asyncio.run(grpc_level(ep.address, prompt, n, args)))
+                for _ in range(args.repeats):
+                    runs["one-process"][n].append(asyncio.run(engine_level(engine, ck.generation, prompt, n, args)))
+                    runs["grpc"][n].append(asyncio.run(grpc_level(ep.address, prompt, n, args)))
     finally:
         api.shutdown()
-    ratio = rows["grpc"][-1]["tokens_per_s"] / rows["one-process"][-1]["tokens_per_s"]
-    print(f"serve benchmark: bench checkpoint, prompt {args.prompt_len}, {args.max_new_tokens} new tokens, "
-          f"{args.max_denoising_steps} steps, cpu float32")
-    print(f"{'side':<12}{'N':>4}{'tok/s':>9}{'wall s':>8}{'TTFB p50 ms':>12}{'between p50':>12}{'p99 ms':>9}")
-    for side, levels in rows.items():
-        for lv in levels:
-            print(f"{side:<12}{lv['concurrency']:>4}{lv['tokens_per_s']:>9.1f}{lv['wall_s']:>8.2f}"
-                  f"{lv['ttfb_ms_p50']:>12.1f}{lv['between_blocks_ms_p50']:>12.1f}{lv['between_blocks_ms_p99']:>9.1f}")
-    print(f"overhead_ratio (gRPC end to end / one process, tok/s at {max(CONCURRENCY)}): {ratio:.2f}")
+    rows, ratio, tokens = common.compare_sides(runs, *SIDES)
+    load_json = load.finish(own=threads.total + 1)  # + 1: the Ray side's relaying processes
+
+    lines = report_lines(config, rows, ratio) + thread_lines + [f"  note: {note}"]
+    lines += common.token_lines(tokens, "both sides (request i, every N and repeat)")
+    print("\n".join(lines + common.load_lines(load_json)))
     if args.json:
-        print(json.dumps({"config": config, "levels": rows, "overhead_ratio": ratio}))
-    return 0
+        print(json.dumps({"config": config, "levels": {side: list(by_n.values()) for side, by_n in rows.items()},
+                          "overhead_ratio": ratio["median"], "overhead_ratio_spread": ratio,
+                          "threads": threads_json | {"note": note}, "same_tokens": tokens["same_tokens"],
+                          "mismatches": tokens["mismatches"], "load": load_json, "contended": load_json["contended"]}))
+    return 0 if tokens["same_tokens"] else 1
 
 
 if __name__ == "__main__":
