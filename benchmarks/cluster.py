@@ -41,8 +41,7 @@ def run_inprocess(model, generation, prompt, n: int, args, engine_cfg: dict) -> 
 
     settings = SamplerSettings.from_defaults(generation, max_new_tokens=args.max_new_tokens,
                                              max_denoising_steps=args.max_denoising_steps)
-    # prefetch_noise as in a Ray unit, whose rank builds its executor with the noise worker on
-    with Engine(model, EngineConfig(**engine_cfg), prefetch_noise=True) as engine:
+    with Engine(model, EngineConfig(**engine_cfg)) as engine:
         t0 = time.perf_counter()
         streams = [engine.submit(EngineRequest(prompt, settings, seed=args.seed + i)) for i in range(n)]
         finals = [s.result(600) for s in streams]

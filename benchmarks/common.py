@@ -157,16 +157,15 @@ def dgserve_threads(budget: int) -> Threads:
     return Threads(torch=budget)
 
 
-UNIT_RULE = ("both sides run the same engine settings: torch max(1, N-1) threads + the noise worker (a Ray unit "
-             "always draws noise on it, cluster/ranks.py, so the one-process engine does too) + sampler pool; "
-             "at N = 1 that is 2 threads per side, one above the budget on both sides")
+UNIT_RULE = ("both sides run the same engine settings: N torch threads, the noise drawn inline (engine "
+             "noise_prefetch off), plus the sampler pool when --sampler-threads asks for one")
 
 
 def unit_threads(budget: int, sampler_threads: int = 1) -> Threads:
     """The engine threads of both sides of cluster.py and serve.py (UNIT_RULE)."""
     if budget < 1 or sampler_threads < 1:
         raise ValueError(f"budget and sampler_threads are >= 1, not {budget} and {sampler_threads}")
-    return Threads(torch=max(1, budget - 1), noise_worker=1, sampler_pool=sampler_threads - 1)
+    return Threads(torch=budget, sampler_pool=sampler_threads - 1)
 
 
 def threads_report(budget: int, rule: str, sides: dict[str, Threads], above: dict[str, Threads] | None = None,
@@ -321,7 +320,8 @@ def add_unit_flags(p: argparse.ArgumentParser) -> None:
 
 def engine_config(threads: Threads, max_running: int) -> dict:
     """The engine settings of both sides of cluster.py and serve.py (the Ray unit's `engine` section)."""
-    return {"max_running": max_running, "cpu_threads": threads.torch, "sampler_threads": threads.sampler_threads}
+    return {"max_running": max_running, "cpu_threads": threads.torch, "sampler_threads": threads.sampler_threads,
+            "noise_prefetch": threads.prefetch}
 
 
 # A unit's default watchdog (10 s) fails every request when one iteration of 32 canvases on one torch thread runs

@@ -45,8 +45,8 @@ def run_level(model, generation, prompt: list[int], n: int, args, threads: Threa
     settings = SamplerSettings.from_defaults(generation, max_new_tokens=args.max_new_tokens,
                                              max_denoising_steps=args.max_denoising_steps)
     config = EngineConfig(max_running=max(CONCURRENCY), cpu_threads=threads.torch,
-                          sampler_threads=threads.sampler_threads)
-    engine = Engine(model, config, prefetch_noise=threads.prefetch)  # sets torch's threads to cpu_threads
+                          sampler_threads=threads.sampler_threads, noise_prefetch=threads.prefetch)
+    engine = Engine(model, config)  # sets torch's threads to cpu_threads
     t0 = time.perf_counter()
     streams = [engine.submit(EngineRequest(prompt, settings, seed=args.seed + i)) for i in range(n)]
     peak_budget = peak_kv = 0

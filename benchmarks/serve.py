@@ -133,8 +133,7 @@ def main(argv=None) -> int:
             raise SystemExit("the endpoint did not become SERVING")
         warm = argparse.Namespace(**{**vars(args), "max_denoising_steps": 1})
         asyncio.run(grpc_level(ep.address, prompt, 2, warm))
-        # prefetch_noise as in a Ray unit, whose rank builds its executor with the noise worker on
-        with Engine(ck.model, EngineConfig(**engine_cfg), prefetch_noise=True) as engine:
+        with Engine(ck.model, EngineConfig(**engine_cfg)) as engine:
             asyncio.run(engine_level(engine, ck.generation, prompt, 2, warm))
             for n in CONCURRENCY:  # alternate the sides at each N
                 for _ in range(args.repeats):

@@ -25,6 +25,9 @@ class EngineConfig:
     # Threads for the per-canvas work after the layers (LM head, sampling, self-conditioning), used when several
     # canvases step together. None: the machine's cores (at most 8) on CPU, 1 on GPU.
     sampler_threads: int | None = None
+    # Draw each canvas's sampler noise on a worker thread while its forward runs (CPU only; the same draws in the
+    # same order either way). One thread more than cpu_threads + the sampler pool.
+    noise_prefetch: bool = True
 
     def __post_init__(self) -> None:
         def need(name: str, ok: bool, allowed: str) -> None:
@@ -47,6 +50,7 @@ class EngineConfig:
         need("cpu_threads", is_int(self.cpu_threads) and 1 <= self.cpu_threads <= 1024, "an integer in 1..1024")
         need("sampler_threads", self.sampler_threads is None or (
             is_int(self.sampler_threads) and 1 <= self.sampler_threads <= 64), "null or an integer in 1..64")
+        need("noise_prefetch", isinstance(self.noise_prefetch, bool), "true | false")
 
     def sampler_threads_for(self, device_type: str, cpus: int | None) -> int:
         """The sampler threads to run with: the configured number, or by default the CPUs given (at most 8) on

@@ -55,8 +55,8 @@ class EngineRequest:
 
 class Engine:
     def __init__(self, model: DiffusionGemma, config: EngineConfig | None = None, tokenizer=None,
-                 prefetch_noise: bool = True, clock=time.monotonic, *, executor: StepExecutor | None = None,
-                 ranks: int = 1, watchdog_s: float | None = None, on_step=None):
+                 clock=time.monotonic, *, executor: StepExecutor | None = None, ranks: int = 1,
+                 watchdog_s: float | None = None, on_step=None):
         """`executor` (default: this process's Executor) runs the plans; a group executor spreads them over
         `ranks` attention ranks, each with its own memory budget. `watchdog_s`: an iteration that runs longer
         fails every request with UNAVAILABLE and marks the engine unhealthy. `on_step(engine, outcome, step_s)`
@@ -70,7 +70,7 @@ class Engine:
         self.budgets = [MemoryBudget(self.config.memory_budget_bytes) for _ in range(ranks)]
         self.budget = self.budgets[0]  # rank 0's (the only one in a single-process engine)
         threads = self.config.sampler_threads_for(model.device.type, os.cpu_count())
-        self.executor: StepExecutor = executor or Executor(model, page, prefetch_noise, threads)
+        self.executor: StepExecutor = executor or Executor(model, page, self.config.noise_prefetch, threads)
         self.driver = Driver(model.config, self.config, self.sizes, self.budgets, clock)
         self.metrics = EngineMetrics(budget_bytes=self.config.memory_budget_bytes * ranks)
         self.on_step = on_step

@@ -34,15 +34,15 @@ def test_budget_must_be_positive():
         unit_threads(0)
 
 
-def test_unit_threads_always_run_the_noise_worker():
-    assert unit_threads(1) == Threads(torch=1, noise_worker=1)
+def test_unit_threads_fit_the_budget_and_name_the_sampler_pool():
+    assert unit_threads(1) == Threads(torch=1)
     assert unit_threads(3).total == 3
     t = unit_threads(2, sampler_threads=3)
-    assert (t.torch, t.noise_worker, t.sampler_pool, t.sampler_threads, t.total) == (1, 1, 2, 3, 4)
+    assert (t.torch, t.noise_worker, t.sampler_pool, t.sampler_threads, t.total) == (2, 0, 2, 3, 4)
 
 
 def test_threads_report_flags_unequal_budgets():
-    lines, js = threads_report(2, "rule", {"a": Threads(2), "b": unit_threads(2)})
+    lines, js = threads_report(2, "rule", {"a": Threads(2), "b": Threads(1, noise_worker=1)})
     assert js["equal"] and not any("UNEQUAL" in x for x in lines)
     assert js["b"] == {"total": 2, "torch": 1, "noise_worker": 1, "sampler_pool": 0, "prefetch_noise": True,
                        "sampler_threads": 1}
