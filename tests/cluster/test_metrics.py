@@ -28,21 +28,25 @@ class Recorder:
         self.values.append((v, tags))
 
 
-def test_rank_0_reports_queue_canvases_latency_kv_and_errors(tiny, monkeypatch):
+def test_rank_0_reports_queue_canvases_latency_kv_and_errors(confident, monkeypatch):
     for cls in ("Gauge", "Histogram", "Counter"):
         monkeypatch.setattr(m.metrics, cls, Recorder)
     Recorder.made = []
     um = m.UnitMetrics("u1")
-    engine = make_engine(tiny)
+    engine = make_engine(confident, max_running=2)
     engine.on_step = um.on_step
-    s = settings(tiny, max_new_tokens=64, max_denoising_steps=3)
-    for i in range(3):
-        engine.submit(EngineRequest([5, 6, 7], s, seed=i))
-    engine.cancel(engine.driver.waiting[0].request_id if engine.driver.waiting else "none")
+    s = settings(confident, max_new_tokens=64)
+    streams = [engine.submit(EngineRequest([5, 6, 7 + i], s, seed=i, request_id=f"r{i}")) for i in range(5)]
+    engine.step()  # r0 and r1 run, r2..r4 wait
+    assert engine.cancel("r4")
     engine.run_until_idle()
     by = {r.name: r for r in Recorder.made}
-    assert by["dgserve_canvases_per_step"].values and max(by["dgserve_canvases_per_step"].values) >= 2
+    assert max(by["dgserve_queue_depth"].values) == 3 and by["dgserve_queue_depth"].values[-1] == 0
+    assert max(by["dgserve_running_canvases"].values) == 2 and by["dgserve_running_canvases"].values[-1] == 0
+    assert max(by["dgserve_canvases_per_step"].values) == 2
     assert len(by["dgserve_step_seconds"].values) == engine.metrics.iterations
-    assert by["dgserve_steps_per_block"].values and set(by["dgserve_steps_per_block"].values) == {3}
+    steps = sorted(n for st in streams[:4] for n in st.result(0).stats.steps_per_block)
+    assert sorted(by["dgserve_steps_per_block"].values) == steps and len(set(steps)) > 1
     assert max(by["dgserve_kv_bytes"].values) > 0 and by["dgserve_budget_bytes"].values[-1] == 4 << 30
+    assert by["dgserve_errors_total"].values == [(1, {"unit": "u1", "code": "CANCELLED"})]
     assert by["dgserve_queue_depth"].tags == {"unit": "u1"}

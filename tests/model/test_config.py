@@ -41,7 +41,7 @@ def test_shipped_form_and_save_pretrained_form_agree(tiny_dir, ref_folders):
 @pytest.mark.parametrize(("path", "value", "field"), [
     (("text_config", "top_k_experts"), 99, "top_k_experts"),
     (("text_config", "num_key_value_heads"), 3, "num_key_value_heads"),
-    (("text_config", "layer_types"), ["sliding_attention", "dense"], "layer_types"),
+    (("text_config", "layer_types"), ["sliding_attention"] * 5 + ["dense"], "layer_types"),
     (("text_config", "hidden_size"), -4, "hidden_size"),
     (("text_config", "hidden_activation"), "relu", "hidden_activation"),
     (("text_config", "rope_parameters"), {"sliding_attention": {"rope_type": "yarn", "rope_theta": 1.0},
@@ -67,6 +67,15 @@ def test_missing_required_field_is_named(tiny_dir):
     del raw["text_config"]["num_experts"]
     with pytest.raises(ConfigError, match="num_experts"):
         model_config_from_dict(raw)
+
+
+def test_every_generation_default_comes_from_the_checkpoint():
+    g = generation_defaults_from_dict({
+        "max_new_tokens": 77, "max_denoising_steps": 9, "t_min": 0.2, "t_max": 0.9, "stability_threshold": 2,
+        "confidence_threshold": 0.01, "eos_token_id": 7, "pad_token_id": 3,
+        "sampler_config": {"_cls_name": "EntropyBoundSamplerConfig", "entropy_bound": 0.3}})
+    assert g == SamplerSettings(max_new_tokens=77, max_denoising_steps=9, entropy_bound=0.3, t_min=0.2, t_max=0.9,
+                                stability_threshold=2, confidence_threshold=0.01, eos_token_ids=(7,), pad_token_id=3)
 
 
 def test_generation_defaults_follow_the_checkpoint_and_fill_nulls(tiny_dir):

@@ -103,14 +103,16 @@ def test_generate_is_token_exact_over_several_blocks(ref_folders, name, seed):
     assert got.decoder_passes == len(drafts)
 
 
-def test_generate_uses_all_steps_with_checkpoint_defaults(ref_folders):
-    folder = ref_folders("b")
+def test_generate_takes_its_defaults_from_the_checkpoint(ref_folders, tmp_path):
+    """generation_config.json's step limit and sampler knobs, not the library's defaults, on both sides."""
+    folder = _with_generation_config(ref_folders("b"), tmp_path, max_denoising_steps=9, t_max=1.1,
+                                     sampler_config={"_cls_name": "EntropyBoundSamplerConfig", "entropy_bound": 0.5})
     ref, ck = load_reference(folder), load_checkpoint(folder)
     prompt = [5, 6, 7]
     expected, drafts = reference_generate(ref, prompt, seed=3, max_new_tokens=2 * SPECS["b"].canvas_length - 3)
     got = generate(ck.model, prompt, SamplerSettings.from_defaults(ck.generation, max_new_tokens=13), seed=3)
     assert got.token_ids == expected
-    assert got.steps_per_block == [48, 48] and len(drafts) == 96  # random weights never get confident
+    assert got.steps_per_block == [9, 9] and len(drafts) == 18  # random weights never stop early
 
 
 def _with_generation_config(folder, tmp_path, **gen):
