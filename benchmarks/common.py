@@ -10,6 +10,7 @@ extra threads: sampler_threads counts the driver thread).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import tempfile
@@ -351,3 +352,20 @@ def compare_sides(runs: dict[str, dict[int, list[dict]]], base: str, other: str)
     rows = {side: {n: {k: v for k, v in median_run(rs).items() if k != "token_ids"} for n, rs in by_n.items()}
             for side, by_n in runs.items()}
     return rows, ratio, tokens
+
+
+def report_unit_comparison(runs: dict, sides: tuple[str, str], ratio_name: str, config: dict, report_lines: Callable,
+                           thread_lines: list[str], threads_json: dict, note: str, load_json: dict,
+                           as_json: bool) -> int:
+    """The end of cluster.py and serve.py: compare the sides (same tokens, the ratio at the largest N), print the
+    table, the threads and the load, and the JSON line; the exit status (1 when the tokens differ)."""
+    rows, ratio, tokens = compare_sides(runs, *sides)
+    lines = report_lines(config, rows, ratio) + thread_lines + [f"  note: {note}"]
+    lines += token_lines(tokens, "both sides (request i, every N and repeat)")
+    print("\n".join(lines + load_lines(load_json)))
+    if as_json:
+        print(json.dumps({"config": config, "levels": {side: list(by_n.values()) for side, by_n in rows.items()},
+                          ratio_name: ratio["median"], f"{ratio_name}_spread": ratio,
+                          "threads": threads_json | {"note": note}, "same_tokens": tokens["same_tokens"],
+                          "mismatches": tokens["mismatches"], "load": load_json, "contended": load_json["contended"]}))
+    return 0 if tokens["same_tokens"] else 1

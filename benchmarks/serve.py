@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import platform
 import sys
 import time
@@ -141,18 +140,8 @@ def main(argv=None) -> int:
                     runs["grpc"][n].append(asyncio.run(grpc_level(ep.address, prompt, n, args)))
     finally:
         api.shutdown()
-    rows, ratio, tokens = common.compare_sides(runs, *SIDES)
-    load_json = load.finish(own=threads.total + 1)  # + 1: the Ray side's relaying processes
-
-    lines = report_lines(config, rows, ratio) + thread_lines + [f"  note: {note}"]
-    lines += common.token_lines(tokens, "both sides (request i, every N and repeat)")
-    print("\n".join(lines + common.load_lines(load_json)))
-    if args.json:
-        print(json.dumps({"config": config, "levels": {side: list(by_n.values()) for side, by_n in rows.items()},
-                          "overhead_ratio": ratio["median"], "overhead_ratio_spread": ratio,
-                          "threads": threads_json | {"note": note}, "same_tokens": tokens["same_tokens"],
-                          "mismatches": tokens["mismatches"], "load": load_json, "contended": load_json["contended"]}))
-    return 0 if tokens["same_tokens"] else 1
+    return common.report_unit_comparison(runs, SIDES, "overhead_ratio", config, report_lines, thread_lines,
+                                         threads_json, note, load.finish(own=threads.total + 1), args.json)
 
 
 if __name__ == "__main__":
