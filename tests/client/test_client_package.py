@@ -7,9 +7,10 @@ import sys
 import tomllib
 from pathlib import Path
 
+import grpc
 import pytest
 
-from dgserve_client import build_request
+from dgserve_client import ApiVersionMismatch, build_request
 from dgserve_client.request import check_api
 from dgserve_client.v1 import dgserve_pb2 as pb
 
@@ -44,5 +45,6 @@ def test_build_request_and_version_check():
     with pytest.raises(ValueError, match="unknown sampler knob"):
         build_request(prompt="x", temperature=1.0)
     check_api(pb.ModelInfo(api_version="1.3"))
-    with pytest.raises(Exception, match="this client speaks 1.x"):
+    with pytest.raises(ApiVersionMismatch, match="'2.0'; this client speaks 1.x") as e:
         check_api(pb.ModelInfo(api_version="2.0"))
+    assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION

@@ -11,7 +11,7 @@ from concurrent import futures
 import grpc
 import pytest
 
-from dgserve_client import Client, InvalidArgument, ResourceExhausted, Unavailable
+from dgserve_client import ApiVersionMismatch, Client, InvalidArgument, ResourceExhausted, Unavailable
 from dgserve_client.aio import AsyncClient
 from dgserve_client.v1 import dgserve_pb2 as pb
 from dgserve_client.v1 import dgserve_pb2_grpc as pb_grpc
@@ -146,8 +146,11 @@ def test_the_deadline_bounds_the_retries(server, calls):
 
 
 def test_a_server_of_another_api_major_version_is_refused(server, calls):
-    with pytest.raises(Exception, match="speaks 1.x"):
-        calls.generate(server(Scripted([], api="2.1")), token_ids=[1])
+    s = Scripted([], api="2.1")
+    with pytest.raises(ApiVersionMismatch, match="'2.1'; this client speaks 1.x") as e:
+        calls.generate(server(s), token_ids=[1])
+    assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION and not e.value.retriable
+    assert s.calls == 0  # refused before the request was sent
 
 
 def test_an_unreachable_server_is_unavailable(calls):

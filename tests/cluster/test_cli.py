@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -88,6 +89,12 @@ def test_prompts_file_runs_through_the_engine_and_matches_single_runs(tiny_dir, 
     assert r.returncode == 0, r.stderr
     out = sorted((json.loads(x) for x in r.stdout.strip().splitlines()), key=lambda o: o["index"])
     assert [o["request_id"] for o in out] == ["line-0", "line-1", "mine"]
+    # Through the engine together: one iteration steps every running canvas, so the run takes fewer iterations
+    # than the requests' own steps added up (one at a time it takes at least that many).
+    summary = re.search(r"\[3 requests, 0 failed, (\d+) engine iterations\]", r.stderr)
+    assert summary, r.stderr
+    steps = sum(sum(o["steps_per_block"]) for o in out)
+    assert int(summary.group(1)) < steps, (summary.group(0), steps)
     singles = [["--prompt-ids", "2,5,6,7", "--seed", "3", "--max-new-tokens", "32", "--max-denoising-steps", "8"],
                ["--prompt", "Hello there", "--seed", "1", "--max-new-tokens", "64", "--max-denoising-steps", "6"],
                ["--prompt-ids", "2,9,10", "--seed", "4", "--t-max", "1.0", "--max-new-tokens", "32",

@@ -12,7 +12,7 @@ import grpc
 import pytest
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from dgserve_client import Client, InvalidArgument
+from dgserve_client import Client, DeadlineExceeded, InvalidArgument
 from dgserve_client.aio import AsyncClient
 from dgserve_client.v1 import dgserve_pb2 as pb
 from dgserve_client.v1 import dgserve_pb2_grpc as pb_grpc
@@ -56,18 +56,28 @@ def test_model_info_tokenize_and_reflection(endpoint, tiny_dir):
 
 
 def test_stream_blocks_equal_unary_equal_dgserve_generate(endpoint, tiny_dir):
+    from dgserve.model.config import load_generation_defaults
+    from dgserve.model.tokenizer import chat_prompt_ids, load_tokenizer
+
     address, _, _ = endpoint
+    seed = 12  # on the tiny model: EOS in block 2, so the output ends in pads (which usage must not count)
     with Client(address) as c:
-        unary = c.generate(prompt="Hello there", seed=5, **SHORT)
-        msgs = list(c.generate_stream(prompt="Hello there", seed=5, stream_drafts=True, **SHORT))
+        unary = c.generate(prompt="Hello there", seed=seed, **SHORT)
+        msgs = list(c.generate_stream(prompt="Hello there", seed=seed, stream_drafts=True, **SHORT))
     blocks = [m.block for m in msgs if m.HasField("block")]
     drafts = [m.draft for m in msgs if m.HasField("draft")]
     final = msgs[-1].final
     assert [t for b in blocks for t in b.token_ids] == list(unary.token_ids) == list(final.token_ids)
     assert len(drafts) == sum(final.stats.steps_per_block) and final.stats.blocks == 2
-    assert final.usage.prompt_tokens > 0 and final.usage.completion_tokens > 0 and final.text == unary.text
+    pad = load_generation_defaults(tiny_dir).pad_token_id
+    pads = list(final.token_ids).count(pad)
+    assert final.finish_reason == "eos" and 0 < pads < len(final.token_ids) == 64, "pick a seed whose output has pads"
+    for r in (unary, final):
+        assert r.usage.completion_tokens == len(r.token_ids) - pads
+        assert r.usage.prompt_tokens == len(chat_prompt_ids(load_tokenizer(tiny_dir), "Hello there"))
+    assert final.text == unary.text
     one = cli(sys.executable, "-m", "dgserve.cluster.cli", "generate", "--model", str(tiny_dir), "--prompt",
-              "Hello there", "--seed", "5", "--max-new-tokens", "64", "--max-denoising-steps", "6", "--json")
+              "Hello there", "--seed", str(seed), "--max-new-tokens", "64", "--max-denoising-steps", "6", "--json")
     assert one.returncode == 0, one.stderr
     assert last_json(one.stdout)["token_ids"] == list(unary.token_ids)
 
@@ -134,8 +144,10 @@ def test_a_client_that_cancels_frees_its_request_on_the_server(endpoint):
 
 
 def test_the_deadline_ends_the_request_on_both_sides(endpoint):
+    """End to end: the client gets DEADLINE_EXCEEDED and the unit lets the request go. That the server side ends
+    it by its own deadline (not only because the client went away) is checked by the two tests below."""
     address, _, topo = endpoint
-    with Client(address, retries=0) as c, pytest.raises(Exception) as e:
+    with Client(address, retries=0) as c, pytest.raises(DeadlineExceeded) as e:
         c.generate(token_ids=[5, 6], max_new_tokens=32 * 40, max_denoising_steps=48, timeout=0.5,
                    request_id="late")
     assert e.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -143,6 +155,86 @@ def test_the_deadline_ends_the_request_on_both_sides(endpoint):
     while "late" in unit_status(topo)["request_ids"] and time.monotonic() - t0 < 15:
         time.sleep(0.2)
     assert "late" not in unit_status(topo)["request_ids"]
+
+
+def test_the_grpc_deadline_becomes_the_engine_requests_timeout(tiny_dir):
+    """The servicer (on a real grpc.aio server, with a stand-in unit that records what it is sent) gives the unit
+    the call's remaining time as the request's timeout_s, None for a call without a deadline; the unit's rank 0
+    carries it into the engine request."""
+    from types import SimpleNamespace
+
+    from dgserve.cluster.config import parse_topology
+    from dgserve.cluster.engine.events import Finished, Stats
+    from dgserve.cluster.gateway.convert import Limits
+    from dgserve.cluster.gateway.server import start_server
+    from dgserve.cluster.gateway.service import DGServeService
+    from dgserve.model.config import load_generation_defaults
+
+    sent = []
+
+    class Response:  # a streaming DeploymentResponse: one Finished event
+        def __init__(self, request):
+            sent.append(request)
+            self.events = [Finished((7,) * 32, "length", Stats(1, (2,), 16.0, 0.0, 0.0, 0.0))]
+
+        def __aiter__(self):
+            return self
+
+        async def __anext__(self):
+            if not self.events:
+                raise StopAsyncIteration
+            return self.events.pop()
+
+        def cancel(self):
+            pass
+
+    unit = SimpleNamespace(generate=SimpleNamespace(remote=Response))
+    unit.options = lambda **_: unit
+    topo = parse_topology({"gateway": {"port": 0}})
+    defaults = load_generation_defaults(tiny_dir)
+    gw = SimpleNamespace(topo=topo, unit=unit, tokenizer=None, limits=Limits(512, 32768, 32, 1024),
+                         defaults=defaults, pad=0, draining=False, inflight=set())
+
+    async def main():
+        gw.hard_stop = asyncio.Event()
+        server, _, port = await start_server(DGServeService(gw), topo.gateway)
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+                stub = pb_grpc.DGServeStub(ch)
+                req = pb.GenerateRequest(token_ids=pb.TokenIds(ids=[5, 6]))
+                assert len((await stub.Generate(req, timeout=5)).token_ids) == 32
+                await stub.Generate(req)
+                assert [m.WhichOneof("event") async for m in stub.GenerateStream(req, timeout=3)] == ["final"]
+        finally:
+            await server.stop(None)
+
+    asyncio.run(main())
+    assert [r.prompt_ids for r in sent] == [(5, 6)] * 3
+    with_deadline, without, streamed = (r.timeout_s for r in sent)
+    assert None not in (with_deadline, streamed) and without is None, (with_deadline, without, streamed)
+    assert 4 < with_deadline < 5.1 and 2 < streamed < 3.1  # grpc-timeout rounds up a little
+    assert [r.to_engine(defaults, {}).timeout_s for r in sent] == [with_deadline, None, streamed]  # on rank 0
+
+
+def test_a_unit_request_past_its_timeout_fails_with_deadline_exceeded(endpoint):
+    from ray import serve
+
+    from dgserve.cluster.engine.errors import Code
+    from dgserve.cluster.engine.events import Failed, Finished
+    from dgserve.cluster.messages import GenerateRequest
+
+    _, _, topo = endpoint
+    handle = serve.get_deployment_handle("EngineUnit", topo.name)
+    req = GenerateRequest((5, 6), sampler={"max_new_tokens": 32 * 40, "max_denoising_steps": 48}, timeout_s=0.3,
+                          request_id="unit-late")
+    t0 = time.monotonic()
+    events = list(handle.options(stream=True).generate.remote(req))
+    took = time.monotonic() - t0
+    assert isinstance(events[-1], Failed) and events[-1].code is Code.DEADLINE_EXCEEDED, events[-1]
+    assert "unit-late" in events[-1].message and not any(isinstance(e, Finished) for e in events)
+    assert took < 10  # 40 blocks of 48 steps would take far longer
+    st = unit_status(topo)
+    assert "unit-late" not in st["request_ids"] and st["errors"].get("DEADLINE_EXCEEDED", 0) >= 1
 
 
 def test_the_request_id_comes_back_in_responses_and_errors(endpoint):

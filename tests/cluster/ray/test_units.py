@@ -48,8 +48,11 @@ def test_eight_concurrent_requests_through_a_unit_give_the_single_process_tokens
     for r, f in zip(reqs, finals, strict=True):
         assert f.token_ids == solo(local_model, r), r.request_id
     st = unit.status()["ranks"][0]
-    assert st["healthy"] and st["budget_used_bytes"] == 0 and st["iterations"] < sum(
-        len(f.stats.steps_per_block) * 16 for f in finals)  # they shared iterations
+    assert st["healthy"] and st["budget_used_bytes"] == 0
+    # They shared iterations: one at a time takes at least their own steps added up (136 here); all eight
+    # together take about as many as the longest request (32), plus the iterations before the last one arrived.
+    own_steps = sum(sum(f.stats.steps_per_block) for f in finals)
+    assert st["iterations"] < own_steps / 2, (st["iterations"], own_steps)
 
 
 def test_bad_requests_fail_with_invalid_argument_and_the_unit_keeps_serving(deploy):
@@ -93,7 +96,8 @@ def test_cancelling_mid_block_frees_the_request_on_rank_0(deploy):
 def test_a_killed_rank_fails_its_requests_as_retriable_and_the_unit_comes_back(deploy, ranks, victim, capsys):
     unit = deploy(attention_ranks=ranks, watchdog_s=5,
                   serve={"health_check_period_s": 1.0, "health_check_timeout_s": 5.0})
-    name = unit.status()["names"][victim]
+    before = unit.status()
+    name = before["names"][victim]
     req = GenerateRequest((5, 6, 7), sampler={"max_new_tokens": 32 * 30, "max_denoising_steps": 48})
 
     async def run():
@@ -122,7 +126,9 @@ def test_a_killed_rank_fails_its_requests_as_retriable_and_the_unit_comes_back(d
     with capsys.disabled():
         print(f"\nkilled rank {victim} of {ranks}: request failed UNAVAILABLE after {took:.2f}s; "
               f"the unit served again {back:.1f}s later")
-    assert unit.status()["names"][0] != name  # a new unit
+    after = unit.status()  # a new unit: the killed rank's actor is not one of its ranks
+    assert after["unit"] != before["unit"] and name not in after["names"], (before["names"], after["names"])
+    assert len(after["names"]) == ranks and all(s["healthy"] for s in after["ranks"])
 
 
 def test_two_attention_ranks_serve_requests_on_both(deploy, local_model):
