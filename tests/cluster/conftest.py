@@ -33,29 +33,27 @@ def deploy(ray_cluster, tiny_dir):
         serve.delete(name)
 
 
-@pytest.fixture(scope="session")
-def tiny(tiny_dir):
+def _load(folder, dtype: str):
     from dgserve.model.loader import load_checkpoint
 
-    return load_checkpoint(tiny_dir, dtype="float32")
+    return load_checkpoint(folder, dtype=dtype)
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_dir):
+    return _load(tiny_dir, "float32")
 
 
 @pytest.fixture(scope="session")
 def tiny_bf16(tiny_dir):
-    from dgserve.model.loader import load_checkpoint
-
-    return load_checkpoint(tiny_dir, dtype="bfloat16")
+    return _load(tiny_dir, "bfloat16")
 
 
 @pytest.fixture(scope="session")
 def confident(confident_dir):
-    from dgserve.model.loader import load_checkpoint
-
-    return load_checkpoint(confident_dir, dtype="float32")
+    return _load(confident_dir, "float32")
 
 
 @pytest.fixture(scope="session")
 def confident_bf16(confident_dir):
-    from dgserve.model.loader import load_checkpoint
-
-    return load_checkpoint(confident_dir, dtype="bfloat16")
+    return _load(confident_dir, "bfloat16")
