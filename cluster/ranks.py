@@ -118,7 +118,7 @@ class RankActor:
         out = {"rank": self.rank, "pid": os.getpid(), "slots": sorted(self.local.slots) if self.local else []}
         if self.rank == 0 and self.engine is not None:
             m = self.engine.metrics
-            placed = self.engine.snapshot().ranks
+            placed = self.engine.placements()
             out |= {"healthy": self.engine.healthy, "failure": self.engine.failure, "queue_depth": m.queue_depth,
                     "running": m.running, "iterations": m.iterations, "kv_bytes": m.kv_bytes,
                     "budget_used_bytes": sum(b.used for b in self.engine.budgets), "budget_bytes": m.budget_bytes,

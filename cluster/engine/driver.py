@@ -69,12 +69,11 @@ class Request:
 
 
 @dataclass(frozen=True, slots=True)
-class DriverSnapshot:
+class DriverCounts:
     waiting: int
     running: int
     paused: int
     preemptions: int  # over the requests not ended
-    ranks: dict[str, int]  # request id -> the attention rank holding it
 
 
 class Driver:
@@ -116,11 +115,15 @@ class Driver:
         """Requests not ended, plus executor state still to release (it takes an iteration)."""
         return len(self.waiting) + len(self.running) + len(self.paused) + len(self._release)
 
-    def snapshot(self) -> DriverSnapshot:
-        """Counts and placements at this instant (other threads read this, never the live collections)."""
-        requests = list(self.by_rid.values())
-        return DriverSnapshot(len(self.waiting), len(self.running), len(self.paused),
-                              sum(r.preemptions for r in requests), {r.request_id: r.rank for r in requests})
+    def counts(self) -> DriverCounts:
+        """Queue, running and paused counts at this instant (the metrics after every iteration)."""
+        return DriverCounts(len(self.waiting), len(self.running), len(self.paused),
+                            sum(r.preemptions for r in list(self.by_rid.values())))
+
+    def placements(self) -> dict[str, int]:
+        """Request id -> the attention rank holding it, at this instant (other threads read this copy, never the
+        live collections)."""
+        return {r.request_id: r.rank for r in list(self.by_rid.values())}
 
     def cancel(self, stream: ev.RequestStream) -> None:
         """The request of `stream` ends with CANCELLED at the next plan (nothing if it already ended)."""

@@ -31,7 +31,7 @@ from dgserve.model.validate import is_int, is_number
 from . import events as ev
 from .budget import MemoryBudget, MemorySizes
 from .config import EngineConfig
-from .driver import Driver, DriverSnapshot, Request
+from .driver import Driver, Request
 from .errors import Code, ResourceExhausted, Unavailable
 from .executor import Executor, StepExecutor
 from .failures import FailurePolicy
@@ -126,9 +126,9 @@ class Engine:
             self._wake.notify_all()
             return True
 
-    def snapshot(self) -> DriverSnapshot:
-        """Queue, running and paused counts and each request's rank, taken at one instant."""
-        return self.driver.snapshot()
+    def placements(self) -> dict[str, int]:
+        """Each active request's attention rank, taken at one instant."""
+        return self.driver.placements()
 
     @property
     def healthy(self) -> bool:
@@ -262,8 +262,8 @@ class Engine:
         m = self.metrics
         m.record(out, step_s)
         m.budget_used_bytes = sum(b.used for b in self.budgets)
-        snap = self.driver.snapshot()
-        m.queue_depth, m.running, m.paused, m.preemptions = snap.waiting, snap.running, snap.paused, snap.preemptions
+        c = self.driver.counts()
+        m.queue_depth, m.running, m.paused, m.preemptions = c.waiting, c.running, c.paused, c.preemptions
 
     def _fail_unit(self, reason: str) -> None:
         """The failure policy's unit failure: everything in flight ends as retriable; new work is refused."""
