@@ -21,7 +21,7 @@ class GenerateRequest:
     sampler: dict = field(default_factory=dict)  # any SamplerSettings knob
     drafts: bool = False
     timeout_s: float | None = None
-    request_id: str | None = None
+    request_id: str | None = None  # the client's label (x-request-id) for logs, events and status; never a handle
 
     def to_engine(self, defaults, overrides: dict) -> EngineRequest:
         """Validated engine request: checkpoint defaults, then the deployment's overrides, then the request's."""

@@ -13,17 +13,19 @@ import os
 import socket
 import threading
 import time
+from collections import OrderedDict
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
 from .config import topology_from_dict
-from .engine.events import Finished
+from .engine.events import Finished, RequestStream
 
 log = logging.getLogger("dgserve.ranks")
 
 GROUP_TIMEOUT = timedelta(hours=1)  # idle ranks are kept alive by heartbeats; hangs are the watchdog's
+EARLY_CANCELS = 4096  # cancelled calls remembered until they start (an async actor may start tasks out of order)
 
 
 class RankActor:
@@ -36,22 +38,33 @@ class RankActor:
         self.local = None
         self._stopped = threading.Event()
         self._follower: threading.Thread | None = None
+        self._calls: dict[str, RequestStream] = {}  # rank 0: the unit's key of each running call -> its stream
+        self._early: OrderedDict[str, None] = OrderedDict()  # keys cancelled before their call started
 
     # -- set-up ----------------------------------------------------------------------------------------------
+    _store_socket: socket.socket | None = None  # rank 0: the TCP store's listening socket, from endpoint to start
+
     def endpoint(self) -> tuple[str, int]:
-        """Rank 0: an address and a free port for the group's rendezvous."""
+        """Rank 0: the group's rendezvous address and port, on this node's Ray address only (127.0.0.1 on a local
+        cluster). The socket is bound here and handed to the TCP store in `start`: torch's TCPStore would bind every
+        interface itself, and a port only looked up here could be taken before `start`."""
         import ray
 
-        with socket.socket() as s:
-            s.bind(("", 0))
-            port = s.getsockname()[1]
-        return ray.util.get_node_ip_address(), port
+        address = ray.util.get_node_ip_address()
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        self._store_socket = socket.create_server((address, 0), family=family, backlog=128)
+        return address, self._store_socket.getsockname()[1]
 
     def start(self, address: str, port: int) -> dict:
         t0 = time.perf_counter()
         backend = "nccl" if self.topo.device == "cuda" else "gloo"
-        dist.init_process_group(backend, init_method=f"tcp://{address}:{port}", rank=self.rank,
-                                world_size=self.world, timeout=GROUP_TIMEOUT)
+        if self._store_socket is not None:  # rank 0 serves the store on the socket of `endpoint`
+            store = dist.TCPStore(address, port, self.world, is_master=True, timeout=GROUP_TIMEOUT,
+                                  master_listen_fd=self._store_socket.detach())
+            self._store_socket = None
+        else:
+            store = dist.TCPStore(address, port, self.world, is_master=False, timeout=GROUP_TIMEOUT)
+        dist.init_process_group(backend, store=store, rank=self.rank, world_size=self.world, timeout=GROUP_TIMEOUT)
         control = dist.new_group(backend="gloo", timeout=GROUP_TIMEOUT) if backend == "nccl" else dist.group.WORLD
         from dgserve.model.loader import load_checkpoint
         from dgserve.model.tiny import default_model_dir
@@ -92,39 +105,52 @@ class RankActor:
         self.engine.start()
 
     # -- requests (rank 0) -----------------------------------------------------------------------------------
-    async def generate(self, request):
-        """Events of one request, as a Ray streaming generator; ends with Finished or Failed."""
+    async def generate(self, request, call: str):
+        """Events of one request, as a Ray streaming generator; ends with Finished or Failed. `call` is the unit's
+        key for this call, made per call and never shown to clients: only `cancel(call)` ends it early."""
         from .messages import failure_event
 
+        if call in self._early:  # cancelled before it started: the caller is gone
+            del self._early[call]
+            return
         try:
             stream = self.engine.submit(request.to_engine(self.defaults, self.topo.sampler))
         except Exception as e:  # refused: a bad field, over budget, queue full, engine failed
             self.metrics.count(self.engine)
             yield failure_event(e)
             return
+        self._calls[call] = stream
         try:
             async for event in stream:
                 if isinstance(event, Finished):
                     self.metrics.finished(event.stats.tokens_per_forward)
                 yield event
         finally:
-            if not stream.done:  # the caller went away: free the request at the next iteration
-                self.engine.cancel(stream.request_id)
+            del self._calls[call]
+            if not stream.done:  # Ray closed the generator: free the request at the next iteration
+                self.engine.cancel(stream)
 
-    async def cancel(self, request_id: str) -> bool:
-        return self.engine.cancel(request_id)
+    async def cancel(self, call: str) -> None:
+        """End the unit's call `call` (its own key, never a request id: that is a label any client may reuse)."""
+        stream = self._calls.get(call)
+        if stream is not None:
+            self.engine.cancel(stream)  # its request ends with CANCELLED at the next iteration
+            return
+        self._early[call] = None  # not started yet, or already ended (then it is forgotten among the oldest)
+        if len(self._early) > EARLY_CANCELS:
+            self._early.popitem(last=False)
 
     async def status(self) -> dict:
         out = {"rank": self.rank, "pid": os.getpid(), "slots": sorted(self.local.slots) if self.local else []}
         if self.rank == 0 and self.engine is not None:
             m = self.engine.metrics
-            placed = self.engine.placements()
+            placed = sorted(self.engine.placements())
             out |= {"healthy": self.engine.healthy, "failure": self.engine.failure, "queue_depth": m.queue_depth,
                     "running": m.running, "iterations": m.iterations, "kv_bytes": m.kv_bytes,
                     "budget_used_bytes": sum(b.used for b in self.engine.budgets), "budget_bytes": m.budget_bytes,
                     "rejections": dict(m.rejections), "errors": dict(m.errors),
                     "admitted_per_rank": dict(m.admitted_per_rank), "steps": m.step_summary(),
-                    "request_ids": sorted(placed), "ranks_of_requests": placed}
+                    "request_ids": [rid for rid, _ in placed], "ranks_of_requests": placed}
         else:
             out["healthy"] = self._follower is not None and self._follower.is_alive()
         return out

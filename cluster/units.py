@@ -55,9 +55,10 @@ class EngineUnit:
         """The request's events (a streaming call): drafts if asked, committed blocks, then Finished or Failed."""
         if request.request_id is None:
             request = dataclasses.replace(request, request_id=uuid.uuid4().hex)
+        call = uuid.uuid4().hex  # this call's own key on rank 0; never request_id, a label any client may reuse
         ended = False
         try:
-            async for ref in self.ranks[0].generate.options(num_returns="streaming").remote(request):
+            async for ref in self.ranks[0].generate.options(num_returns="streaming").remote(request, call):
                 event = await ref
                 ended = isinstance(event, Finished | Failed)
                 yield event
@@ -67,11 +68,8 @@ class EngineUnit:
             yield Failed(Code.UNAVAILABLE, f"engine unit {self.unit} failed while serving request "
                                            f"{request.request_id} (a rank died); send the request again")
         finally:
-            if not ended:  # the caller cancelled: free the request on rank 0 at its next iteration
-                self.ranks[0].cancel.remote(request.request_id)
-
-    async def cancel(self, request_id: str) -> bool:
-        return await self.ranks[0].cancel.remote(request_id)
+            if not ended:  # the caller went away: free this call's request on rank 0 at its next iteration
+                self.ranks[0].cancel.remote(call)
 
     async def status(self) -> dict:
         states = await asyncio.gather(*(r.status.remote() for r in self.ranks))

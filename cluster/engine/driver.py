@@ -120,10 +120,10 @@ class Driver:
         return DriverCounts(len(self.waiting), len(self.running), len(self.paused),
                             sum(r.preemptions for r in list(self.by_rid.values())))
 
-    def placements(self) -> dict[str, int]:
-        """Request id -> the attention rank holding it, at this instant (other threads read this copy, never the
-        live collections)."""
-        return {r.request_id: r.rank for r in list(self.by_rid.values())}
+    def placements(self) -> list[tuple[str, int]]:
+        """(request id, the attention rank holding it) per request, at this instant (other threads read this copy,
+        never the live collections); ids are labels and may repeat."""
+        return [(r.request_id, r.rank) for r in list(self.by_rid.values())]
 
     def cancel(self, stream: ev.RequestStream) -> None:
         """The request of `stream` ends with CANCELLED at the next plan (nothing if it already ended)."""

@@ -50,7 +50,7 @@ class EngineRequest:
     seed: int = 0
     drafts: bool = False  # stream the argmax canvas after every step
     timeout_s: float | None = None  # from submit; None: the engine's default_timeout_s
-    request_id: str | None = None  # made if absent
+    request_id: str | None = None  # a label (logs, events, status), made if absent; never a handle: it may repeat
 
 
 class Engine:
@@ -78,7 +78,7 @@ class Engine:
         self._wake = threading.Condition()  # guards the inbox, the cancels, the streams and the stop flags
         self._inbox: list[Request] = []
         self._cancels: set[ev.RequestStream] = set()
-        self._streams: dict[str, ev.RequestStream] = {}
+        self._streams: set[ev.RequestStream] = set()  # not yet ended; a stream is its request's only handle
         self._rids = itertools.count()
         self._stopping = False
         self._stopped = False
@@ -99,16 +99,13 @@ class Engine:
                 raise Unavailable(f"the engine unit failed ({self.failure}); send the request again")
             if self._stopped or self._stopping:
                 raise Unavailable("the engine is stopping; send the request again to another replica")
-            old = self._streams.get(r.request_id)
-            if old is not None and not old.done and old not in self._cancels:
-                raise InputError("request_id", f"{r.request_id!r} is already in use by an active request")
             queued = len(self._inbox) + self.driver.queued
             if queued >= self.config.max_queued:
                 self.metrics.rejections["queue_full"] += 1
                 raise ResourceExhausted(f"queue full: {queued} requests are waiting (max_queued="
                                         f"{self.config.max_queued}); retry later")
             self._inbox.append(r)
-            self._streams[r.request_id] = r.stream
+            self._streams.add(r.stream)
             self._wake.notify_all()
         return r.stream
 
@@ -116,18 +113,18 @@ class Engine:
         """Validate a request as submit would (fields, context, budget), without queueing it."""
         self._validate(req)
 
-    def cancel(self, request_id: str) -> bool:
-        """Cancel an active request; it ends with CANCELLED at the next iteration. False if not active."""
+    def cancel(self, stream: ev.RequestStream) -> bool:
+        """Cancel the request of `stream` (what `submit` returned); it ends with CANCELLED at the next iteration.
+        False if it is not active here. By stream, never by request_id: that is a label any caller may reuse."""
         with self._wake:
-            stream = self._streams.get(request_id)
-            if stream is None or stream.done:
+            if stream not in self._streams or stream.done:
                 return False
-            self._cancels.add(stream)  # by stream: a later request may reuse the id
+            self._cancels.add(stream)
             self._wake.notify_all()
             return True
 
-    def placements(self) -> dict[str, int]:
-        """Each active request's attention rank, taken at one instant."""
+    def placements(self) -> list[tuple[str, int]]:
+        """(request_id, attention rank) of each active request, taken at one instant; an id may repeat."""
         return self.driver.placements()
 
     @property
@@ -253,10 +250,10 @@ class Engine:
 
     def _forget_done(self) -> None:
         with self._wake:
-            for request_id in [k for k, s in self._streams.items() if s.done]:
-                final = self._streams.pop(request_id).final
-                if isinstance(final, ev.Failed):
-                    self.metrics.errors[final.code.value] += 1
+            for stream in [s for s in self._streams if s.done]:
+                self._streams.remove(stream)
+                if isinstance(stream.final, ev.Failed):
+                    self.metrics.errors[stream.final.code.value] += 1
 
     def _record(self, out: StepOutcome, step_s: float) -> None:
         m = self.metrics

@@ -71,7 +71,7 @@ Event = Draft | BlockCommitted | Finished | Failed
 class RequestStream:
     """The events of one request. Thread-safe producer side; sync or async consumer side."""
 
-    request_id: str
+    request_id: str  # a label for messages; the stream object itself is its request's handle (Engine.cancel)
     output: Callable[[Event], Event] | None = None  # applied to each event as a consumer takes it
     _events: deque = field(default_factory=deque)
     _cond: threading.Condition = field(default_factory=threading.Condition)

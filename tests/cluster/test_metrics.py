@@ -38,7 +38,7 @@ def test_rank_0_reports_queue_canvases_latency_kv_and_errors(confident, monkeypa
     s = settings(confident, max_new_tokens=64)
     streams = [engine.submit(EngineRequest([5, 6, 7 + i], s, seed=i, request_id=f"r{i}")) for i in range(5)]
     engine.step()  # r0 and r1 run, r2..r4 wait
-    assert engine.cancel("r4")
+    assert engine.cancel(streams[4])
     engine.run_until_idle()
     by = {r.name: r for r in Recorder.made}
     assert max(by["dgserve_queue_depth"].values) == 3 and by["dgserve_queue_depth"].values[-1] == 0

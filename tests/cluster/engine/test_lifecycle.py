@@ -36,8 +36,9 @@ def test_cancel_mid_block_frees_the_request_at_the_next_iteration(tiny):
     rid = next(r.rid for r in engine.driver.running if r.request_id == "drop")
     assert rid in engine.executor.slots and engine.budget.held(rid) > 0
     held_before = engine.budget.used
-    assert engine.cancel("drop") and not engine.cancel("no-such-request")
+    assert engine.cancel(a)
     engine.step()
+    assert not engine.cancel(a)  # it ended
     assert rid not in engine.executor.slots and engine.budget.held(rid) == 0
     assert engine.budget.used < held_before
     assert isinstance(a.final, Failed) and a.final.code is Code.CANCELLED and "drop" in a.final.message
@@ -205,15 +206,28 @@ def test_a_long_prompt_over_the_context_is_refused(tiny):
         engine.submit(EngineRequest([5] * n, settings(tiny, max_new_tokens=32)))
 
 
-def test_duplicate_active_request_ids_are_refused(tiny):
+def test_requests_sharing_a_request_id_are_separate_requests(tiny):
+    """A request id is the client's label: a request with another's id neither is refused (which would say the
+    id is live) nor touches the other when it is cancelled or ends; the label is free to reuse at once."""
     engine = make_engine(tiny)
-    s = settings(tiny, max_new_tokens=32, max_denoising_steps=3)
-    engine.submit(EngineRequest([5], s, request_id="same"))
-    with pytest.raises(InputError, match="already in use"):
-        engine.submit(EngineRequest([5], s, request_id="same"))
+    long_s = settings(tiny, max_new_tokens=96, max_denoising_steps=16)
+    short_s = settings(tiny, max_new_tokens=32, max_denoising_steps=3)
+    victim = engine.submit(EngineRequest([5, 6, 7], long_s, seed=1, request_id="same"))
+    short = engine.submit(EngineRequest([8, 9], short_s, seed=2, request_id="same"))
+    doomed = engine.submit(EngineRequest([10, 11], long_s, seed=3, request_id="same"))
+    for _ in range(4):  # the short one ends; the others are mid-block
+        engine.step()
+    assert short.done and not victim.done and not doomed.done
+    assert sorted(engine.placements()) == [("same", 0), ("same", 0)]
+    assert engine.cancel(doomed) and not engine.cancel(short)
+    engine.step()
+    retry = engine.submit(EngineRequest([10, 11], long_s, seed=3, request_id="same"))  # reused at once
     engine.run_until_idle()
-    engine.submit(EngineRequest([5], s, request_id="same"))  # free again once it ended
-    engine.run_until_idle()
+    assert isinstance(doomed.final, Failed) and doomed.final.code is Code.CANCELLED
+    for stream, prompt, s, seed in ((victim, [5, 6, 7], long_s, 1), (short, [8, 9], short_s, 2),
+                                    (retry, [10, 11], long_s, 3)):
+        assert list(stream.result(0).token_ids) == generate(tiny.model, prompt, s, seed=seed).token_ids
+    assert engine.metrics.errors["CANCELLED"] == 1 and engine.budget.used == 0
 
 
 def test_a_failing_iteration_fails_its_requests_and_the_engine_keeps_serving(tiny, monkeypatch):
@@ -325,7 +339,7 @@ def test_a_cancelled_request_id_can_be_reused_at_once_and_the_new_one_runs(tiny)
     s = settings(tiny, max_new_tokens=32, max_denoising_steps=5)
     first = engine.submit(EngineRequest([5, 6], s, request_id="retry-me"))
     engine.step()
-    assert engine.cancel("retry-me")
+    assert engine.cancel(first)
     second = engine.submit(EngineRequest([5, 6], s, request_id="retry-me"))  # a client's retry
     engine.run_until_idle()
     assert isinstance(first.final, Failed) and first.final.code is Code.CANCELLED

@@ -92,6 +92,65 @@ def test_cancelling_mid_block_frees_the_request_on_rank_0(deploy):
     assert st["errors"].get("CANCELLED") == 1
 
 
+def test_a_call_reusing_a_running_requests_id_and_abandoned_at_once_never_touches_it(deploy, local_model):
+    """A request id is the client's label, never a handle: calls that send a running request's id and go away
+    within 0-38 ms cancel only themselves; the running request ends with the tokens it has alone."""
+    unit = deploy(engine={"max_running": 4})
+    victim = GenerateRequest((5, 6, 7), seed=3, request_id="victim",
+                             sampler={"max_new_tokens": 32 * 16, "max_denoising_steps": 48})
+    attack = GenerateRequest((8, 9), request_id="victim",
+                             sampler={"max_new_tokens": 32 * 20, "max_denoising_steps": 48})
+
+    async def run():
+        task = asyncio.create_task(unit.generate(victim))
+        while "victim" not in (await unit.status_async())["ranks"][0]["request_ids"]:
+            await asyncio.sleep(0.01)
+        for i in range(20):
+            response = unit.handle.options(stream=True).generate.remote(attack)
+            await asyncio.sleep(i * 0.002)
+            response.cancel()
+        ran = not task.done()
+        final = await task  # raises EngineError (CANCELLED) if an attacker's call reached it
+        assert ran, "the victim ended before the last attack: make it longer"
+        return final
+
+    final = asyncio.run(run())
+    assert final.token_ids == solo(local_model, victim)
+    deadline = time.monotonic() + 2  # an abandoned call's request left running would outlast the victim's
+    while (st := unit.status()["ranks"][0])["request_ids"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not st["request_ids"] and not st["slots"] and st["budget_used_bytes"] == 0
+    assert st["errors"].get("CANCELLED", 0) >= 1  # some attackers' requests did run, and ended as cancelled
+
+
+def test_rank_0_ends_only_the_call_the_unit_cancels_even_when_the_cancel_starts_first(local_model):
+    """In process, no Ray: an async actor may start the unit's cancel before the call it ends, so the key is kept
+    and that call never submits; a cancel ends its own call only, not another with the same request id."""
+    from types import SimpleNamespace
+
+    from dgserve.cluster.engine import Engine
+    from dgserve.cluster.ranks import RankActor
+
+    rank = RankActor(0, 1, {}, "u")
+    rank.defaults = local_model.generation
+    rank.metrics = SimpleNamespace(finished=lambda tokens_per_forward: None, count=lambda engine: None)
+    req = GenerateRequest((5, 6, 7), request_id="same", sampler={"max_new_tokens": 32 * 4, "max_denoising_steps": 16})
+
+    async def run():
+        await rank.cancel("early")
+        assert [e async for e in rank.generate(req, "early")] == [] and rank.engine.idle
+        doomed, kept = rank.generate(req, "doomed"), rank.generate(req, "kept")
+        await asyncio.gather(doomed.__anext__(), kept.__anext__())  # both running: their first blocks are out
+        await rank.cancel("doomed")
+        return [e async for e in doomed], [e async for e in kept]
+
+    with Engine(local_model.model) as rank.engine:
+        doomed, kept = asyncio.run(asyncio.wait_for(run(), 60))
+    assert isinstance(doomed[-1], Failed) and doomed[-1].code is Code.CANCELLED
+    assert isinstance(kept[-1], Finished) and kept[-1].token_ids == solo(local_model, req)
+    assert not rank._calls
+
+
 @pytest.mark.parametrize(("ranks", "victim"), [(1, 0), (2, 1)], ids=["rank0-of-1", "rank1-of-2"])
 def test_a_killed_rank_fails_its_requests_as_retriable_and_the_unit_comes_back(deploy, ranks, victim, capsys):
     unit = deploy(attention_ranks=ranks, watchdog_s=5,
