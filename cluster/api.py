@@ -13,12 +13,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import ray
 from ray import serve
 
+from . import ray_security
 from .config import Topology, load_topology, parse_topology
 from .engine.errors import EngineError
 from .engine.events import Event, Failed, Finished
@@ -28,11 +30,15 @@ from .units import unit_app
 __all__ = ["Endpoint", "GenerateRequest", "Topology", "Unit", "connect", "deploy", "free_port", "load_topology",
            "leave", "parse_topology", "serve_endpoint", "shutdown", "start_local"]
 
-RAY_ENV = {
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # every Ray port on 127.0.0.1
-    "RAY_AUTH_MODE": "disabled",  # a local, loopback-only cluster
+RAY_ENV = {  # a local cluster; an explicit setting of the user's wins
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # Ray's processes keep 127.0.0.1 as their node address
+    "RAY_AUTH_MODE": "disabled",  # loopback only, and no token written under the home folder (unless one is given)
     "RAY_USAGE_STATS_ENABLED": "0",
+    "GLOO_SOCKET_IFNAME": "lo",  # the rank actors' gloo pairs listen on loopback, not on the hostname's address
+    "NCCL_SOCKET_IFNAME": "lo",  # NCCL's bootstrap sockets too (one node: the data goes by P2P / shared memory)
 }
+LOCAL_TEMP_DIR = "/tmp/dgray"
+LOOPBACK_WORKER_HOOK = "dgserve.cluster.ray_security.loopback_worker"  # see there: Serve's replica gRPC port
 OBJECT_STORE_BYTES = 256 * 1024**2
 _started_here = False  # start_local started the Ray cluster this process is connected to
 
@@ -55,30 +61,51 @@ def free_port(low: int = 20000, high: int = 32000) -> int:
 
 
 def start_local(num_cpus: int = 8, metrics_interval_s: float | None = None, temp_dir: str | None = None,
-                metrics_port: int | None = None) -> None:
+                metrics_port: int | None = None, token_file: str | Path | None = None) -> None:
     """Start a local Ray instance and Serve (no HTTP proxy: units are reached through handles).
 
+    Closed by default: every port of the cluster listens on 127.0.0.1 only, and its temp folder and logs are
+    readable by their owner only. With `token_file` (or a token Ray finds in RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH)
+    it also requires Ray's token, against other users of this machine.
     `metrics_interval_s` sets how often replicas and handles push autoscaling metrics (Ray reads it at start).
     `metrics_port`: Prometheus metrics (dgserve's and Ray's) at http://127.0.0.1:PORT/metrics.
     """
     global _started_here
+    if not ray.is_initialized():  # a connected driver's auth mode is never switched under it
+        ray_security.configure_token(token_file)  # before RAY_ENV: a token turns RAY_AUTH_MODE to token
     os.environ.update({k: v for k, v in RAY_ENV.items() if k not in os.environ})
     if metrics_interval_s is not None:
         for key in ("RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S",
                     "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S"):
             os.environ[key] = str(metrics_interval_s)
+    temp = ray_security.private_temp_dir(temp_dir or LOCAL_TEMP_DIR)
     if not ray.is_initialized():
         extra = {"_metrics_export_port": metrics_port} if metrics_port else {}
-        ray.init(num_cpus=num_cpus, object_store_memory=OBJECT_STORE_BYTES, include_dashboard=False,
-                 _temp_dir=temp_dir or "/tmp/dgray", log_to_driver=False, **extra)
+        with ray_security.loopback_node(), ray_security.private_umask():
+            ray.init(num_cpus=num_cpus, object_store_memory=OBJECT_STORE_BYTES, include_dashboard=False,
+                     _temp_dir=str(temp), log_to_driver=False, _node_ip_address=ray_security.LOOPBACK,
+                     runtime_env={"worker_process_setup_hook": LOOPBACK_WORKER_HOOK}, **extra)
         _started_here = True
+        node_ip = ray.util.get_node_ip_address()
+        if node_ip != ray_security.LOOPBACK:  # never serve from a cluster that listens on the network
+            ray.shutdown()
+            _started_here = False
+            raise RuntimeError(f"the local Ray cluster took the node address {node_ip}, not 127.0.0.1")
     serve.start(proxy_location="Disabled")
 
 
-def connect(address: str) -> None:
-    """Join an existing Ray cluster (`ray://host:10001` or `auto`)."""
+def connect(address: str, token_file: str | Path | None = None) -> None:
+    """Join an existing Ray cluster (`ray://host:10001`, `host:6379` or `auto`).
+
+    With `token_file` (or RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH) this driver uses Ray's token authentication; it
+    warns when the cluster it joined does not require a token."""
     if not ray.is_initialized():
-        ray.init(address=address)
+        ray_security.configure_token(token_file)
+        loopback = ray_security.address_host(address) in ray_security.LOOPBACK_HOSTS
+        # Ray would turn a loopback address into the machine's external one: a loopback-only head is not there.
+        with ray_security.loopback_node() if loopback else contextlib.nullcontext():
+            ray.init(address=address)
+    ray_security.warn_if_open(address)
     serve.start(proxy_location="Disabled")
 
 
@@ -115,6 +142,16 @@ class Endpoint:
 
     def status(self) -> dict:
         return self.handle.status.remote().result()
+
+    def wait_serving(self, timeout: float) -> bool:
+        """True once the gateway says SERVING (its warm-up request went through a unit); asked through Serve, so
+        it works whatever the gRPC port's TLS and keys."""
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            if self.status()["serving"]:
+                return True
+            time.sleep(0.2)
+        return False
 
 
 def _topology(topology) -> Topology:
