@@ -110,7 +110,6 @@ def main(argv=None) -> int:
     folder = common.ensure_checkpoint(args.bench_dir)
     from dgserve.cluster import api
     from dgserve.cluster.engine import Engine, EngineConfig
-    from dgserve.cluster.serve import wait_serving
     from dgserve.model.loader import load_checkpoint
 
     ck = load_checkpoint(folder, dtype="float32")
@@ -128,7 +127,7 @@ def main(argv=None) -> int:
     try:
         ep = api.serve_endpoint(common.unit_topology(folder, engine_cfg, threads,
                                                      gateway={"port": api.free_port()}))
-        if not wait_serving(ep.address, 300):
+        if not ep.wait_serving(300):
             raise SystemExit("the endpoint did not become SERVING")
         warm = argparse.Namespace(**{**vars(args), "max_denoising_steps": 1})
         asyncio.run(grpc_level(ep.address, prompt, 2, warm))

@@ -69,6 +69,18 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--temp-dir", default=None, help="a local Ray cluster's temp folder (default /tmp/dgray)")
     sv.add_argument("--metrics-port", type=int, default=9464,
                     help="a local Ray cluster's Prometheus metrics port (default 9464; 0: off)")
+    g = sv.add_argument_group("gateway security (override the topology's gateway section)")
+    g.add_argument("--api-keys-file", help="API keys, one per line (e.g. a mounted Kubernetes Secret); every call "
+                                           "but health then needs 'authorization: Bearer <key>'")
+    g.add_argument("--tls-cert", help="the gateway's TLS certificate chain (PEM); with --tls-key")
+    g.add_argument("--tls-key", help="the gateway's TLS private key (PEM)")
+    g.add_argument("--tls-client-ca", help="require client certificates signed by this CA (mTLS)")
+    g.add_argument("--insecure-remote", action="store_true",
+                   help="allow a plaintext gateway on a non-loopback --host (only behind something that encrypts)")
+    sv.add_argument("--ray-token-file", default=None,
+                    help="Ray's token authentication with the token in this file (e.g. a mounted Kubernetes Secret; "
+                         "default: Ray's own RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN, if set). The driver presents it "
+                         "to a joined cluster; a local cluster requires it")
     return ap
 
 

@@ -62,14 +62,37 @@ class ServeSettings:
     health_check_timeout_s: float = 30.0
 
 
+LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost", "[::1]")
+
+
 @dataclass(frozen=True)
 class GatewaySettings:
-    host: str = "127.0.0.1"  # 0.0.0.0 in a pod
+    host: str = "127.0.0.1"  # another address needs TLS (or insecure_remote: true)
     port: int = 50051
     max_message_bytes: int = 16 * 1024 * 1024
     max_prompt_tokens: int | None = None  # None: the context length minus one block
+    # Text is refused above this many UTF-8 bytes before any tokenization (None: 8 bytes per prompt token).
+    max_text_bytes: int | None = None
     grace_s: float = 30.0  # on SIGTERM: in-flight requests get this long, the rest fail with UNAVAILABLE
     keepalive_s: float = 30.0
+    # API keys: one per line in a file (a mounted Kubernetes Secret), and/or in an environment variable (a Secret
+    # as env); comma- or newline-separated. With any key set, every call but health needs
+    # `authorization: Bearer <key>`.
+    api_keys_file: str | None = None
+    api_keys_env: str | None = None
+    # TLS: PEM certificate chain and private key; with a client CA, clients must present a certificate (mTLS).
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    tls_client_ca_file: str | None = None
+    insecure_remote: bool = False  # plaintext on a non-loopback host (e.g. behind a mesh that terminates TLS)
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert_file is not None
+
+    @property
+    def auth(self) -> bool:
+        return self.api_keys_file is not None or self.api_keys_env is not None
 
 
 @dataclass(frozen=True)
@@ -164,11 +187,27 @@ def _gateway(raw) -> GatewaySettings:
         "max_prompt_tokens": (lambda v: v is None or (is_int(v) and v >= 1), "null or an integer >= 1"),
         "grace_s": (lambda v: is_number(v) and 0 <= v <= 3600, "a number of seconds in 0..3600"),
         "keepalive_s": (lambda v: is_number(v) and 1 <= v <= 3600, "a number of seconds in 1..3600"),
+        "max_text_bytes": (lambda v: v is None or (is_int(v) and 1 <= v <= 2**31 - 1),
+                           "null or an integer in 1..2147483647"),
+        "insecure_remote": (lambda v: isinstance(v, bool), "true or false"),
     }
+    for key in ("api_keys_file", "tls_cert_file", "tls_key_file", "tls_client_ca_file"):
+        checks[key] = (lambda v: v is None or (isinstance(v, str) and v != ""), "null or a file path")
+    checks["api_keys_env"] = (lambda v: v is None or (isinstance(v, str) and v.replace("_", "").isalnum()),
+                              "null or an environment variable name")
     for key, value in g.items():
         ok, allowed = checks[key]
         _need(f"gateway.{key}", value, ok(value), allowed)
-    return GatewaySettings(**g)
+    out = GatewaySettings(**g)
+    _need("gateway.tls_key_file", out.tls_key_file, (out.tls_cert_file is None) == (out.tls_key_file is None),
+          "set together with gateway.tls_cert_file (a certificate and its private key)")
+    _need("gateway.tls_client_ca_file", out.tls_client_ca_file, out.tls_client_ca_file is None or out.tls,
+          "only with gateway.tls_cert_file and tls_key_file (client certificates need TLS)")
+    _need("gateway.host", out.host, out.host in LOOPBACK_HOSTS or out.tls or out.insecure_remote,
+          f"a loopback address ({', '.join(LOOPBACK_HOSTS[:3])}) without TLS: set gateway.tls_cert_file and "
+          "tls_key_file to listen on another address, or gateway.insecure_remote: true for plaintext behind a "
+          "proxy or mesh that terminates TLS")
+    return out
 
 
 def _units(raw) -> Units:

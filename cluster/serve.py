@@ -12,31 +12,17 @@ import time
 log = logging.getLogger("dgserve.serve")
 
 
-def wait_serving(address: str, timeout: float) -> bool:
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    t0 = time.monotonic()
-    with grpc.insecure_channel(address) as ch:
-        stub = health_pb2_grpc.HealthStub(ch)
-        while time.monotonic() - t0 < timeout:
-            try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == \
-                        health_pb2.HealthCheckResponse.SERVING:
-                    return True
-            except grpc.RpcError:
-                pass
-            time.sleep(0.2)
-    return False
-
-
 def run(args) -> int:
     from dgserve.cluster import api
 
     from .config import Topology, load_topology, parse_topology
 
     topo = load_topology(args.config) if args.config else Topology()
-    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    overrides = {k: v for k, v in (("host", args.host), ("port", args.port), ("api_keys_file", args.api_keys_file),
+                                   ("tls_cert_file", args.tls_cert), ("tls_key_file", args.tls_key),
+                                   ("tls_client_ca_file", args.tls_client_ca)) if v is not None}
+    if args.insecure_remote:
+        overrides["insecure_remote"] = True
     if overrides:
         raw = topo.to_dict()
         raw["gateway"] = {**raw["gateway"], **overrides}
@@ -54,19 +40,21 @@ def run(args) -> int:
     try:
         if started_ray:
             api.start_local(num_cpus=args.num_cpus, metrics_interval_s=topo.serve.metrics_interval_s,
-                            temp_dir=args.temp_dir, metrics_port=args.metrics_port or None)
-        else:
-            api.connect(args.address)
+                            temp_dir=args.temp_dir, metrics_port=args.metrics_port or None,
+                            token_file=args.ray_token_file)
+        else:  # warns when the cluster does not require Ray's token
+            api.connect(args.address, token_file=args.ray_token_file)
         # Ray's core worker installs its own SIGTERM handler in this process (it aborts): take the signals back.
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, on_signal)
         endpoint = api.serve_endpoint(topo)
-        if not wait_serving(endpoint.address, timeout=600):
+        if not endpoint.wait_serving(timeout=600):
             print("error: the gateway did not become SERVING within 600 s", file=sys.stderr)
             return 1
         model = topo.model or "the embedded tiny model (random weights: its text is noise)"
         print(f"dgserve is serving {model} on {endpoint.address} (ready in {time.monotonic() - t0:.1f}s)")
-        print(f"try:  .venv/bin/dgserve-client --target {endpoint.address} generate --prompt 'Hello' --json")
+        print(f"try:  .venv/bin/dgserve-client --target {endpoint.address}{_client_flags(topo.gateway)} generate "
+              f"--prompt 'Hello' --json")
         if started_ray and args.metrics_port:
             print(f"metrics (Prometheus): http://127.0.0.1:{args.metrics_port}/metrics")
         print("Ctrl-C stops it.", flush=True)
@@ -97,3 +85,15 @@ def _shutdown(api, topo, started_ray: bool) -> None:
             api.leave(topo.name)
     except Exception as e:  # clean-up must go on
         log.warning("shutdown: %s", e)
+
+
+def _client_flags(gateway) -> str:
+    """The dgserve-client flags this gateway needs (file names are placeholders for the client's own)."""
+    flags = ""
+    if gateway.tls:
+        flags += " --tls-ca CA.pem"
+    if gateway.tls_client_ca_file:
+        flags += " --tls-cert CLIENT.crt --tls-key CLIENT.key"
+    if gateway.auth:
+        flags += " --api-key-file KEY_FILE"
+    return flags

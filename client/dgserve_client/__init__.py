@@ -8,10 +8,12 @@ from .errors import (
            DGServeClientError,
            InvalidArgument,
            ResourceExhausted,
+           Unauthenticated,
            Unavailable,
 )
 from .request import API_MAJOR, build_request
+from .security import TLS
 
 __version__ = "0.1.0"
 __all__ = ["API_MAJOR", "ApiVersionMismatch", "Cancelled", "Client", "DGServeClientError", "DeadlineExceeded",
-           "InvalidArgument", "ResourceExhausted", "Unavailable", "build_request"]
+           "InvalidArgument", "ResourceExhausted", "TLS", "Unauthenticated", "Unavailable", "build_request"]

@@ -14,6 +14,7 @@ from grpc_health.v1 import health_pb2_grpc
 
 from .errors import from_rpc_error
 from .request import metadata
+from .security import TLS, api_key_metadata
 from .v1 import dgserve_pb2_grpc as pb_grpc
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -102,20 +103,31 @@ class Attempts:
 
 class ClientBase:
     """The constructor both clients share. `timeout` is each call's deadline in seconds; retriable errors are
-    retried with exponential backoff (up to `retries` times) while the deadline allows."""
+    retried with exponential backoff (up to `retries` times) while the deadline allows.
+
+    `api_key` is sent as `authorization: Bearer <key>` (default: the DGSERVE_API_KEY environment variable); `tls`
+    (a `TLS`, or True for the system's roots) makes the channel secure; `credentials` gives ready-made channel
+    credentials instead. `insecure=True` allows an API key over plaintext to another machine."""
 
     _grpc: ModuleType = grpc            # where channels come from: grpc, or grpc.aio
     _options: tuple = MESSAGE_OPTIONS   # channel options
 
     def __init__(self, target: str, timeout: float | None = 600.0, retries: int = 5, backoff_s: float = 0.2,
                  backoff_cap_s: float = 5.0, credentials: grpc.ChannelCredentials | None = None,
-                 metadata: Sequence[tuple[str, str]] = (), check_version: bool = True):
-        self.channel = (self._grpc.secure_channel(target, credentials, self._options) if credentials
-                        else self._grpc.insecure_channel(target, self._options))
+                 metadata: Sequence[tuple[str, str]] = (), check_version: bool = True, *,
+                 api_key: str | None = None, tls: TLS | bool | None = None, insecure: bool = False):
+        if tls is True:
+            tls = TLS()
+        options = self._options + (tls.options() if tls else ())
+        if tls and credentials is None:
+            credentials = tls.credentials()
+        auth = api_key_metadata(api_key, target, credentials is not None, insecure)
+        self.channel = (self._grpc.secure_channel(target, credentials, options) if credentials
+                        else self._grpc.insecure_channel(target, options))
         self.stub = pb_grpc.DGServeStub(self.channel)
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
         self.timeout, self.retries, self.backoff_s, self.backoff_cap_s = timeout, retries, backoff_s, backoff_cap_s
-        self.extra_metadata = tuple(metadata)
+        self.extra_metadata = (*metadata, *auth)
         self._version_checked = not check_version
 
     def _attempts(self, request_id: str | None, timeout: float | None) -> Attempts:

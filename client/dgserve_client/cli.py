@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from google.protobuf.json_format import MessageToDict
 
 from .client import Client
 from .errors import DGServeClientError
 from .request import KNOBS
+from .security import TLS
 
 
 def _ids(text: str) -> list[int]:
@@ -24,6 +26,15 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="dgserve-client", description="Talk to a dgserve gRPC endpoint.")
     ap.add_argument("--target", default="127.0.0.1:50051", help="host:port (default 127.0.0.1:50051)")
     ap.add_argument("--timeout", type=float, default=600.0, help="deadline per call, seconds")
+    sec = ap.add_argument_group("security (an API key is also read from $DGSERVE_API_KEY)")
+    sec.add_argument("--api-key-file", type=Path, help="a file holding the API key (sent as a Bearer token)")
+    sec.add_argument("--tls", action="store_true", help="TLS with the system's root certificates")
+    sec.add_argument("--tls-ca", help="PEM roots that signed the server's certificate (implies --tls)")
+    sec.add_argument("--tls-cert", help="this client's certificate, PEM (mTLS; with --tls-key)")
+    sec.add_argument("--tls-key", help="this client's private key, PEM")
+    sec.add_argument("--tls-server-name", help="the name to check in the server's certificate")
+    sec.add_argument("--insecure", action="store_true",
+                     help="allow sending the API key in plaintext to another machine")
     sub = ap.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="generate; with --stream, print blocks as they are committed")
     src = g.add_mutually_exclusive_group(required=True)
@@ -48,8 +59,20 @@ def _as_dict(msg) -> dict:
     return MessageToDict(msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
 
 
+def _security(args) -> dict:
+    key = None
+    if args.api_key_file is not None:
+        try:
+            key = args.api_key_file.read_text().strip()
+        except OSError as e:
+            raise ValueError(f"--api-key-file: cannot read {str(args.api_key_file)!r} ({e.strerror})") from None
+    use_tls = args.tls or any((args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name))
+    tls = TLS(args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name) if use_tls else None
+    return {"api_key": key, "tls": tls, "insecure": args.insecure}
+
+
 def run(args) -> int:
-    with Client(args.target, timeout=args.timeout) as c:
+    with Client(args.target, timeout=args.timeout, **_security(args)) as c:
         if args.command == "health":
             status = c.health()
             print(json.dumps({"status": status}) if args.json else status)

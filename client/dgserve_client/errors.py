@@ -38,12 +38,17 @@ class ApiVersionMismatch(DGServeClientError):
     pass
 
 
+class Unauthenticated(DGServeClientError):
+    """No API key, or a wrong one (the server wants `authorization: Bearer <key>`)."""
+
+
 BY_CODE = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
     grpc.StatusCode.CANCELLED: Cancelled,
     grpc.StatusCode.UNAVAILABLE: Unavailable,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
 }
 
 

@@ -16,30 +16,58 @@ from ..messages import GenerateRequest
 API_VERSION = "1.0"
 
 
+TEXT_BYTES_PER_TOKEN = 8  # the default text limit: generous for real text (about 4 bytes per token)
+
+
 @dataclass(frozen=True)
 class Limits:
     max_prompt_tokens: int
     context_length: int
     canvas_length: int
     vocab_size: int
+    max_text_bytes: int  # checked before any tokenization, so no text can hold the gateway for long
 
 
-def limits_for(config: ModelConfig, max_prompt_tokens: int | None) -> Limits:
+def limits_for(config: ModelConfig, max_prompt_tokens: int | None, max_text_bytes: int | None = None) -> Limits:
     ctx, C = config.text.max_position_embeddings, config.canvas_length
     cap = ctx - C
-    return Limits(min(max_prompt_tokens, cap) if max_prompt_tokens else cap, ctx, C, config.text.vocab_size)
+    tokens = min(max_prompt_tokens, cap) if max_prompt_tokens else cap
+    return Limits(tokens, ctx, C, config.text.vocab_size, max_text_bytes or TEXT_BYTES_PER_TOKEN * tokens)
 
 
-def to_request(msg: pb.GenerateRequest, request_id: str, tokenizer, limits: Limits, defaults: SamplerSettings,
-               overrides: dict, timeout_s: float | None) -> GenerateRequest:
-    """Validate and convert; raises InputError naming the field and the limit."""
+def check_text(text: str, limits: Limits, field: str) -> None:
+    """Refuses empty text and text over the byte limit (cheaply: most text is measured without encoding)."""
+    if not text:
+        raise InputError(field, "text is empty")
+    n = len(text) if len(text) > limits.max_text_bytes or 4 * len(text) <= limits.max_text_bytes \
+        else len(text.encode("utf-8", "surrogatepass"))
+    if n > limits.max_text_bytes:
+        raise InputError(field, f"text of {'at least ' if n == len(text) else ''}{n} UTF-8 bytes exceeds the "
+                                f"limit of {limits.max_text_bytes} bytes (gateway.max_text_bytes)")
+
+
+def prompt_text(msg: pb.GenerateRequest, limits: Limits) -> str | None:
+    """The text to tokenize (checked), or None when the prompt is token ids."""
     which = msg.WhichOneof("prompt")
     if which is None:
         raise InputError("prompt", "set text or token_ids")
-    if which == "text":
-        if not msg.text:
-            raise InputError("prompt", "text is empty")
-        ids = chat_prompt_ids(tokenizer, msg.text, enable_thinking=msg.thinking)
+    if which != "text":
+        return None
+    check_text(msg.text, limits, "prompt")
+    return msg.text
+
+
+def text_prompt_ids(tokenizer, msg: pb.GenerateRequest) -> list[int]:
+    """The chat-templated ids of a text prompt (slow for long text: the gateway runs it off its event loop)."""
+    return chat_prompt_ids(tokenizer, msg.text, enable_thinking=msg.thinking)
+
+
+def to_request(msg: pb.GenerateRequest, request_id: str, text_ids: list[int] | None, limits: Limits,
+               defaults: SamplerSettings, overrides: dict, timeout_s: float | None) -> GenerateRequest:
+    """Validate and convert (`text_ids`: the tokenized text prompt); raises InputError naming the field and the
+    limit."""
+    if text_ids is not None:
+        ids = text_ids
     else:
         ids = list(msg.token_ids.ids)
         if not ids:
@@ -106,6 +134,7 @@ def model_info(topo, config: ModelConfig, defaults: SamplerSettings, limits: Lim
                              dtype=topo.dtype, device=topo.device),
         limits=pb.Limits(max_prompt_tokens=limits.max_prompt_tokens, context_length=limits.context_length,
                          canvas_length=limits.canvas_length, max_request_bytes=topo.gateway.max_message_bytes,
+                         max_text_bytes=limits.max_text_bytes,
                          max_running_per_unit=topo.running_capacity, max_queued_per_unit=topo.engine.max_queued,
                          max_request_s=topo.serve.max_request_s),
         sampler_defaults=d, sampler_ranges=ranges)

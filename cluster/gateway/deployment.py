@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 
 from ray import serve
 
@@ -20,6 +21,7 @@ from ..units import unit_deployment
 from .convert import limits_for, model_info
 from .server import set_serving, start_server
 from .service import DGServeService
+from .text import TextWorker
 
 log = logging.getLogger("dgserve.gateway")
 
@@ -42,9 +44,10 @@ class Gateway:
         self.tokenizer = load_tokenizer(folder)
         self.config, self.defaults = load_model_config(folder), load_generation_defaults(folder)
         self.pad = self.defaults.pad_token_id
-        self.limits = limits_for(self.config, self.topo.gateway.max_prompt_tokens)
+        self.limits = limits_for(self.config, self.topo.gateway.max_prompt_tokens, self.topo.gateway.max_text_bytes)
         self.info = model_info(self.topo, self.config, self.defaults, self.limits, model_id, SERVER_VERSION)
-        self.inflight: set[str] = set()
+        self.inflight: Counter[str] = Counter()  # request ids are labels: two calls may share one
+        self.text = TextWorker()
         self.draining, self.hard_stop, self.serving = False, asyncio.Event(), False
         self.server, self.health, self.port = await start_server(DGServeService(self), self.topo.gateway)
         log.info("gateway listening on %s:%d (NOT_SERVING until warm)", self.topo.gateway.host, self.port)
@@ -74,7 +77,7 @@ class Gateway:
         return f"{self.topo.gateway.host}:{self.port}"
 
     async def status(self) -> dict:
-        return {"serving": self.serving, "draining": self.draining, "inflight": sorted(self.inflight),
+        return {"serving": self.serving, "draining": self.draining, "inflight": sorted(self.inflight.elements()),
                 "port": self.port}
 
     async def check_health(self) -> None:
@@ -95,10 +98,11 @@ class Gateway:
             t0 = time.monotonic()
             while self.inflight and time.monotonic() - t0 < grace:
                 await asyncio.sleep(0.05)
-            left = sorted(self.inflight)
+            left = sorted(self.inflight.elements())
             self.hard_stop.set()
             await asyncio.sleep(0.2)  # let the aborts reach their clients
             await self.server.stop(1.0)
+            self.text.close()
             log.info("gateway drained: %d request(s) failed with UNAVAILABLE after %.1fs", len(left), grace)
             return {"failed": left}
         return {"failed": []}

@@ -1,5 +1,5 @@
-"""The grpc.aio server of the gateway: DGServe, grpc.health.v1 and reflection, with message-size limits and
-keepalive."""
+"""The grpc.aio server of the gateway: DGServe, grpc.health.v1 and reflection, with message-size limits,
+keepalive, API keys and TLS (`security.py`)."""
 
 from __future__ import annotations
 
@@ -10,12 +10,18 @@ from grpc_reflection.v1alpha import reflection
 from dgserve_client.v1 import dgserve_pb2 as pb
 from dgserve_client.v1 import dgserve_pb2_grpc as pb_grpc
 
+from .security import ApiKeyAuth, ApiKeys, StrictDecoding, server_credentials
+
 SERVICE = pb.DESCRIPTOR.services_by_name["DGServe"].full_name  # "dgserve.v1.DGServe"
 
 
 async def start_server(service, settings) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
     keepalive_ms = int(settings.keepalive_s * 1000)
-    server = grpc.aio.server(options=[
+    interceptors = [StrictDecoding()]
+    if settings.auth:  # checked first: a refused call is never decoded
+        interceptors.insert(0, ApiKeyAuth(ApiKeys(settings.api_keys_file, settings.api_keys_env)))
+    credentials = server_credentials(settings)
+    server = grpc.aio.server(interceptors=interceptors, options=[
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.keepalive_time_ms", keepalive_ms),
@@ -29,7 +35,8 @@ async def start_server(service, settings) -> tuple[grpc.aio.Server, health.aio.H
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    address = f"{settings.host}:{settings.port}"
+    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     if port == 0:
         raise RuntimeError(f"gateway: cannot listen on {settings.host}:{settings.port}")
     for name in ("", SERVICE):

@@ -13,9 +13,9 @@ from dgserve.model.tokenizer import chat_prompt_ids
 from dgserve_client.v1 import dgserve_pb2 as pb
 from dgserve_client.v1 import dgserve_pb2_grpc as pb_grpc
 
-from ..engine.errors import Code
+from ..engine.errors import Code, EngineError
 from ..engine.events import Failed, Finished
-from .convert import final_message, stream_message, to_request
+from .convert import check_text, final_message, prompt_text, stream_message, text_prompt_ids, to_request
 
 log = logging.getLogger("dgserve.gateway")
 
@@ -49,13 +49,13 @@ class DGServeService(pb_grpc.DGServeServicer):
 
     async def Tokenize(self, request, context):
         rid = await self._begin(context)
+        if not request.text and not request.chat:
+            return pb.TokenizeResponse()
         try:
-            if request.chat:
-                ids = chat_prompt_ids(self.gw.tokenizer, request.text, enable_thinking=request.thinking)
-            else:
-                ids = self.gw.tokenizer.encode(request.text, add_special_tokens=False)
+            check_text(request.text, self.gw.limits, "text")
+            ids = await self.gw.text.run(_tokenize, self.gw.tokenizer, request)
         except DGServeError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request {rid}: {e}")
+            await self._refuse(context, rid, e)
         return pb.TokenizeResponse(token_ids=ids)
 
     async def GetModelInfo(self, request, context):
@@ -72,18 +72,25 @@ class DGServeService(pb_grpc.DGServeServicer):
                                                              "send it again (another replica will take it)")
         return rid
 
+    async def _refuse(self, context, rid: str, error: DGServeError):
+        """A request refused before it reached a unit: a bad field (INVALID_ARGUMENT) or a busy tokenizer."""
+        code = STATUS[error.code] if isinstance(error, EngineError) else grpc.StatusCode.INVALID_ARGUMENT
+        log.info("request %s: refused (%s): %s", rid, code.name, error)
+        await context.abort(code, f"request {rid}: {error}")
+
     async def _events(self, request, context, rid: str):
         """(event, prompt tokens) until the Finished event; every failure becomes an abort with its code."""
         try:
-            req = to_request(request, rid, self.gw.tokenizer, self.gw.limits, self.gw.defaults,
-                             self.gw.topo.sampler, context.time_remaining())
+            text = prompt_text(request, self.gw.limits)
+            text_ids = None if text is None else await self.gw.text.run(text_prompt_ids, self.gw.tokenizer, request)
+            req = to_request(request, rid, text_ids, self.gw.limits, self.gw.defaults, self.gw.topo.sampler,
+                             context.time_remaining())
         except DGServeError as e:
-            log.info("request %s: refused: %s", rid, e)
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request {rid}: {e}")
+            await self._refuse(context, rid, e)
         n_prompt = len(req.prompt_ids)
         log.info("request %s: %d prompt tokens, seed %d", rid, n_prompt, req.seed)
         response = self.gw.unit.options(stream=True).generate.remote(req)
-        self.gw.inflight.add(rid)
+        self.gw.inflight[rid] += 1
         events = response.__aiter__()
         try:
             while True:
@@ -107,7 +114,9 @@ class DGServeService(pb_grpc.DGServeServicer):
                     log.info("request %s: done, %d tokens in %.3fs", rid, len(event.token_ids), event.stats.total_s)
                     return
         finally:
-            self.gw.inflight.discard(rid)
+            self.gw.inflight[rid] -= 1
+            if self.gw.inflight[rid] <= 0:
+                del self.gw.inflight[rid]
             response.cancel()  # a no-op once it ended; otherwise frees the request on rank 0
 
     async def _next(self, events):
@@ -126,3 +135,11 @@ class DGServeService(pb_grpc.DGServeServicer):
             stop.cancel()
             if not nxt.done():
                 nxt.cancel()
+
+
+def _tokenize(tokenizer, request: pb.TokenizeRequest) -> list[int]:
+    if request.chat:
+        return chat_prompt_ids(tokenizer, request.text, enable_thinking=request.thinking)
+    if tokenizer is None:
+        raise DGServeError("text: this checkpoint has no tokenizer files")
+    return tokenizer.encode(request.text, add_special_tokens=False)

@@ -179,6 +179,13 @@ def test_serve_bad_arguments_are_clear_errors(args, message):
 
 
 def test_serve_joins_an_existing_ray_cluster_and_leaves_it_running(tmp_path):
+    """... with the gateway behind TLS and API keys (`--tls-cert/--tls-key`, `--api-keys-file`), and a warning that
+    the joined cluster does not require Ray's token."""
+    from dgserve_client import TLS, Unauthenticated
+    from tests.certs import make_certs
+
+    certs = make_certs(tmp_path / "certs")
+    (tmp_path / "keys").write_text("serve-key\n")
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled",
            "RAY_USAGE_STATS_ENABLED": "0", "DGSERVE_HOME": str(tmp_path / "home")}
     ray_bin = str(Path(sys.executable).parent / "ray")
@@ -190,16 +197,22 @@ def test_serve_joins_an_existing_ray_cluster_and_leaves_it_running(tmp_path):
     try:
         port = free_port()
         proc = subprocess.Popen([sys.executable, "-m", "dgserve.cluster.cli", "serve", "--address",
-                                 f"127.0.0.1:{gcs}", "--port", str(port)], stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, env=env)
+                                 f"127.0.0.1:{gcs}", "--port", str(port), "--tls-cert", certs.server_cert,
+                                 "--tls-key", certs.server_key, "--api-keys-file", str(tmp_path / "keys")],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         out = []
         for line in proc.stdout:
             out.append(line)
-            if "dgserve is serving" in line:
+            if "Ctrl-C stops it" in line:
                 break
         assert any("dgserve is serving" in line for line in out), "".join(out[-20:])
-        with Client(f"127.0.0.1:{port}") as c:
+        assert any("does not require a token" in line for line in out), "".join(out[-20:])
+        assert any("--tls-ca CA.pem --api-key-file KEY_FILE generate" in line for line in out), "".join(out[-20:])
+        tls = TLS(ca_file=certs.ca)
+        with Client(f"localhost:{port}", tls=tls, api_key="serve-key") as c:
             assert len(c.generate(token_ids=[5, 6], max_new_tokens=32, max_denoising_steps=2).token_ids) == 32
+        with Client(f"localhost:{port}", tls=tls, api_key="", retries=0) as c, pytest.raises(Unauthenticated):
+            c.generate(token_ids=[5, 6], max_new_tokens=32, max_denoising_steps=2)
         proc.send_signal(signal.SIGINT)
         out += proc.stdout.readlines()
         assert proc.wait(90) == 0

@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import time
+from collections import Counter
 
 import grpc
 import pytest
@@ -192,8 +193,8 @@ def test_the_grpc_deadline_becomes_the_engine_requests_timeout(tiny_dir):
     unit.options = lambda **_: unit
     topo = parse_topology({"gateway": {"port": 0}})
     defaults = load_generation_defaults(tiny_dir)
-    gw = SimpleNamespace(topo=topo, unit=unit, tokenizer=None, limits=Limits(512, 32768, 32, 1024),
-                         defaults=defaults, pad=0, draining=False, inflight=set())
+    gw = SimpleNamespace(topo=topo, unit=unit, tokenizer=None, limits=Limits(512, 32768, 32, 1024, 4096),
+                         defaults=defaults, pad=0, draining=False, inflight=Counter())
 
     async def main():
         gw.hard_stop = asyncio.Event()
