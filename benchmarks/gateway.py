@@ -113,6 +113,7 @@ def phase(name: str, address: str, text_bytes: int | None, args) -> dict:
            "probes": len(health), "health_ms_p50": 1000 * pct(health, 0.5),
            "health_ms_p99": 1000 * pct(health, 0.99), "health_ms_max": 1000 * max(health),
            "attack_calls": sum(codes.values()), "attack_codes": codes,
+           "attack_mb_per_s": sum(codes.values()) * (text_bytes or 0) / 1e6 / args.seconds,
            "attack_ms_p50": 1000 * pct(attack_lat, 0.5) if attack_lat else None}
     return row
 
@@ -123,11 +124,12 @@ def report(rows: list[dict], limits: dict, load: dict, as_json: bool) -> int:
     lines = ["gateway benchmark: grpc.health.v1 Check latency while attackers send huge text prompts (tiny model, "
              f"loopback); default max_text_bytes {limits['default']}, tokenized phase limit {limits['raised']}"]
     table = [("phase", "text bytes", "attackers", "probes", "health p50 ms", "p99 ms", "max ms", "attack calls",
-              "attack p50 ms", "codes")]
+              "MB/s in", "attack p50 ms", "codes")]
     for r in rows:
         table.append((r["phase"], str(r["text_bytes"]), str(r["attackers"]), str(r["probes"]),
                       f"{r['health_ms_p50']:.2f}", f"{r['health_ms_p99']:.2f}", f"{r['health_ms_max']:.2f}",
-                      str(r["attack_calls"]), "-" if r["attack_ms_p50"] is None else f"{r['attack_ms_p50']:.1f}",
+                      str(r["attack_calls"]), f"{r['attack_mb_per_s']:.0f}",
+                      "-" if r["attack_ms_p50"] is None else f"{r['attack_ms_p50']:.1f}",
                       ",".join(f"{k}:{v}" for k, v in sorted(r["attack_codes"].items())) or "-"))
     lines += common.table(table)
     lines.append("health p99 ratio to idle: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
