@@ -192,7 +192,10 @@ class BlockDenoiser:
         return StepResult(argmax, int(accept.sum()), mean_h, stable and confident)
 
     def _stable(self, argmax_C: torch.Tensor) -> bool:
-        k = self.settings.stability_threshold
+        # Stable needs k earlier argmaxes in the history, so at step s only when s - 1 >= k: a threshold at or
+        # above the step cap can never be met, exactly as one equal to the cap. Capping it bounds the history to
+        # [max_denoising_steps, C] whatever a request asks (2^32 - 1 would be a 1 TiB tensor), same tokens.
+        k = min(self.settings.stability_threshold, self.settings.max_denoising_steps)
         if k == 0:
             return True
         if self._history is None:

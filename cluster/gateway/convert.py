@@ -122,7 +122,8 @@ def model_info(topo, config: ModelConfig, defaults: SamplerSettings, limits: Lim
         pb.Range(name="entropy_bound", min=0, max=float("inf"), min_exclusive=True),
         pb.Range(name="t_min", min=0, max=float("inf")),
         pb.Range(name="t_max", min=0, max=float("inf"), min_exclusive=True, note="must be > t_min"),
-        pb.Range(name="stability_threshold", min=0, max=2**32 - 1),
+        pb.Range(name="stability_threshold", min=0, max=2**32 - 1,
+                 note="values >= max_denoising_steps never stop a block early (the same as the step count)"),
         pb.Range(name="confidence_threshold", min=0, max=float("inf"), min_exclusive=True),
         pb.Range(name="seed", min=0, max=float(MAX_SEED)),
     ]

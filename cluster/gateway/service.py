@@ -27,7 +27,8 @@ STATUS = {Code.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
 
 def request_id_of(context) -> str:
     given = dict(context.invocation_metadata() or ()).get("x-request-id", "")
-    return given if 0 < len(given) <= 128 and given.isprintable() else uuid.uuid4().hex
+    # Echoed in the response headers: anything but printable ASCII would make gRPC refuse the header (INTERNAL).
+    return given if 0 < len(given) <= 128 and given.isascii() and given.isprintable() else uuid.uuid4().hex
 
 
 class DGServeService(pb_grpc.DGServeServicer):

@@ -55,3 +55,18 @@ def test_finalize_pads_after_the_first_eos_and_keeps_it():
     assert finalize_block([5, 6, 7], s) == ([5, 6, 7], False)
     no_pad = SamplerSettings(eos_token_ids=(1,), pad_token_id=None)
     assert finalize_block([5, 1, 7], no_pad) == ([5, 1, 7], True)
+
+
+def test_a_stability_threshold_beyond_the_step_cap_is_the_step_cap_and_allocates_no_more(confident_dir):
+    """2^32 - 1 once asked for a [2^32 - 1, C] history (1 TiB) and failed its whole engine step. Any threshold >= the
+    step cap can never be met within a block, so it gives the tokens of threshold = cap, with a bounded history."""
+    from dgserve.model.generate import generate
+    from dgserve.model.loader import load_checkpoint
+
+    ck = load_checkpoint(confident_dir, dtype="float32")
+    base = SamplerSettings.from_defaults(ck.generation, max_new_tokens=64, max_denoising_steps=6)
+    runs = {k: generate(ck.model, [2, 40, 41, 42], SamplerSettings.from_defaults(base, stability_threshold=k), seed=5)
+            for k in (1, 6, 7, 2**32 - 1)}
+    assert runs[1].steps_per_block != runs[6].steps_per_block  # the threshold matters on this model
+    for k in (7, 2**32 - 1):
+        assert runs[k].token_ids == runs[6].token_ids and runs[k].steps_per_block == runs[6].steps_per_block

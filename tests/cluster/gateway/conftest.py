@@ -20,7 +20,7 @@ def health(address: str) -> str | None:
         return health_pb2.HealthCheckResponse.ServingStatus.Name(r.status)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="package")  # shared by test_gateway.py and test_fuzz.py: deploying costs ~30 s
 def endpoint(ray_cluster, tiny_dir):
     """(address, statuses seen from the first answer until SERVING, topology)."""
     from ray import serve
