@@ -1,14 +1,16 @@
 """The gateway's event loop under hostile text: grpc.health.v1 latency while clients send huge text prompts.
 
 Before the security work a 10 MB text prompt was tokenized on the gateway's event loop for 12-20 s and every RPC,
-health included, waited. Now text over `gateway.max_text_bytes` is refused before tokenization, and what is
-tokenized runs on the gateway's text worker thread. Phases, one run, one endpoint per gateway setting (tiny
-model, local Ray cluster, loopback):
+health included, waited. Now a message larger than the largest valid request is dropped by gRPC before it is
+read (RESOURCE_EXHAUSTED), text over `gateway.max_text_bytes` is refused before tokenization (INVALID_ARGUMENT),
+and what is tokenized runs on the gateway's text worker thread. Phases, one run, one endpoint per gateway
+setting (tiny model, local Ray cluster, loopback):
 
     idle        health probes only
-    refused     attackers send 10 MB text prompts; the default byte limit refuses them untokenized
+    refused     attackers send 10 MB text prompts; the default message limit drops them unread
+    over-text   text one byte over the default text limit (inside the message limit): refused untokenized
     at-limit    attackers send text of exactly the default byte limit: tokenized (off the loop)
-    tokenized   a gateway whose byte limit admits the big text: each one is tokenized whole on the worker
+    tokenized   a gateway whose limits admit the big text: each one is tokenized whole on the worker
                 (quick: 2 MB texts; full: 10 MB)
 
 Every attacking request also carries t_max < t_min, so whatever is tokenized is then refused (INVALID_ARGUMENT) and
@@ -37,6 +39,8 @@ from benchmarks import common  # noqa: E402
 QUICK = {"seconds": 4.0, "attackers": 4, "tokenized_mb": 2}
 FULL = {"seconds": 15.0, "attackers": 8, "tokenized_mb": 10}
 REFUSED_MB = 10
+EXPECTED = {"refused": "RESOURCE_EXHAUSTED", "over-text": "INVALID_ARGUMENT", "at-limit": "INVALID_ARGUMENT",
+            "tokenized": "INVALID_ARGUMENT"}
 PROBE_GAP_S = 0.01
 
 
@@ -135,14 +139,14 @@ def report(rows: list[dict], limits: dict, load: dict, as_json: bool) -> int:
     lines.append("health p99 ratio to idle: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
     lines.append("  threads: the prober is 1 thread in this process; the attackers are threads of one other "
                  "process; the gateway is one Serve replica (its event loop + 1 text worker thread)")
-    bad = {r["phase"]: r["attack_codes"] for r in rows[1:] if set(r["attack_codes"]) != {"INVALID_ARGUMENT"}}
+    bad = {r["phase"]: r["attack_codes"] for r in rows[1:] if set(r["attack_codes"]) != {EXPECTED[r["phase"]]}}
     ok = not bad
     if bad:
-        lines.append(f"ERROR: attacking requests not all refused with INVALID_ARGUMENT: {bad}")
+        lines.append(f"ERROR: attacking requests not all refused as expected {EXPECTED}: {bad}")
     print("\n".join(lines + common.load_lines(load)))
     if as_json:
         print(json.dumps({"rows": rows, "health_p99_ratio_to_idle": ratios, "limits": limits,
-                          "all_refused_invalid_argument": ok, "load": load, "contended": load["contended"]}))
+                          "all_refused_as_expected": ok, "load": load, "contended": load["contended"]}))
     return 0 if ok else 1
 
 
@@ -172,12 +176,12 @@ def main(argv=None) -> int:
     api.start_local(num_cpus=8, temp_dir="/tmp/dgray-bench")
     try:
         base = api.serve_endpoint({"name": "gw-default", "gateway": {"port": api.free_port()}})
-        big = api.serve_endpoint({"name": "gw-raised", "gateway": {
-            "port": api.free_port(), "max_text_bytes": raised, "max_message_bytes": raised + 1024**2}})
+        big = api.serve_endpoint({"name": "gw-raised", "gateway": {"port": api.free_port(), "max_text_bytes": raised}})
         if not (base.wait_serving(300) and big.wait_serving(300)):
             raise SystemExit("the endpoints did not become SERVING")
         rows = [phase("idle", base.address, None, args),
                 phase("refused", base.address, REFUSED_MB * 1000**2, args),
+                phase("over-text", base.address, default_limit + 1, args),
                 phase("at-limit", base.address, default_limit, args),
                 phase("tokenized", big.address, args.tokenized_mb * 1000**2, args)]
     finally:

@@ -69,7 +69,9 @@ LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost", "[::1]")
 class GatewaySettings:
     host: str = "127.0.0.1"  # another address needs TLS (or insecure_remote: true)
     port: int = 50051
-    max_message_bytes: int = 16 * 1024 * 1024
+    # The largest request message (None: what the largest valid prompt needs); gRPC refuses a larger one with
+    # RESOURCE_EXHAUSTED before reading it, which keeps floods of huge messages cheap.
+    max_message_bytes: int | None = None
     max_prompt_tokens: int | None = None  # None: the context length minus one block
     # Text is refused above this many UTF-8 bytes before any tokenization (None: 8 bytes per prompt token).
     max_text_bytes: int | None = None
@@ -183,7 +185,8 @@ def _gateway(raw) -> GatewaySettings:
     checks = {
         "host": (lambda v: isinstance(v, str) and v != "", "a host name or address"),
         "port": (lambda v: is_int(v) and 0 <= v <= 65535, "an integer in 0..65535 (0: any free port)"),
-        "max_message_bytes": (lambda v: is_int(v) and 1024 <= v <= 2**31 - 1, "an integer in 1024..2147483647"),
+        "max_message_bytes": (lambda v: v is None or (is_int(v) and 1024 <= v <= 2**31 - 1),
+                              "null or an integer in 1024..2147483647"),
         "max_prompt_tokens": (lambda v: v is None or (is_int(v) and v >= 1), "null or an integer >= 1"),
         "grace_s": (lambda v: is_number(v) and 0 <= v <= 3600, "a number of seconds in 0..3600"),
         "keepalive_s": (lambda v: is_number(v) and 1 <= v <= 3600, "a number of seconds in 1..3600"),

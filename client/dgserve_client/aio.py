@@ -11,7 +11,7 @@ from grpc_health.v1 import health_pb2
 
 from .calls import MESSAGE_OPTIONS, ClientBase
 from .errors import from_rpc_error
-from .request import build_request, check_api
+from .request import build_request
 from .v1 import dgserve_pb2 as pb
 
 
@@ -41,7 +41,7 @@ class AsyncClient(ClientBase):
         """Messages as they come; retried (with backoff) only until the first one arrives."""
         await self._check_version()
         req = build_request(prompt, token_ids, seed, stream_drafts, thinking, **knobs)
-        attempts = self._attempts(request_id, timeout)
+        attempts = self._attempts(request_id, timeout, req)
         while True:
             with attempts.stream(self.stub.GenerateStream, req) as call:
                 async for msg in call:
@@ -67,13 +67,12 @@ class AsyncClient(ClientBase):
 
     async def _check_version(self) -> None:
         if not self._version_checked:
-            check_api(await self.info())
-            self._version_checked = True
+            self._learn(await self.info())
 
     async def _unary(self, method, req, request_id, timeout, check: bool = True):
         if check:
             await self._check_version()
-        attempts = self._attempts(request_id, timeout)
+        attempts = self._attempts(request_id, timeout, req)
         while True:
             with attempts:
                 return await method(req, **attempts.call_options())

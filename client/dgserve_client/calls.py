@@ -12,8 +12,8 @@ from types import ModuleType
 import grpc
 from grpc_health.v1 import health_pb2_grpc
 
-from .errors import from_rpc_error
-from .request import metadata
+from .errors import InvalidArgument, from_rpc_error
+from .request import check_api, metadata
 from .security import TLS, api_key_metadata
 from .v1 import dgserve_pb2_grpc as pb_grpc
 
@@ -22,6 +22,7 @@ MESSAGE_OPTIONS = (("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES))
 KEEPALIVE_OPTIONS = (("grpc.keepalive_time_ms", 30_000), ("grpc.keepalive_timeout_ms", 10_000))
 RETRY_CODES = ("UNAVAILABLE", "RESOURCE_EXHAUSTED")
+TOO_LARGE = "larger than max"  # in gRPC's message for a request over the server's size limit: never retried
 
 
 def backoff(attempt: int, base: float, cap: float) -> float:
@@ -93,7 +94,8 @@ class Attempts:
         `backoff_s` of the deadline is left; a stream that has delivered a message is never retried (its messages
         would come twice). The pause leaves the next attempt at least half of what is left of the deadline."""
         c, left = self.client, None if self.deadline is None else self.deadline - time.monotonic()
-        if (self._received or e.code().name not in RETRY_CODES or self.attempt >= c.retries
+        too_large = TOO_LARGE in (e.details() or "")  # gRPC's RESOURCE_EXHAUSTED for a message over the limit
+        if (self._received or too_large or e.code().name not in RETRY_CODES or self.attempt >= c.retries
                 or (left is not None and left <= c.backoff_s)):
             raise from_rpc_error(e, self.request_id) from None
         wait = backoff(self.attempt, c.backoff_s, c.backoff_cap_s)
@@ -129,6 +131,21 @@ class ClientBase:
         self.timeout, self.retries, self.backoff_s, self.backoff_cap_s = timeout, retries, backoff_s, backoff_cap_s
         self.extra_metadata = (*metadata, *auth)
         self._version_checked = not check_version
+        self._max_request_bytes = 0  # unknown until GetModelInfo answers
 
-    def _attempts(self, request_id: str | None, timeout: float | None) -> Attempts:
-        return Attempts(self, request_id, timeout)
+    def _attempts(self, request_id: str | None, timeout: float | None, req=None) -> Attempts:
+        """A call's attempts; a request larger than the server accepts (GetModelInfo's limits.max_request_bytes,
+        known once the first call checked the API version) is refused here, without sending it."""
+        attempts = Attempts(self, request_id, timeout)
+        size = 0 if req is None else req.ByteSize()
+        if 0 < self._max_request_bytes < size:
+            raise InvalidArgument(grpc.StatusCode.INVALID_ARGUMENT,
+                                  f"the request is {size} bytes, more than the server accepts "
+                                  f"({self._max_request_bytes} bytes: limits.max_request_bytes)", attempts.request_id)
+        return attempts
+
+    def _learn(self, info) -> None:
+        """What the first call's GetModelInfo tells every later call."""
+        check_api(info)
+        self._max_request_bytes = info.limits.max_request_bytes
+        self._version_checked = True

@@ -11,7 +11,7 @@ from grpc_health.v1 import health_pb2
 
 from .calls import KEEPALIVE_OPTIONS, MAX_MESSAGE_BYTES, MESSAGE_OPTIONS, ClientBase
 from .errors import from_rpc_error
-from .request import build_request, check_api
+from .request import build_request
 from .v1 import dgserve_pb2 as pb
 
 __all__ = ["MAX_MESSAGE_BYTES", "Client"]
@@ -47,7 +47,7 @@ class Client(ClientBase):
         """Messages as they come; retried (with backoff) only until the first one arrives."""
         self._check_version()
         req = build_request(prompt, token_ids, seed, stream_drafts, thinking, **knobs)
-        attempts = self._attempts(request_id, timeout)
+        attempts = self._attempts(request_id, timeout, req)
         while True:
             with attempts.stream(self.stub.GenerateStream, req) as call:
                 for msg in call:
@@ -73,13 +73,12 @@ class Client(ClientBase):
     # -- plumbing --------------------------------------------------------------------------------------------
     def _check_version(self) -> None:
         if not self._version_checked:
-            check_api(self.info())
-            self._version_checked = True
+            self._learn(self.info())
 
     def _unary(self, method, req, request_id, timeout, check: bool = True):
         if check:
             self._check_version()
-        attempts = self._attempts(request_id, timeout)
+        attempts = self._attempts(request_id, timeout, req)
         while True:
             with attempts:
                 return method(req, **attempts.call_options())

@@ -17,6 +17,8 @@ API_VERSION = "1.0"
 
 
 TEXT_BYTES_PER_TOKEN = 8  # the default text limit: generous for real text (about 4 bytes per token)
+ID_BYTES = 5  # the longest varint of a token id
+REQUEST_SLACK_BYTES = 64 * 1024  # room for every other field of a request
 
 
 @dataclass(frozen=True)
@@ -26,13 +28,23 @@ class Limits:
     canvas_length: int
     vocab_size: int
     max_text_bytes: int  # checked before any tokenization, so no text can hold the gateway for long
+    max_request_bytes: int = 16 * 1024 * 1024  # gRPC refuses a larger message before reading it
 
 
-def limits_for(config: ModelConfig, max_prompt_tokens: int | None, max_text_bytes: int | None = None) -> Limits:
+def request_bytes_for(max_prompt_tokens: int, max_text_bytes: int) -> int:
+    """The largest request a valid prompt needs: its text or its ids, and the other fields."""
+    return max(max_text_bytes, ID_BYTES * max_prompt_tokens) + REQUEST_SLACK_BYTES
+
+
+def limits_for(config: ModelConfig, max_prompt_tokens: int | None, max_text_bytes: int | None = None,
+               max_request_bytes: int | None = None) -> Limits:
+    """The gateway's limits; an unset byte limit is derived from the prompt limit (8 bytes of text per token; a
+    message no larger than the largest valid request, so gRPC drops anything bigger before it is read)."""
     ctx, C = config.text.max_position_embeddings, config.canvas_length
     cap = ctx - C
     tokens = min(max_prompt_tokens, cap) if max_prompt_tokens else cap
-    return Limits(tokens, ctx, C, config.text.vocab_size, max_text_bytes or TEXT_BYTES_PER_TOKEN * tokens)
+    text = max_text_bytes or TEXT_BYTES_PER_TOKEN * tokens
+    return Limits(tokens, ctx, C, config.text.vocab_size, text, max_request_bytes or request_bytes_for(tokens, text))
 
 
 def check_text(text: str, limits: Limits, field: str) -> None:
@@ -134,7 +146,7 @@ def model_info(topo, config: ModelConfig, defaults: SamplerSettings, limits: Lim
                              attention_ranks=topo.attention_ranks, expert_ranks=topo.expert_ranks,
                              dtype=topo.dtype, device=topo.device),
         limits=pb.Limits(max_prompt_tokens=limits.max_prompt_tokens, context_length=limits.context_length,
-                         canvas_length=limits.canvas_length, max_request_bytes=topo.gateway.max_message_bytes,
+                         canvas_length=limits.canvas_length, max_request_bytes=limits.max_request_bytes,
                          max_text_bytes=limits.max_text_bytes,
                          max_running_per_unit=topo.running_capacity, max_queued_per_unit=topo.engine.max_queued,
                          max_request_s=topo.serve.max_request_s),

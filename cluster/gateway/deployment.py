@@ -44,12 +44,14 @@ class Gateway:
         self.tokenizer = load_tokenizer(folder)
         self.config, self.defaults = load_model_config(folder), load_generation_defaults(folder)
         self.pad = self.defaults.pad_token_id
-        self.limits = limits_for(self.config, self.topo.gateway.max_prompt_tokens, self.topo.gateway.max_text_bytes)
+        g = self.topo.gateway
+        self.limits = limits_for(self.config, g.max_prompt_tokens, g.max_text_bytes, g.max_message_bytes)
         self.info = model_info(self.topo, self.config, self.defaults, self.limits, model_id, SERVER_VERSION)
         self.inflight: Counter[str] = Counter()  # request ids are labels: two calls may share one
         self.text = TextWorker()
         self.draining, self.hard_stop, self.serving = False, asyncio.Event(), False
-        self.server, self.health, self.port = await start_server(DGServeService(self), self.topo.gateway)
+        self.server, self.health, self.port = await start_server(DGServeService(self), g,
+                                                                 self.limits.max_request_bytes)
         log.info("gateway listening on %s:%d (NOT_SERVING until warm)", self.topo.gateway.host, self.port)
         self._warm = asyncio.create_task(self._warm_up())
 

@@ -15,15 +15,19 @@ from .security import ApiKeyAuth, ApiKeys, StrictDecoding, server_credentials
 SERVICE = pb.DESCRIPTOR.services_by_name["DGServe"].full_name  # "dgserve.v1.DGServe"
 
 
-async def start_server(service, settings) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
+MAX_RESPONSE_BYTES = 64 * 1024 * 1024  # a whole 256K-token context as ids and text, with room
+
+
+async def start_server(service, settings, max_request_bytes: int) -> tuple[grpc.aio.Server,
+                                                                           health.aio.HealthServicer, int]:
     keepalive_ms = int(settings.keepalive_s * 1000)
     interceptors = [StrictDecoding()]
     if settings.auth:  # checked first: a refused call is never decoded
         interceptors.insert(0, ApiKeyAuth(ApiKeys(settings.api_keys_file, settings.api_keys_env)))
     credentials = server_credentials(settings)
     server = grpc.aio.server(interceptors=interceptors, options=[
-        ("grpc.max_receive_message_length", settings.max_message_bytes),
-        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.max_receive_message_length", max_request_bytes),
+        ("grpc.max_send_message_length", MAX_RESPONSE_BYTES),
         ("grpc.keepalive_time_ms", keepalive_ms),
         ("grpc.keepalive_timeout_ms", 10_000),
         ("grpc.http2.min_ping_interval_without_data_ms", 5_000),

@@ -166,3 +166,35 @@ def test_the_sync_and_asyncio_clients_have_the_same_public_signatures():
     sync, aio = public(Client), public(AsyncClient)
     assert {"__init__", "generate", "generate_stream", "tokenize", "info", "health", "close"} <= set(sync)
     assert sync == aio
+
+
+class Limited(Scripted):
+    """A server that accepts requests of at most 100 bytes (GetModelInfo says so)."""
+
+    def GetModelInfo(self, request, context):
+        return pb.ModelInfo(api_version="1.0", limits=pb.Limits(max_request_bytes=100))
+
+
+def test_a_request_over_the_servers_size_limit_is_refused_before_it_is_sent(server, calls):
+    s = Limited([])
+    target = server(s)
+    assert list(calls.generate(target, token_ids=[1] * 10).token_ids) == [1, 2, 3]
+    with pytest.raises(InvalidArgument, match="max_request_bytes"):
+        calls.generate(target, token_ids=list(range(100, 200)))
+    with pytest.raises(InvalidArgument, match="max_request_bytes"):
+        calls.stream(target, prompt="x" * 500)
+    assert s.calls == 1  # the large ones never reached the server
+
+
+def test_the_servers_too_large_answer_is_not_retried(server, calls):
+    """gRPC refuses a message over the receive limit with RESOURCE_EXHAUSTED; sending it again cannot help."""
+    s = Scripted([])
+
+    def too_large(request, context):
+        s.calls += 1
+        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "Received message larger than max (5000 vs. 100)")
+
+    s.Generate = too_large
+    with pytest.raises(ResourceExhausted, match="larger than max"):
+        calls.generate(server(s), {"backoff_s": 0.01}, token_ids=[1])
+    assert s.calls == 1

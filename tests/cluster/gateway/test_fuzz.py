@@ -35,6 +35,7 @@ from grpc_reflection.v1alpha import reflection_pb2
 from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
 
+from dgserve.cluster.gateway.convert import request_bytes_for
 from dgserve_client.v1 import dgserve_pb2 as pb
 from dgserve_client.v1 import dgserve_pb2_grpc as pb_grpc
 
@@ -42,7 +43,7 @@ REQUESTS = int(os.environ.get("DGSERVE_FUZZ_REQUESTS", "320"))
 BATCH = 8  # calls per generated example
 CONCURRENCY = 8  # calls in flight at once, each from its own thread
 DEADLINE_S = 3.0  # a long valid generation ends in DEADLINE_EXCEEDED instead of stalling the fuzz
-MAX_MESSAGE = 16 * 1024 * 1024  # gateway.max_message_bytes (default)
+MAX_MESSAGE = request_bytes_for(512, 8 * 512)  # the fixture's max_prompt_tokens 512: gRPC's receive limit
 MAX_TEXT = 10 * 1024 * 1024
 
 SERVICE = "/dgserve.v1.DGServe/"
@@ -245,7 +246,7 @@ def payloads(draw, method: str) -> bytes:
     """A request's bytes: mostly a well-formed message, else broken in one of several ways."""
     kind = draw(st.sampled_from(["message"] * 9 + ["bad_utf8", "mutated", "random", "wire", "concat", "empty",
                                                    "oversize"]))
-    if kind == "oversize":  # past the server's receive limit: rare, it is 17 MB
+    if kind == "oversize":  # past the server's receive limit (rare)
         if draw(st.integers(0, 39)):
             kind = "message"
         else:
@@ -692,12 +693,25 @@ def test_bytes_that_do_not_decode_are_invalid_argument_on_every_rpc(endpoint, me
     (TOKENIZE, pb.TokenizeRequest(text="a" * MAX_TEXT)),
     (TOKENIZE, pb.TokenizeRequest(text="中" * (MAX_TEXT // 3), chat=True)),
 ])
-def test_a_10_mb_text_is_refused_untokenized_naming_max_text_bytes(endpoint, method, message):
+def test_a_10_mb_text_is_refused_unread_by_the_message_size_limit(endpoint, method, message):
+    """The message limit is what the largest valid prompt needs, so gRPC drops a 10 MB one before reading it."""
     t0 = time.monotonic()
+    with grpc.insecure_channel(endpoint[0], options=[("grpc.max_send_message_length", 64 << 20)]) as ch:
+        out = send(ch, endpoint[0], Call(method, (message.SerializeToString(),), timeout=30))
+    assert out.code == "RESOURCE_EXHAUSTED" and "larger than max" in out.details, out
+    assert time.monotonic() - t0 < 10  # tokenizing 10 MB took 12-20 s
+
+
+@pytest.mark.parametrize(("method", "message"), [
+    (GENERATE, pb.GenerateRequest(text="a" * (8 * 512 + 1), sampler=FIXED)),
+    (STREAM, pb.GenerateRequest(text="é" * (4 * 512 + 1), sampler=FIXED)),
+    (TOKENIZE, pb.TokenizeRequest(text="a" * (MAX_MESSAGE - 1024))),
+    (TOKENIZE, pb.TokenizeRequest(text="中" * 2000, chat=True)),
+])
+def test_a_text_over_the_byte_limit_is_refused_untokenized_naming_max_text_bytes(endpoint, method, message):
     with grpc.insecure_channel(endpoint[0]) as ch:
         out = send(ch, endpoint[0], Call(method, (message.SerializeToString(),), timeout=30))
     assert out.code == "INVALID_ARGUMENT" and "gateway.max_text_bytes" in out.details, out
-    assert time.monotonic() - t0 < 10  # tokenizing 10 MB took 12-20 s
 
 
 def test_without_strict_decoding_grpc_answers_malformed_bytes_with_unknown():

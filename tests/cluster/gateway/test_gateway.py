@@ -198,7 +198,7 @@ def test_the_grpc_deadline_becomes_the_engine_requests_timeout(tiny_dir):
 
     async def main():
         gw.hard_stop = asyncio.Event()
-        server, _, port = await start_server(DGServeService(gw), topo.gateway)
+        server, _, port = await start_server(DGServeService(gw), topo.gateway, 1 << 20)
         try:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
                 stub = pb_grpc.DGServeStub(ch)

@@ -44,7 +44,7 @@ def server(**gateway):
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
-    srv, _, port = asyncio.run_coroutine_threadsafe(start_server(Scripted(), settings), loop).result(30)
+    srv, _, port = asyncio.run_coroutine_threadsafe(start_server(Scripted(), settings, 1 << 20), loop).result(30)
     try:
         yield f"127.0.0.1:{port}" if not settings.tls else f"localhost:{port}"
     finally:
