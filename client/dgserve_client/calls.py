@@ -26,8 +26,10 @@ TOO_LARGE = "larger than max"  # in gRPC's message for a request over the server
 
 
 def backoff(attempt: int, base: float, cap: float) -> float:
-    """Exponential backoff with full jitter."""
-    return random.uniform(0, min(cap, base * 2 ** attempt))
+    """Exponential backoff with equal jitter: at least half of each step, so a run of retries spans a known time
+    (full jitter can spend a whole retry budget in a second)."""
+    step = min(cap, base * 2 ** attempt)
+    return random.uniform(step / 2, step)
 
 
 class Attempts:
@@ -57,6 +59,7 @@ class Attempts:
         self.deadline = None if t is None else time.monotonic() + t
         self.attempt = 0
         self.pause = 0.0
+        self.first_failure: float | None = None
         self.call = None
         self._received = False
 
@@ -90,13 +93,17 @@ class Attempts:
     def _retry_after(self, e: grpc.RpcError) -> float:
         """The pause (seconds) before the next attempt, or raises the typed error.
 
-        Only UNAVAILABLE and RESOURCE_EXHAUSTED are retried, at most `retries` times, and only while more than
-        `backoff_s` of the deadline is left; a stream that has delivered a message is never retried (its messages
-        would come twice). The pause leaves the next attempt at least half of what is left of the deadline."""
-        c, left = self.client, None if self.deadline is None else self.deadline - time.monotonic()
+        Only UNAVAILABLE and RESOURCE_EXHAUSTED are retried, at most `retries` times, for at most `retry_window_s`
+        after the first failure (the default outlasts a unit's or the gateway's rebuild, measured at 9-21 s), and
+        only while more than `backoff_s` of the deadline is left; a stream that has delivered a message is never
+        retried (its messages would come twice). The pause leaves the next attempt at least half of what is left
+        of the deadline."""
+        now = time.monotonic()
+        c, left = self.client, None if self.deadline is None else self.deadline - now
+        self.first_failure = now if self.first_failure is None else self.first_failure
         too_large = TOO_LARGE in (e.details() or "")  # gRPC's RESOURCE_EXHAUSTED for a message over the limit
         if (self._received or too_large or e.code().name not in RETRY_CODES or self.attempt >= c.retries
-                or (left is not None and left <= c.backoff_s)):
+                or now - self.first_failure >= c.retry_window_s or (left is not None and left <= c.backoff_s)):
             raise from_rpc_error(e, self.request_id) from None
         wait = backoff(self.attempt, c.backoff_s, c.backoff_cap_s)
         self.attempt += 1
@@ -105,7 +112,8 @@ class Attempts:
 
 class ClientBase:
     """The constructor both clients share. `timeout` is each call's deadline in seconds; retriable errors are
-    retried with exponential backoff (up to `retries` times) while the deadline allows.
+    retried with exponential backoff (up to `retries` times, for up to `retry_window_s` after the first failure)
+    while the deadline allows.
 
     `api_key` is sent as `authorization: Bearer <key>` (default: the DGSERVE_API_KEY environment variable); `tls`
     (a `TLS`, or True for the system's roots) makes the channel secure; `credentials` gives ready-made channel
@@ -114,10 +122,11 @@ class ClientBase:
     _grpc: ModuleType = grpc            # where channels come from: grpc, or grpc.aio
     _options: tuple = MESSAGE_OPTIONS   # channel options
 
-    def __init__(self, target: str, timeout: float | None = 600.0, retries: int = 5, backoff_s: float = 0.2,
-                 backoff_cap_s: float = 5.0, credentials: grpc.ChannelCredentials | None = None,
+    def __init__(self, target: str, timeout: float | None = 600.0, retries: int = 50, backoff_s: float = 0.2,
+                 backoff_cap_s: float = 2.0, credentials: grpc.ChannelCredentials | None = None,
                  metadata: Sequence[tuple[str, str]] = (), check_version: bool = True, *,
-                 api_key: str | None = None, tls: TLS | bool | None = None, insecure: bool = False):
+                 api_key: str | None = None, tls: TLS | bool | None = None, insecure: bool = False,
+                 retry_window_s: float = 45.0):
         if tls is True:
             tls = TLS()
         options = self._options + (tls.options() if tls else ())
@@ -129,6 +138,7 @@ class ClientBase:
         self.stub = pb_grpc.DGServeStub(self.channel)
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
         self.timeout, self.retries, self.backoff_s, self.backoff_cap_s = timeout, retries, backoff_s, backoff_cap_s
+        self.retry_window_s = retry_window_s
         self.extra_metadata = (*metadata, *auth)
         self._version_checked = not check_version
         self._max_request_bytes = 0  # unknown until GetModelInfo answers

@@ -198,3 +198,42 @@ def test_the_servers_too_large_answer_is_not_retried(server, calls):
     with pytest.raises(ResourceExhausted, match="larger than max"):
         calls.generate(server(s), {"backoff_s": 0.01}, token_ids=[1])
     assert s.calls == 1
+
+
+class Outage(Scripted):
+    """UNAVAILABLE for the first `seconds` (a unit or the gateway being rebuilt), then answers."""
+
+    def __init__(self, seconds: float):
+        super().__init__([])
+        self.until = time.monotonic() + seconds
+
+    def Generate(self, request, context):
+        self.calls += 1
+        if time.monotonic() < self.until:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "the engine unit failed; send the request again")
+        return pb.GenerateResponse(token_ids=[1, 2, 3])
+
+
+def test_retries_outlast_an_outage_within_their_window_and_give_up_after_it(server, calls):
+    """The window is counted from the first failure, whatever the number of attempts (equal-jitter backoff)."""
+    kw = {"backoff_s": 0.05, "backoff_cap_s": 0.2, "retry_window_s": 2.0}
+    assert list(calls.generate(server(Outage(1.0)), kw, token_ids=[1]).token_ids) == [1, 2, 3]
+    t0 = time.monotonic()
+    with pytest.raises(Unavailable):
+        calls.generate(server(Outage(60.0)), kw, token_ids=[1])
+    assert 2.0 <= time.monotonic() - t0 < 4.0
+
+
+def test_the_default_retries_cover_a_rebuild():
+    """A unit or gateway rebuild took 9-21 s (issue 11); the defaults keep retrying for longer, and their backoff
+    steps (at least half of each, capped) cannot run out of attempts before the window ends."""
+    from dgserve_client.calls import backoff
+
+    c = Client("127.0.0.1:1")
+    try:
+        assert c.retry_window_s >= 30
+        shortest = sum(min(c.backoff_cap_s, c.backoff_s * 2 ** a) / 2 for a in range(c.retries))
+        assert shortest >= c.retry_window_s
+        assert all(0.5 * min(2.0, 0.2 * 2 ** a) <= backoff(a, 0.2, 2.0) <= min(2.0, 0.2 * 2 ** a) for a in range(8))
+    finally:
+        c.close()
