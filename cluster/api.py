@@ -21,7 +21,7 @@ import ray
 from ray import serve
 
 from . import ray_security
-from .config import Topology, load_topology, parse_topology
+from .config import LOOPBACK_HOSTS, Topology, load_topology, parse_topology
 from .engine.errors import EngineError
 from .engine.events import Event, Failed, Finished
 from .messages import GenerateRequest
@@ -101,7 +101,7 @@ def connect(address: str, token_file: str | Path | None = None) -> None:
     warns when the cluster it joined does not require a token."""
     if not ray.is_initialized():
         ray_security.configure_token(token_file)
-        loopback = ray_security.address_host(address) in ray_security.LOOPBACK_HOSTS
+        loopback = ray_security.address_host(address) in LOOPBACK_HOSTS
         # Ray would turn a loopback address into the machine's external one: a loopback-only head is not there.
         with ray_security.loopback_node() if loopback else contextlib.nullcontext():
             ray.init(address=address)

@@ -32,7 +32,6 @@ from dgserve.model.errors import InputError
 log = logging.getLogger("dgserve.security")
 
 LOOPBACK = "127.0.0.1"
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
 TOKEN_ENV, TOKEN_PATH_ENV, MODE_ENV = "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE"
 
 
