@@ -14,6 +14,7 @@ import torch.distributed as dist
 from .engine.errors import UnitFailure
 from .engine.executor import Executor
 from .engine.plan import StepOutcome, StepPlan
+from .engine.progress import StoreBoard, publish
 
 log = logging.getLogger("dgserve.group")
 
@@ -53,15 +54,20 @@ def merge(iteration: int, outcomes: list[StepOutcome]) -> StepOutcome:
             rows[k] = rows.get(k, 0) + v
     return StepOutcome(iteration, tuple(c for o in outcomes for c in o.canvases), rows,
                        max(o.forward_s for o in outcomes), max(o.sampling_s for o in outcomes),
-                       sum(o.kv_bytes for o in outcomes))
+                       sum(o.kv_bytes for o in outcomes), tuple(f for o in outcomes for f in o.failed),
+                       max(o.passes for o in outcomes))
 
 
 class GroupExecutor:
-    """Rank 0's executor (a StepExecutor): every plan runs on all ranks of the group."""
+    """Rank 0's executor (a StepExecutor): every plan runs on all ranks of the group. `board` reads the other
+    ranks' progress (their publishers write it to the unit's store)."""
 
-    def __init__(self, local: Executor, group, world: int):
-        self.local, self.group, self.world = local, group, world
+    def __init__(self, local: Executor, group, world: int, board: StoreBoard | None = None):
+        self.local, self.group, self.world, self.board = local, group, world, board
         self.ownership = Ownership(0)
+
+    def progress(self) -> int:
+        return self.local.progress() + (self.board.total() if self.board is not None else 0)
 
     def run(self, plan: StepPlan) -> StepOutcome:
         try:
@@ -102,8 +108,18 @@ class GroupExecutor:
         self.local.close()
 
 
-def follow(local: Executor, group, rank: int, stopped: threading.Event) -> None:
-    """A follower rank's loop: run rank 0's plans until told to stop."""
+def follow(local: Executor, group, rank: int, stopped: threading.Event, store=None, period_s: float = 1.0) -> None:
+    """A follower rank's loop: run rank 0's plans until told to stop (publishing its progress to `store`)."""
+    left = threading.Event()
+    if store is not None:
+        publish(store, rank, local.progress, period_s, left, stopped)
+    try:
+        _follow(local, group, rank, stopped)
+    finally:
+        left.set()
+
+
+def _follow(local: Executor, group, rank: int, stopped: threading.Event) -> None:
     ownership = Ownership(rank)
     while not stopped.is_set():
         box = [None]

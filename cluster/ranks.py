@@ -81,25 +81,29 @@ class RankActor:
         threads = cfg.sampler_threads_for(ck.model.device.type, int(self.topo.resources["attention"].cpus))
         self.local = Executor(ck.model, page, cfg.noise_prefetch, threads)
         if self.rank == 0:
-            self._start_driver(ck, control)
+            self._start_driver(ck, control, store)
         else:
             from .group import follow
 
-            self._follower = threading.Thread(target=follow, args=(self.local, control, self.rank, self._stopped),
+            period = min(1.0, self.topo.watchdog_s / 4)
+            self._follower = threading.Thread(target=follow, args=(self.local, control, self.rank, self._stopped,
+                                                                   store, period),
                                               name=f"dgserve-rank{self.rank}", daemon=True)
             self._follower.start()
         return {"rank": self.rank, "pid": os.getpid(), "backend": backend, "load_s": time.perf_counter() - t0,
                 "model": str(ck.folder)}
 
-    def _start_driver(self, ck, control) -> None:
+    def _start_driver(self, ck, control, store) -> None:
         from dgserve.model.tokenizer import load_tokenizer
 
         from .engine import Engine
+        from .engine.progress import StoreBoard
         from .group import GroupExecutor
         from .metrics import UnitMetrics
 
         self.metrics = UnitMetrics(self.unit)
-        executor = GroupExecutor(self.local, control, self.world) if self.world > 1 else self.local
+        executor = (GroupExecutor(self.local, control, self.world, StoreBoard(store, self.world)) if self.world > 1
+                    else self.local)
         self.engine = Engine(ck.model, self.topo.engine, load_tokenizer(ck.folder), executor=executor,
                              ranks=self.world, watchdog_s=self.topo.watchdog_s, on_step=self.metrics.on_step)
         self.engine.start()

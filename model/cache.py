@@ -81,6 +81,14 @@ class LayerKV:
         """Bytes held (whole pages on full layers)."""
         return sum(t.numel() * t.element_size() for t in self._k + self._v)
 
+    def mark(self) -> tuple[int, list[torch.Tensor], list[torch.Tensor]]:
+        """What `rollback` needs to undo later appends (the tensors are shared, not copied: an append writes a
+        full layer's pages only past `length`, and replaces a sliding layer's window by a new tensor)."""
+        return self._len, list(self._k), list(self._v)
+
+    def rollback(self, mark: tuple[int, list[torch.Tensor], list[torch.Tensor]]) -> None:
+        self._len, self._k, self._v = mark[0], list(mark[1]), list(mark[2])
+
 
 def kv_bytes(cfg: TextConfig, positions: int, dtype: torch.dtype, page_size: int = DEFAULT_PAGE) -> int:
     """Bytes a request's cache holds after `positions` encoded positions (equals KVCache.nbytes)."""
@@ -105,3 +113,13 @@ class KVCache:
 
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers)
+
+    def mark(self) -> tuple:
+        """A point to roll back to: a pass that failed half-way (some layers appended, others not) is undone, so
+        the same pass can run again and write the very same cache."""
+        return self.length, [layer.mark() for layer in self.layers]
+
+    def rollback(self, mark: tuple) -> None:
+        self.length = mark[0]
+        for layer, m in zip(self.layers, mark[1], strict=True):
+            layer.rollback(m)

@@ -7,6 +7,7 @@ the `ExpertBackend` given at construction.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -75,11 +76,12 @@ class DiffusionGemma:
         return rms_norm(h, self.weights.final_norm, self.cfg.rms_norm_eps)
 
     # -- the packed pass -----------------------------------------------------------------------------------
-    def forward(self, items: list[WorkItem]) -> torch.Tensor:
+    def forward(self, items: list[WorkItem], on_layer: Callable[[int], None] | None = None) -> torch.Tensor:
         """Run one pass over all items; returns final-normed hidden states [N, D] in item order.
 
         Items run in list order within each layer, so an encode item (a committed block) followed by a canvas of
-        the same request writes its KV before the canvas reads it: both fit in one pass.
+        the same request writes its KV before the canvas reads it: both fit in one pass. `on_layer(i)` is called
+        after each layer (an engine's progress beat: its watchdog sees a long pass advancing).
         """
         h_parts, pos_parts, attn_items, bounds = [], [], [], [0]
         next_pos: dict[int, int] = {}
@@ -98,6 +100,8 @@ class DiffusionGemma:
         rope = {kind: rope_cos_sin(inv, positions, self.dtype) for kind, inv in self.inv_freq.items()}
         for i, lw in enumerate(self.weights.layers):
             h = self._layer(i, lw, h, rope, items, attn_items, layout)
+            if on_layer is not None:
+                on_layer(i)
         for it in items:
             if it.encode:
                 it.cache.length += it.ids.shape[0]

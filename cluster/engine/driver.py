@@ -277,6 +277,11 @@ class Driver:
 
     # -- results ---------------------------------------------------------------------------------------------
     def apply(self, plan: StepPlan, outcome: StepOutcome) -> None:
+        for f in outcome.failed:  # one request's own failure; the executor freed its state already
+            r = self.by_rid.get(f.rid)
+            if r is not None:
+                r.in_executor = True  # released again by the next plan: a no-op there, it clears rank ownership
+                self._end(r, ev.Failed(f.code, f"request {r.request_id}: {f.message}"))
         for it in plan.items:
             r = self.by_rid.get(it.rid)
             if r is None or it.kind is ItemKind.DENOISE:

@@ -58,10 +58,10 @@ class Engine:
                  clock=time.monotonic, *, executor: StepExecutor | None = None, ranks: int = 1,
                  watchdog_s: float | None = None, on_step=None):
         """`executor` (default: this process's Executor) runs the plans; a group executor spreads them over
-        `ranks` attention ranks, each with its own memory budget. `watchdog_s`: an iteration that runs longer
-        fails every request with UNAVAILABLE and marks the engine unhealthy. `on_step(engine, outcome, step_s)`
-        is called after every iteration (metrics). With a `tokenizer`, committed blocks and final events carry
-        text."""
+        `ranks` attention ranks, each with its own memory budget. `watchdog_s`: an iteration in which no rank made
+        progress for that long fails every request with UNAVAILABLE and marks the engine unhealthy.
+        `on_step(engine, outcome, step_s)` is called after every iteration (metrics). With a `tokenizer`, committed
+        blocks and final events carry text."""
         self.model, self.config, self.clock, self.tokenizer = model, config or EngineConfig(), clock, tokenizer
         if model.device.type == "cpu":
             self._use_cpu_threads()
@@ -74,7 +74,7 @@ class Engine:
         self.driver = Driver(model.config, self.config, self.sizes, self.budgets, clock)
         self.metrics = EngineMetrics(budget_bytes=self.config.memory_budget_bytes * ranks)
         self.on_step = on_step
-        self.failures = FailurePolicy(watchdog_s, self._fail_unit)
+        self.failures = FailurePolicy(watchdog_s, self._fail_unit, self._progress)
         self._wake = threading.Condition()  # guards the inbox, the cancels, the streams and the stop flags
         self._inbox: list[Request] = []
         self._cancels: set[ev.RequestStream] = set()
@@ -269,6 +269,10 @@ class Engine:
             self._wake.notify_all()
         self.driver.fail_all(Code.UNAVAILABLE, f"the engine unit failed ({reason}); send the request again")
         self._forget_done()
+
+    def _progress(self) -> int:
+        progress = getattr(self.executor, "progress", None)  # an executor without it shows no progress at all
+        return progress() if progress is not None else 0
 
     def _heartbeat(self) -> None:
         self.failures.heartbeat(self.executor, self.driver.iteration)

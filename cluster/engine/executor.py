@@ -9,9 +9,10 @@ kept for the next step.
 
 from __future__ import annotations
 
+import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -20,7 +21,11 @@ from dgserve.model.config import num_blocks
 from dgserve.model.sampler import BlockDenoiser, NoiseStream, finalize_block
 from dgserve.model.transformer import DiffusionGemma, WorkItem
 
-from .plan import Admit, CanvasResult, ItemKind, PlanItem, StepOutcome, StepPlan
+from .errors import Code, UnitFailure
+from .plan import Admit, CanvasResult, ItemFailure, ItemKind, PlanItem, StepOutcome, StepPlan
+from .progress import Progress
+
+log = logging.getLogger("dgserve.engine")
 
 
 class StepExecutor(Protocol):
@@ -34,6 +39,10 @@ class StepExecutor(Protocol):
         """An empty iteration while idle (a group finds a rank that died meanwhile)."""
         ...
 
+    def progress(self) -> int:
+        """A count that moves while any rank works (the watchdog's sign of life; only a change matters)."""
+        ...
+
     def stop(self) -> None:
         """Release the other ranks (the engine is stopping cleanly)."""
         ...
@@ -45,6 +54,42 @@ class StepExecutor(Protocol):
 
 class PlanError(RuntimeError):
     """The plan does not match the executor's state (a driver bug, never a user error)."""
+
+
+def item_failure(rid: int, what: str, e: Exception) -> ItemFailure:
+    """The failure of one request: out of memory is retriable (RESOURCE_EXHAUSTED), anything else INTERNAL."""
+    log.warning("request %d failed while %s: %s: %s", rid, what, type(e).__name__, e)
+    if isinstance(e, torch.OutOfMemoryError | MemoryError):
+        return ItemFailure(rid, Code.RESOURCE_EXHAUSTED, f"out of memory while {what} ({e}); send it again later")
+    return ItemFailure(rid, Code.INTERNAL, f"internal error while {what}: {type(e).__name__}: {e}")
+
+
+def _by_request(items: list[PlanItem]) -> list[tuple[int, list[PlanItem]]]:
+    """A plan's items grouped by request, in plan order (a request's encode items stay before its denoise)."""
+    groups: dict[int, list[PlanItem]] = {}
+    for it in items:
+        groups.setdefault(it.rid, []).append(it)
+    return list(groups.items())
+
+
+@dataclass
+class Pass:
+    """One forward pass over some of a plan's items."""
+
+    items: list[PlanItem]
+    work: list[WorkItem]
+    hidden: torch.Tensor
+    rows: dict[str, int]
+
+
+@dataclass
+class SampledGroup:
+    """What one thread's share of the per-canvas work yields."""
+
+    results: list[CanvasResult] = field(default_factory=list)
+    failed: dict[int, ItemFailure] = field(default_factory=dict)
+    sampling_s: float = 0.0
+    logits_s: float = 0.0
 
 
 @dataclass
@@ -73,6 +118,7 @@ class Executor:
         self.model, self.page_size, self.prefetch_noise = model, page_size, prefetch_noise
         self.slots: dict[int, Slot] = {}
         self.sampler_threads = sampler_threads
+        self._progress = Progress()
         self._pool = (ThreadPoolExecutor(sampler_threads - 1, thread_name_prefix="dgserve-sampler")
                       if sampler_threads > 1 else None)
 
@@ -96,70 +142,136 @@ class Executor:
                                  NoiseStream(gen, cfg.canvas_length, cfg.text.vocab_size, self.prefetch_noise),
                                  a.settings.temperatures(), num_blocks(a.settings.max_new_tokens, cfg.canvas_length))
 
+    def progress(self) -> int:
+        """Work done so far (layers run, canvases sampled, requests admitted): the watchdog's sign of life."""
+        return self._progress.count
+
     @torch.inference_mode()
     def run(self, plan: StepPlan) -> StepOutcome:
+        """Runs a plan; a failure that belongs to one request fails only that request (see failures.py)."""
         for rid in plan.release:  # frees first, so a failure further on cannot leak them
             self.slots.pop(rid, None)
         for rid in plan.evict:
             if rid in self.slots:
                 self.slots[rid].cache = None
+        failed: dict[int, ItemFailure] = {}
         for a in plan.admit:
-            self._admit(a)
-        if not plan.items:
-            return StepOutcome(plan.iteration, (), kv_bytes=self.kv_bytes())
+            self._isolated(a.rid, "admitting it", failed, self._admit, a)
+            self._progress.beat()
+        items = self._prepare([it for it in plan.items if it.rid not in failed], failed)
+        if not items:
+            return self._outcome(plan, (), {}, 0.0, 0.0, failed, 0)
         t0 = time.perf_counter()
-        work, rows = self._work_items(plan.items)
-        hidden = self.model.forward(work)
+        passes = self._forward(_by_request(items), failed)
         forward_s = time.perf_counter() - t0
-        canvases, sampling_s, logits_s = self._sample(plan.items, work, hidden)
-        return StepOutcome(plan.iteration, tuple(canvases), rows, forward_s + logits_s, sampling_s, self.kv_bytes())
+        canvases, sampling_s, logits_s = self._sample(passes, failed)
+        rows = {k.value: sum(p.rows.get(k.value, 0) for p in passes) for k in ItemKind}
+        return self._outcome(plan, canvases, rows, forward_s + logits_s, sampling_s, failed, len(passes))
 
-    def _work_items(self, items: tuple[PlanItem, ...]) -> tuple[list[WorkItem], dict[str, int]]:
-        work, rows = [], {k.value: 0 for k in ItemKind}
-        next_pos: dict[int, int] = {}
+    def _outcome(self, plan, canvases, rows, forward_s, sampling_s, failed, passes) -> StepOutcome:
+        for rid in failed:
+            self.slots.pop(rid, None)
+        done = {c.rid for c in canvases if c.finished}
+        canvases = tuple(c for c in canvases if c.rid not in failed)
+        for rid in done:
+            self.slots.pop(rid, None)
+        return StepOutcome(plan.iteration, canvases, rows, forward_s, sampling_s, self.kv_bytes(),
+                           tuple(failed.values()), passes)
+
+    def _isolated(self, rid: int, what: str, failed: dict[int, ItemFailure], fn, *args):
+        """fn(*args); an exception fails request `rid` only (recorded in `failed`). A UnitFailure still ends the
+        unit."""
+        try:
+            return fn(*args)
+        except UnitFailure:
+            raise
+        except Exception as e:
+            failed[rid] = item_failure(rid, what, e)
+            return None
+
+    def _prepare(self, items: list[PlanItem], failed: dict[int, ItemFailure]) -> list[PlanItem]:
+        """Checks each request's items against its state and creates what they need (cache, block denoiser);
+        a request whose check or allocation fails is left out of the pass, alone."""
+        for rid, mine in _by_request(items):
+            self._isolated(rid, "preparing its step", failed, self._prepare_request, rid, mine)
+        return [it for it in items if it.rid not in failed]
+
+    def _prepare_request(self, rid: int, items: list[PlanItem]) -> None:
+        slot = self.slots.get(rid)
+        if slot is None:
+            raise PlanError(f"plan item for unknown request {rid}")
+        if slot.cache is None:
+            slot.cache = self.model.new_cache(self.page_size)
+        pos = slot.cache.length
         for it in items:
-            slot = self.slots.get(it.rid)
-            if slot is None:
-                raise PlanError(f"plan item for unknown request {it.rid}")
-            if slot.cache is None:
-                slot.cache = self.model.new_cache(self.page_size)
             if it.kind is ItemKind.DENOISE:
                 if slot.denoiser is None:
                     slot.denoiser = BlockDenoiser(slot.admit.settings, slot.noise, slot.temps)
+                continue
+            if it.start != pos or not pos < it.stop <= len(slot.context):
+                raise PlanError(f"request {rid}: {it.kind} [{it.start}, {it.stop}) but the cache is at {pos} "
+                                f"of {len(slot.context)} context positions")
+            pos = it.stop
+
+    def _forward(self, groups: list[tuple[int, list[PlanItem]]], failed: dict[int, ItemFailure]) -> list[Pass]:
+        """One packed pass over every request's items. If it fails (out of memory for the whole batch, one
+        request's bad rows), every cache is rolled back and the pass is split in halves by request, down to the
+        one request that fails alone: the others run with the same rows, so the same tokens (RNG untouched: the
+        draws happen after the pass)."""
+        items = [it for _, mine in groups for it in mine]
+        marks = {rid: self.slots[rid].cache.mark() for rid, _ in groups}
+        try:
+            work, rows = self._work_items(items)
+            return [Pass(items, work, self.model.forward(work, self._progress.beat), rows)]
+        except UnitFailure:
+            raise
+        except Exception as e:
+            for rid, m in marks.items():
+                self.slots[rid].cache.rollback(m)
+            if len(groups) == 1:
+                failed[groups[0][0]] = item_failure(groups[0][0], "running its forward pass", e)
+                return []
+            log.warning("a packed pass of %d requests failed (%s: %s); splitting it", len(groups),
+                        type(e).__name__, e)
+            half = len(groups) // 2
+            return self._forward(groups[:half], failed) + self._forward(groups[half:], failed)
+
+    def _work_items(self, items: list[PlanItem]) -> tuple[list[WorkItem], dict[str, int]]:
+        work, rows = [], {k.value: 0 for k in ItemKind}
+        for it in items:
+            slot = self.slots[it.rid]
+            if it.kind is ItemKind.DENOISE:
                 work.append(WorkItem(slot.cache, slot.denoiser.canvas_C, encode=False, soft_CD=slot.soft_CD))
                 rows[it.kind.value] += slot.denoiser.canvas_C.shape[0]
                 continue
-            expect = next_pos.get(it.rid, slot.cache.length)
-            if it.start != expect or not expect < it.stop <= len(slot.context):
-                raise PlanError(f"request {it.rid}: {it.kind} [{it.start}, {it.stop}) but the cache is at {expect} "
-                                f"of {len(slot.context)} context positions")
-            next_pos[it.rid] = it.stop
             ids = torch.tensor(slot.context[it.start:it.stop], dtype=torch.long, device=self.model.device)
             work.append(WorkItem(slot.cache, ids, encode=True))
             rows[it.kind.value] += it.stop - it.start
         return work, rows
 
-    def _sample(self, items, work, hidden) -> tuple[list[CanvasResult], float, float]:
-        canvases, row = [], 0
-        for it, w in zip(items, work, strict=True):
-            n = w.ids.shape[0]
-            if it.kind is ItemKind.DENOISE:
-                canvases.append((it.rid, slice(row, row + n)))
-            row += n
+    def _sample(self, passes: list[Pass], failed: dict[int, ItemFailure]) -> tuple[list[CanvasResult], float, float]:
+        canvases = []
+        for p in passes:
+            row = 0
+            for it, w in zip(p.items, p.work, strict=True):
+                n = w.ids.shape[0]
+                if it.kind is ItemKind.DENOISE:
+                    canvases.append((it.rid, p.hidden[row:row + n]))
+                row += n
         groups = self._groups(len(canvases))
-        if len(groups) == 1:
-            parts = [self._sample_group(canvases, hidden)]
-        else:
-            futures = [self._pool.submit(self._sample_group, canvases[g], hidden) for g in groups[1:]]
-            parts = [self._sample_group(canvases[groups[0]], hidden)] + [f.result() for f in futures]
-        out = [r for part in parts for r in part[0]]
-        for r in out:
-            if r.finished:
-                del self.slots[r.rid]
+        futures = [self._pool.submit(self._sample_group, canvases[g]) for g in groups[1:]]
+        try:
+            parts = [self._sample_group(canvases[groups[0]])]
+        finally:  # every helper's work ends before the next plan, whatever happened here
+            wait(futures)
+        parts += [f.result() for f in futures]
+        out = [r for part in parts for r in part.results]
+        for part in parts:
+            failed.update(part.failed)
         # Wall time of the sampling phase, split as the threads spent it.
-        busy = [part[1] + part[2] for part in parts]
+        busy = [part.sampling_s + part.logits_s for part in parts]
         scale = max(busy) / sum(busy) if sum(busy) else 0.0
-        return out, scale * sum(p[1] for p in parts), scale * sum(p[2] for p in parts)
+        return out, scale * sum(p.sampling_s for p in parts), scale * sum(p.logits_s for p in parts)
 
     def _groups(self, n: int) -> list[slice]:
         k = min(self.sampler_threads, n) if self._pool is not None else 1
@@ -168,17 +280,25 @@ class Executor:
         bounds = [round(i * n / k) for i in range(k + 1)]
         return [slice(a, b) for a, b in zip(bounds, bounds[1:], strict=False)]
 
-    def _sample_group(self, canvases, hidden) -> tuple[list[CanvasResult], float, float]:
-        out, sampling_s, logits_s = [], 0.0, 0.0
+    def _sample_group(self, canvases: list[tuple[int, torch.Tensor]]) -> SampledGroup:
+        """The per-canvas work of some canvases; one canvas's failure fails its request only."""
+        out = SampledGroup()
         with torch.inference_mode():
-            for rid, span in canvases:
+            for rid, hidden in canvases:
                 t0 = time.perf_counter()
-                logits_CV = self.model.logits(hidden[span])
-                t1 = time.perf_counter()
-                out.append(self._step(rid, logits_CV))
-                sampling_s += time.perf_counter() - t1
-                logits_s += t1 - t0
-        return out, sampling_s, logits_s
+                try:
+                    logits_CV = self.model.logits(hidden)
+                    t1 = time.perf_counter()
+                    out.results.append(self._step(rid, logits_CV))
+                except UnitFailure:
+                    raise
+                except Exception as e:
+                    out.failed[rid] = item_failure(rid, "sampling its step", e)
+                    t1 = time.perf_counter()
+                out.sampling_s += time.perf_counter() - t1
+                out.logits_s += t1 - t0
+                self._progress.beat()
+        return out
 
     def _step(self, rid: int, logits_CV: torch.Tensor) -> CanvasResult:
         slot = self.slots[rid]

@@ -11,6 +11,8 @@ from enum import StrEnum
 
 from dgserve.model.sampler import SamplerSettings
 
+from .errors import Code
+
 
 class ItemKind(StrEnum):
     PREFILL = "prefill"  # causal pass over prompt positions [start, stop): writes KV
@@ -68,6 +70,15 @@ class CanvasResult:
 
 
 @dataclass(frozen=True, slots=True)
+class ItemFailure:
+    """One request that failed in this iteration (its state is already freed); the others went on."""
+
+    rid: int
+    code: Code  # RESOURCE_EXHAUSTED (out of memory for this request: retriable) or INTERNAL
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
 class StepOutcome:
     iteration: int
     canvases: tuple[CanvasResult, ...]
@@ -75,3 +86,5 @@ class StepOutcome:
     forward_s: float = 0.0
     sampling_s: float = 0.0
     kv_bytes: int = 0  # bytes held by the executor's caches after the step
+    failed: tuple[ItemFailure, ...] = ()
+    passes: int = 1  # forward passes run (more than one when a failed pass was split to find its culprit)

@@ -235,9 +235,10 @@ def test_a_failing_iteration_fails_its_requests_and_the_engine_keeps_serving(tin
     s = settings(tiny, max_new_tokens=32, max_denoising_steps=3)
     doomed = engine.submit(EngineRequest([5, 6], s))
     real = engine.executor.model.forward
-    monkeypatch.setattr(engine.executor.model, "forward", lambda items: (_ for _ in ()).throw(MemoryError("boom")))
+    monkeypatch.setattr(engine.executor.model, "forward", lambda *a: (_ for _ in ()).throw(MemoryError("boom")))
     engine.step()
-    assert isinstance(doomed.final, Failed) and doomed.final.code is Code.INTERNAL and "boom" in doomed.final.message
+    assert isinstance(doomed.final, Failed) and doomed.final.code is Code.RESOURCE_EXHAUSTED
+    assert "boom" in doomed.final.message and "out of memory" in doomed.final.message
     monkeypatch.setattr(engine.executor.model, "forward", real)
     ok = engine.submit(EngineRequest([5, 6], s))
     engine.run_until_idle()
