@@ -15,7 +15,7 @@ class EngineConfig:
     max_running: int = 16  # requests denoising at once (one canvas each): the batch of a denoise step
     max_queued: int = 256  # admitted-but-waiting requests; beyond it a submit is refused (RESOURCE_EXHAUSTED)
     prefill_chunk: int = 512  # prompt tokens per prefill work item
-    max_prefill_tokens: int = 2048  # prefill tokens per iteration, over all requests (oldest first)
+    max_prefill_tokens: int = 2048  # encode rows per iteration for prompt chunks and replays (oldest first)
     memory_budget_bytes: int = 4 * GiB  # KV cache + per-canvas sampler workspace of all admitted requests
     page_size: int | None = None  # KV page (positions) on full-attention layers; default: the canvas length
     default_timeout_s: float | None = None  # deadline for requests that set none; None: no deadline
@@ -51,6 +51,12 @@ class EngineConfig:
         need("sampler_threads", self.sampler_threads is None or (
             is_int(self.sampler_threads) and 1 <= self.sampler_threads <= 64), "null or an integer in 1..64")
         need("noise_prefetch", isinstance(self.noise_prefetch, bool), "true | false")
+
+    def max_step_rows(self, canvas_length: int) -> int:
+        """The most token rows one iteration runs on one attention rank: a denoise canvas and a fresh commit per
+        running request, plus the encode budget (prompt chunks and replays; one replayed commit may exceed a budget
+        smaller than a canvas). An iteration's time is bounded by this, whatever the requests ask."""
+        return 2 * self.max_running * canvas_length + max(self.max_prefill_tokens, canvas_length)
 
     def sampler_threads_for(self, device_type: str, cpus: int | None) -> int:
         """The sampler threads to run with: the configured number, or by default the CPUs given (at most 8) on

@@ -10,7 +10,8 @@ Policy, per iteration:
 3. Every running request with a canvas takes one denoise step; a request whose block just finished commits it
    (an encode item) in the same pass, right before the next block's first step. Prompts are prefilled in chunks
    of `prefill_chunk` tokens, oldest request first, at most `max_prefill_tokens` per iteration; the last chunk
-   shares its pass with the first denoise step.
+   shares its pass with the first denoise step. Replayed encode passes (after a preemption) share that budget, so
+   one iteration runs at most `EngineConfig.max_step_rows` token rows per attention rank.
 4. Preemption: a commit needs its request's reservation to grow by one block of KV. If the budget is full, the
    newest running request is paused: its KV cache is dropped (its canvas, self-conditioning and generator are
    kept), and when it is admitted again its encode passes are replayed with the same bounds, which recomputes
@@ -231,33 +232,41 @@ class Driver:
         mine: list[PlanItem] = []
         pos, left = r.encoded, prefill_left
         while pos < r.context_len:
-            start, stop, kind = self._next_encode(r, pos, left)
+            start, stop, kind, counted = self._next_encode(r, pos, left)
             if stop <= start:
-                items.extend(mine)  # out of prefill tokens this iteration; the prompt continues next time
+                items.extend(mine)  # out of encode budget this iteration; the context continues next time
                 return left
             if kind is ItemKind.COMMIT and not self._grow(r, evict):
                 return prefill_left  # r paused itself: none of its items run
             mine.append(PlanItem(r.rid, kind, start, stop))
-            if kind is not ItemKind.COMMIT:
+            if counted:
                 left -= stop - start
             pos = stop
         items.extend(mine)
         items.append(PlanItem(r.rid, ItemKind.DENOISE))
         return left
 
-    def _next_encode(self, r: Request, pos: int, left: int) -> tuple[int, int, ItemKind]:
-        """The next encode pass from `pos`: a replayed one (same bounds as before), a prompt chunk, or a commit.
+    def _next_encode(self, r: Request, pos: int, left: int) -> tuple[int, int, ItemKind, bool]:
+        """The next encode pass from `pos` (start, stop, kind, whether it counts against this iteration's encode
+        budget): a replayed one (same bounds as before), a prompt chunk, or the block just finished (its commit).
 
         Prompt chunks always start at multiples of prefill_chunk, so a prompt is split the same way under any
-        load and its cache is the same alone or batched; a chunk that does not fit this iteration waits.
+        load and its cache is the same alone or batched; a chunk that does not fit this iteration waits. Replays
+        after a preemption count against the budget too (a request paused after 100 blocks replays its commits
+        over several iterations, not in one); only a fresh commit does not (one per running canvas). An item
+        runs when it fits what is left, or when nothing was used yet (a replayed commit larger than the budget
+        still makes progress), so one iteration encodes at most max(max_prefill_tokens, canvas) budgeted rows.
         """
+        def fits(n: int) -> bool:
+            return n <= left or left == self.engine.max_prefill_tokens
+
         for start, stop, kind in r.segments:
             if start == pos:
-                return (start, stop, kind) if kind is ItemKind.COMMIT or stop - start <= left else (0, 0, kind)
+                return (start, stop, kind, True) if fits(stop - start) else (0, 0, kind, True)
         if pos < len(r.prompt_ids):
             stop = min(pos + self.engine.prefill_chunk, len(r.prompt_ids))
-            return (pos, stop, ItemKind.PREFILL) if stop - pos <= left else (0, 0, ItemKind.PREFILL)
-        return pos, r.context_len, ItemKind.COMMIT
+            return (pos, stop, ItemKind.PREFILL, True) if fits(stop - pos) else (0, 0, ItemKind.PREFILL, True)
+        return pos, r.context_len, ItemKind.COMMIT, False
 
     def _grow(self, r: Request, evict: list[int]) -> bool:
         need = self.sizes.request(r.context_len)

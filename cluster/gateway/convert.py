@@ -149,5 +149,6 @@ def model_info(topo, config: ModelConfig, defaults: SamplerSettings, limits: Lim
                          canvas_length=limits.canvas_length, max_request_bytes=limits.max_request_bytes,
                          max_text_bytes=limits.max_text_bytes,
                          max_running_per_unit=topo.running_capacity, max_queued_per_unit=topo.engine.max_queued,
-                         max_request_s=topo.serve.max_request_s),
+                         max_request_s=topo.serve.max_request_s,
+                         max_step_rows=topo.engine.max_step_rows(config.canvas_length)),
         sampler_defaults=d, sampler_ranges=ranges)

@@ -84,8 +84,10 @@ class DGServeService(pb_grpc.DGServeServicer):
         try:
             text = prompt_text(request, self.gw.limits)
             text_ids = None if text is None else await self.gw.text.run(text_prompt_ids, self.gw.tokenizer, request)
+            left = context.time_remaining()  # the client's deadline, capped to the longest a request may run
+            cap = self.gw.topo.serve.max_request_s
             req = to_request(request, rid, text_ids, self.gw.limits, self.gw.defaults, self.gw.topo.sampler,
-                             context.time_remaining())
+                             cap if left is None else min(left, cap))
         except DGServeError as e:
             await self._refuse(context, rid, e)
         n_prompt = len(req.prompt_ids)

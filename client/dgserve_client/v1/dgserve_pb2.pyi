@@ -173,7 +173,7 @@ class Topology(_message.Message):
     def __init__(self, profile: _Optional[str] = ..., units_min: _Optional[int] = ..., units_max: _Optional[int] = ..., attention_ranks: _Optional[int] = ..., expert_ranks: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ...) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_prompt_tokens", "context_length", "canvas_length", "max_request_bytes", "max_running_per_unit", "max_queued_per_unit", "max_request_s", "max_text_bytes")
+    __slots__ = ("max_prompt_tokens", "context_length", "canvas_length", "max_request_bytes", "max_running_per_unit", "max_queued_per_unit", "max_request_s", "max_text_bytes", "max_step_rows")
     MAX_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
     CANVAS_LENGTH_FIELD_NUMBER: _ClassVar[int]
@@ -182,6 +182,7 @@ class Limits(_message.Message):
     MAX_QUEUED_PER_UNIT_FIELD_NUMBER: _ClassVar[int]
     MAX_REQUEST_S_FIELD_NUMBER: _ClassVar[int]
     MAX_TEXT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_STEP_ROWS_FIELD_NUMBER: _ClassVar[int]
     max_prompt_tokens: int
     context_length: int
     canvas_length: int
@@ -190,7 +191,8 @@ class Limits(_message.Message):
     max_queued_per_unit: int
     max_request_s: float
     max_text_bytes: int
-    def __init__(self, max_prompt_tokens: _Optional[int] = ..., context_length: _Optional[int] = ..., canvas_length: _Optional[int] = ..., max_request_bytes: _Optional[int] = ..., max_running_per_unit: _Optional[int] = ..., max_queued_per_unit: _Optional[int] = ..., max_request_s: _Optional[float] = ..., max_text_bytes: _Optional[int] = ...) -> None: ...
+    max_step_rows: int
+    def __init__(self, max_prompt_tokens: _Optional[int] = ..., context_length: _Optional[int] = ..., canvas_length: _Optional[int] = ..., max_request_bytes: _Optional[int] = ..., max_running_per_unit: _Optional[int] = ..., max_queued_per_unit: _Optional[int] = ..., max_request_s: _Optional[float] = ..., max_text_bytes: _Optional[int] = ..., max_step_rows: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
     __slots__ = ("api_version", "server_version", "model_id", "model_revision", "topology", "limits", "sampler_defaults", "sampler_ranges", "vocab_size")

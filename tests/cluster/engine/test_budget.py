@@ -80,3 +80,24 @@ def test_growth_past_the_budget_pauses_the_newest_and_recomputes_it_exactly(tiny
     for r, st in zip(reqs, streams, strict=True):  # replaying the encode passes recomputes the same cache
         assert list(st.result(0).token_ids) == generate(tiny.model, list(r.prompt_ids), s, seed=r.seed).token_ids
     assert engine.budget.used == 0 and engine.executor.kv_bytes() == 0
+
+
+def test_a_request_paused_late_replays_its_context_within_the_step_cap(tiny):
+    """Replayed encode passes count against max_prefill_tokens: a request paused after several blocks recomputes
+    its cache over several iterations, each within EngineConfig.max_step_rows, with its tokens unchanged."""
+    C = tiny.config.canvas_length
+    s = settings(tiny, max_new_tokens=10 * C, max_denoising_steps=2, eos_token_ids=())  # no early end
+    cfg = {"max_running": 2, "prefill_chunk": C, "max_prefill_tokens": C}
+    probe = make_engine(tiny, **cfg)
+    budget = probe.driver.max_bytes(40, s)  # both grow together; past 3 blocks the newer one is paused
+    rows, engine = [], make_engine(tiny, memory_budget_bytes=budget, **cfg)
+    engine.on_step = lambda e, out, step_s: rows.append(dict(out.rows))
+    reqs = [EngineRequest(p, s, seed=20 + i) for i, p in enumerate(prompts(2, 40))]
+    streams = [engine.submit(r) for r in reqs]
+    run_checked(engine)
+    assert streams[1].result(0).stats.preemptions >= 1
+    cap = engine.config.max_step_rows(C)
+    assert max(sum(r.values()) for r in rows) <= cap, (cap, max(rows, key=lambda r: sum(r.values())))
+    assert max(r["commit"] + r["prefill"] for r in rows) <= C + cfg["max_running"] * C
+    for r, st in zip(reqs, streams, strict=True):
+        assert list(st.result(0).token_ids) == generate(tiny.model, list(r.prompt_ids), s, seed=r.seed).token_ids

@@ -160,8 +160,8 @@ def test_the_deadline_ends_the_request_on_both_sides(endpoint):
 
 def test_the_grpc_deadline_becomes_the_engine_requests_timeout(tiny_dir):
     """The servicer (on a real grpc.aio server, with a stand-in unit that records what it is sent) gives the unit
-    the call's remaining time as the request's timeout_s, None for a call without a deadline; the unit's rank 0
-    carries it into the engine request."""
+    the call's remaining time as the request's timeout_s, capped to serve.max_request_s (which a call without a
+    deadline gets); the unit's rank 0 carries it into the engine request."""
     from types import SimpleNamespace
 
     from dgserve.cluster.config import parse_topology
@@ -191,7 +191,7 @@ def test_the_grpc_deadline_becomes_the_engine_requests_timeout(tiny_dir):
 
     unit = SimpleNamespace(generate=SimpleNamespace(remote=Response))
     unit.options = lambda **_: unit
-    topo = parse_topology({"gateway": {"port": 0}})
+    topo = parse_topology({"gateway": {"port": 0}, "serve": {"max_request_s": 4.0}})
     defaults = load_generation_defaults(tiny_dir)
     gw = SimpleNamespace(topo=topo, unit=unit, tokenizer=None, limits=Limits(512, 32768, 32, 1024, 4096),
                          defaults=defaults, pad=0, draining=False, inflight=Counter())
@@ -212,9 +212,9 @@ def test_the_grpc_deadline_becomes_the_engine_requests_timeout(tiny_dir):
     asyncio.run(main())
     assert [r.prompt_ids for r in sent] == [(5, 6)] * 3
     with_deadline, without, streamed = (r.timeout_s for r in sent)
-    assert None not in (with_deadline, streamed) and without is None, (with_deadline, without, streamed)
-    assert 4 < with_deadline < 5.1 and 2 < streamed < 3.1  # grpc-timeout rounds up a little
-    assert [r.to_engine(defaults, {}).timeout_s for r in sent] == [with_deadline, None, streamed]  # on rank 0
+    assert with_deadline == without == 4.0, (with_deadline, without)  # 5 s and no deadline: max_request_s
+    assert 2 < streamed < 3.1  # grpc-timeout rounds up a little
+    assert [r.to_engine(defaults, {}).timeout_s for r in sent] == [with_deadline, without, streamed]  # on rank 0
 
 
 def test_a_unit_request_past_its_timeout_fails_with_deadline_exceeded(endpoint):
