@@ -51,6 +51,11 @@ class RankResources:
 @dataclass(frozen=True)
 class ServeSettings:
     max_ongoing_requests: int | None = None  # None: the unit's capacity (A x (max_running + max_queued))
+    # Requests a gateway replica lets wait for a unit slot (Serve's max_queued_requests, per caller); beyond it
+    # they are refused at once with RESOURCE_EXHAUSTED and a retry hint. None: max_ongoing_requests (Serve's router
+    # also counts a burst's requests while it picks replicas, so a much smaller bound refuses bursts a unit has
+    # room for).
+    max_queued_requests: int | None = None
     target_ongoing_requests: float | None = None  # None: A x max_running (a unit's running capacity)
     upscale_delay_s: float = 30.0
     downscale_delay_s: float = 600.0
@@ -58,7 +63,7 @@ class ServeSettings:
     metrics_interval_s: float = 10.0  # replica and handle metric pushes (RAY_SERVE_*_METRIC_PUSH_INTERVAL_S)
     max_request_s: float = 600.0  # the longest a request may run; the graceful shutdown waits at least this
     graceful_shutdown_timeout_s: float | None = None  # None: max_request_s + 10
-    health_check_period_s: float = 5.0
+    health_check_period_s: float = 2.0  # a failed unit is replaced this soon after its failure (plus its start)
     health_check_timeout_s: float = 30.0
 
 
@@ -76,6 +81,8 @@ class GatewaySettings:
     # Text is refused above this many UTF-8 bytes before any tokenization (None: 8 bytes per prompt token).
     max_text_bytes: int | None = None
     grace_s: float = 30.0  # on SIGTERM: in-flight requests get this long, the rest fail with UNAVAILABLE
+    retry_pushback_ms: int = 1000  # the retry hint sent with RESOURCE_EXHAUSTED (trailer grpc-retry-pushback-ms)
+    probe_period_s: float = 1.0  # how often the gateway checks that a unit can serve (its health follows)
     keepalive_s: float = 30.0
     # API keys: one per line in a file (a mounted Kubernetes Secret), and/or in an environment variable (a Secret
     # as env); comma- or newline-separated. With any key set, every call but health needs
@@ -131,6 +138,12 @@ class Topology:
         if self.serve.max_ongoing_requests is not None:
             return self.serve.max_ongoing_requests
         return self.attention_ranks * (self.engine.max_running + self.engine.max_queued)
+
+    @property
+    def max_queued_requests(self) -> int:
+        if self.serve.max_queued_requests is not None:
+            return self.serve.max_queued_requests
+        return self.max_ongoing
 
     def to_dict(self) -> dict:
         """Plain data (what crosses to the replicas and rank actors)."""
@@ -190,6 +203,8 @@ def _gateway(raw) -> GatewaySettings:
         "max_prompt_tokens": (lambda v: v is None or (is_int(v) and v >= 1), "null or an integer >= 1"),
         "grace_s": (lambda v: is_number(v) and 0 <= v <= 3600, "a number of seconds in 0..3600"),
         "keepalive_s": (lambda v: is_number(v) and 1 <= v <= 3600, "a number of seconds in 1..3600"),
+        "retry_pushback_ms": (lambda v: is_int(v) and 0 <= v <= 3_600_000, "an integer in 0..3600000"),
+        "probe_period_s": (lambda v: is_number(v) and 0.1 <= v <= 60, "a number of seconds in 0.1..60"),
         "max_text_bytes": (lambda v: v is None or (is_int(v) and 1 <= v <= 2**31 - 1),
                            "null or an integer in 1..2147483647"),
         "insecure_remote": (lambda v: isinstance(v, bool), "true or false"),
@@ -260,6 +275,9 @@ def _serve(raw) -> ServeSettings:
     kw = {}
     for key, value in s.items():
         if key == "max_ongoing_requests":
+            _need(f"serve.{key}", value, value is None or (is_int(value) and 1 <= value <= 1_000_000),
+                  "null or an integer in 1..1000000")
+        elif key == "max_queued_requests":
             _need(f"serve.{key}", value, value is None or (is_int(value) and 1 <= value <= 1_000_000),
                   "null or an integer in 1..1000000")
         elif key in ("target_ongoing_requests", "graceful_shutdown_timeout_s"):

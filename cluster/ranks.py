@@ -144,6 +144,11 @@ class RankActor:
         if len(self._early) > EARLY_CANCELS:
             self._early.popitem(last=False)
 
+    async def fail(self, reason: str) -> None:
+        """Rank 0: the unit found another rank dead or silent; every request ends now with UNAVAILABLE."""
+        if self.engine is not None:
+            self.engine.failures.unit_failed(reason)
+
     async def status(self) -> dict:
         out = {"rank": self.rank, "pid": os.getpid(), "slots": sorted(self.local.slots) if self.local else []}
         if self.rank == 0 and self.engine is not None:

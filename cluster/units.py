@@ -4,6 +4,12 @@ The replica is declared with `placement_group_bundles` (bundle 0 is the replica 
 rank), so Serve reserves the whole unit at once and the rank actors land in the replica's placement group. The
 replica never sits in the per-step loop: that runs on rank 0. A dead or hung rank fails the unit's requests
 with UNAVAILABLE (retriable), `check_health` reports it, and Serve rebuilds the unit.
+
+`check_health` (Serve's, every `serve.health_check_period_s`): every rank must answer within RANK_TIMEOUT_S and
+rank 0's engine must be sound; a rank found dead or silent fails rank 0's engine at once, so its requests end
+now instead of at the watchdog. Rank actors are named `dgserve-<unit>-rank<i>` (the gateway's health probe
+finds them by name). No orphans: a caller (a gateway replica) that dies with streams open cannot cancel them, so the
+unit checks its callers every CALLER_CHECK_S and cancels the calls of one that is gone.
 """
 
 from __future__ import annotations
@@ -28,7 +34,8 @@ from .ranks import RankActor
 log = logging.getLogger("dgserve.units")
 
 REPLICA_CPUS = 0.1  # the replica only relays; its rank actors hold the model
-PING_TIMEOUT_S = 5.0
+RANK_TIMEOUT_S = 2.0  # a rank's status call (a threaded actor method) answers in milliseconds unless it is hung
+CALLER_CHECK_S = 1.0
 STRATEGY = {"replicated": "PACK", "packed": "STRICT_PACK", "disaggregated": "SPREAD"}
 
 
@@ -49,14 +56,19 @@ class EngineUnit:
             self.ranks.append(actor.options(**opts).remote(i, len(self.names), topology, self.unit))
         address, port = ray.get(self.ranks[0].endpoint.remote())
         self.info = ray.get([r.start.remote(address, port) for r in self.ranks])
+        self.callers: dict[tuple[str, str], set[str]] = {}  # (namespace, actor name) -> its calls in flight
+        self._watching: asyncio.Task | None = None
         log.info("unit %s ready: %s", self.unit, self.info)
 
-    async def generate(self, request: GenerateRequest):
-        """The request's events (a streaming call): drafts if asked, committed blocks, then Finished or Failed."""
+    async def generate(self, request: GenerateRequest, caller: tuple[str, str] | None = None):
+        """The request's events (a streaming call): drafts if asked, committed blocks, then Finished or Failed.
+        `caller`: the (namespace, name) of the calling actor (a gateway replica), watched while the call runs."""
         if request.request_id is None:
             request = dataclasses.replace(request, request_id=uuid.uuid4().hex)
         call = uuid.uuid4().hex  # this call's own key on rank 0; never request_id, a label any client may reuse
         ended = False
+        if caller is not None:
+            self._watch(tuple(caller), call)
         try:
             async for ref in self.ranks[0].generate.options(num_returns="streaming").remote(request, call):
                 event = await ref
@@ -68,8 +80,51 @@ class EngineUnit:
             yield Failed(Code.UNAVAILABLE, f"engine unit {self.unit} failed while serving request "
                                            f"{request.request_id} (a rank died); send the request again")
         finally:
+            if caller is not None:
+                self._unwatch(tuple(caller), call)
             if not ended:  # the caller went away: free this call's request on rank 0 at its next iteration
                 self.ranks[0].cancel.remote(call)
+
+    # -- callers -----------------------------------------------------------------------------------------------
+    def _watch(self, caller: tuple[str, str], call: str) -> None:
+        self.callers.setdefault(caller, set()).add(call)
+        if self._watching is None or self._watching.done():
+            self._watching = asyncio.get_running_loop().create_task(self._watch_callers())
+
+    def _unwatch(self, caller: tuple[str, str], call: str) -> None:
+        calls = self.callers.get(caller)
+        if calls is not None:
+            calls.discard(call)
+            if not calls:
+                del self.callers[caller]
+
+    async def _watch_callers(self) -> None:
+        """While calls are in flight: every CALLER_CHECK_S, cancel the calls of a caller that no longer exists."""
+        while self.callers:
+            await asyncio.sleep(CALLER_CHECK_S)
+            for caller in list(self.callers):
+                if not await asyncio.to_thread(actor_exists, *caller):
+                    calls = self.callers.pop(caller, set())
+                    log.warning("unit %s: caller %s is gone; cancelling its %d call(s)", self.unit, caller[1],
+                                len(calls))
+                    for call in calls:
+                        self.ranks[0].cancel.remote(call)
+
+    # -- health ------------------------------------------------------------------------------------------------
+    async def _rank_states(self) -> list[dict]:
+        """Every rank's status; a rank that is dead or does not answer in RANK_TIMEOUT_S fails the unit now."""
+        results = await asyncio.gather(*(asyncio.wait_for(r.status.remote(), RANK_TIMEOUT_S) for r in self.ranks),
+                                       return_exceptions=True)
+        silent = [f"rank {k}: {type(e).__name__}" for k, e in enumerate(results) if isinstance(e, BaseException)]
+        if silent:
+            reason = f"unit {self.unit}: a rank is dead or does not answer ({'; '.join(silent)})"
+            if not isinstance(results[0], BaseException):
+                self.ranks[0].fail.remote(reason)  # its requests end now (UNAVAILABLE), not at the watchdog
+            raise RuntimeError(reason)
+        bad = [s for s in results if not s.get("healthy", False)]
+        if bad:
+            raise RuntimeError(f"unit {self.unit} is unhealthy: {bad}")
+        return results
 
     async def status(self) -> dict:
         states = await asyncio.gather(*(r.status.remote() for r in self.ranks))
@@ -79,19 +134,21 @@ class EngineUnit:
         await self.ranks[0].reset_step_stats.remote()
 
     async def check_health(self) -> None:
-        try:
-            states = await asyncio.wait_for(asyncio.gather(*(r.status.remote() for r in self.ranks)),
-                                            PING_TIMEOUT_S)
-        except Exception as e:
-            raise RuntimeError(f"unit {self.unit}: a rank does not answer ({type(e).__name__}: {e})") from e
-        bad = [s for s in states if not s.get("healthy", False)]
-        if bad:
-            raise RuntimeError(f"unit {self.unit} is unhealthy: {bad}")
+        await self._rank_states()
 
     def __del__(self):
         for r in getattr(self, "ranks", []):
             with contextlib.suppress(Exception):  # already gone
                 ray.kill(r)
+
+
+def actor_exists(namespace: str, name: str) -> bool:
+    """Whether a named actor is alive (the name of a dead one is released)."""
+    try:
+        ray.get_actor(name, namespace=namespace)
+    except ValueError:
+        return False
+    return True
 
 
 def unit_deployment(topo: Topology):
@@ -104,6 +161,7 @@ def unit_deployment(topo: Topology):
         "placement_group_bundles": [{"CPU": REPLICA_CPUS}] + [bundle] * topo.attention_ranks,
         "placement_group_strategy": STRATEGY[topo.profile],
         "max_ongoing_requests": topo.max_ongoing,
+        "max_queued_requests": topo.max_queued_requests,  # per caller; beyond it Serve refuses (BackPressureError)
         "graceful_shutdown_timeout_s": topo.graceful_shutdown_s,
         "graceful_shutdown_wait_loop_s": 1.0,
         "health_check_period_s": topo.serve.health_check_period_s,

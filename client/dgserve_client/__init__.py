@@ -7,6 +7,7 @@ from .errors import (
            DeadlineExceeded,
            DGServeClientError,
            InvalidArgument,
+           OutOfRange,
            ResourceExhausted,
            Unauthenticated,
            Unavailable,
@@ -16,4 +17,5 @@ from .security import TLS
 
 __version__ = "0.1.0"
 __all__ = ["API_MAJOR", "ApiVersionMismatch", "Cancelled", "Client", "DGServeClientError", "DeadlineExceeded",
-           "InvalidArgument", "ResourceExhausted", "TLS", "Unauthenticated", "Unavailable", "build_request"]
+           "InvalidArgument", "OutOfRange", "ResourceExhausted", "TLS", "Unauthenticated", "Unavailable",
+           "build_request"]

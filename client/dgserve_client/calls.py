@@ -12,7 +12,7 @@ from types import ModuleType
 import grpc
 from grpc_health.v1 import health_pb2_grpc
 
-from .errors import InvalidArgument, from_rpc_error
+from .errors import InvalidArgument, from_rpc_error, pushback_s
 from .request import check_api, metadata
 from .security import TLS, api_key_metadata
 from .v1 import dgserve_pb2_grpc as pb_grpc
@@ -96,8 +96,9 @@ class Attempts:
         Only UNAVAILABLE and RESOURCE_EXHAUSTED are retried, at most `retries` times, for at most `retry_window_s`
         after the first failure (the default outlasts a unit's or the gateway's rebuild, measured at 9-21 s), and
         only while more than `backoff_s` of the deadline is left; a stream that has delivered a message is never
-        retried (its messages would come twice). The pause leaves the next attempt at least half of what is left
-        of the deadline."""
+        retried (its messages would come twice). The pause is the backoff, or the server's retry hint
+        (grpc-retry-pushback-ms) when that is longer, and leaves the next attempt at least half of what is left of
+        the deadline."""
         now = time.monotonic()
         c, left = self.client, None if self.deadline is None else self.deadline - now
         self.first_failure = now if self.first_failure is None else self.first_failure
@@ -105,7 +106,7 @@ class Attempts:
         if (self._received or too_large or e.code().name not in RETRY_CODES or self.attempt >= c.retries
                 or now - self.first_failure >= c.retry_window_s or (left is not None and left <= c.backoff_s)):
             raise from_rpc_error(e, self.request_id) from None
-        wait = backoff(self.attempt, c.backoff_s, c.backoff_cap_s)
+        wait = max(backoff(self.attempt, c.backoff_s, c.backoff_cap_s), pushback_s(e) or 0.0)
         self.attempt += 1
         return wait if left is None else min(wait, max(0.0, left / 2))
 

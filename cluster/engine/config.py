@@ -13,7 +13,7 @@ GiB = 1 << 30
 @dataclass(frozen=True)
 class EngineConfig:
     max_running: int = 16  # requests denoising at once (one canvas each): the batch of a denoise step
-    max_queued: int = 256  # admitted-but-waiting requests; beyond it a submit is refused (RESOURCE_EXHAUSTED)
+    max_queued: int = 64  # requests waiting for a canvas; beyond it a submit is refused (RESOURCE_EXHAUSTED)
     prefill_chunk: int = 512  # prompt tokens per prefill work item
     max_prefill_tokens: int = 2048  # encode rows per iteration for prompt chunks and replays (oldest first)
     memory_budget_bytes: int = 4 * GiB  # KV cache + per-canvas sampler workspace of all admitted requests

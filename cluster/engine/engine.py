@@ -32,7 +32,7 @@ from . import events as ev
 from .budget import MemoryBudget, MemorySizes
 from .config import EngineConfig
 from .driver import Driver, Request
-from .errors import Code, ResourceExhausted, Unavailable
+from .errors import Code, ResourceExhausted, TooLarge, Unavailable
 from .executor import Executor, StepExecutor
 from .failures import FailurePolicy
 from .loop import DriverLoop
@@ -229,7 +229,7 @@ class Engine:
         need = self.driver.max_bytes(prompt.numel(), req.settings)
         if need > self.config.memory_budget_bytes:
             self.metrics.rejections["over_budget"] += 1
-            raise ResourceExhausted(
+            raise TooLarge(
                 f"the request can never fit: {prompt.numel()} prompt tokens + {req.settings.max_new_tokens} new "
                 f"tokens need {need} bytes of KV cache and canvas workspace, more than the engine's memory "
                 f"budget (memory_budget_bytes={self.config.memory_budget_bytes})")

@@ -9,7 +9,8 @@ from dgserve.model.errors import DGServeError
 
 class Code(StrEnum):
     INVALID_ARGUMENT = "INVALID_ARGUMENT"
-    RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
+    RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"  # retriable: busy now (a full queue, memory for now)
+    OUT_OF_RANGE = "OUT_OF_RANGE"  # never retriable: the request can never fit this deployment
     DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
     CANCELLED = "CANCELLED"
     UNAVAILABLE = "UNAVAILABLE"  # retriable: the engine stopped or failed, the request may be sent again
@@ -30,9 +31,15 @@ class EngineError(DGServeError):
 
 
 class ResourceExhausted(EngineError):
-    """Over the memory budget or the queue bound."""
+    """Busy now: the queue bound (retry later)."""
 
     code = Code.RESOURCE_EXHAUSTED
+
+
+class TooLarge(EngineError):
+    """The request can never fit (its KV cache and canvases exceed the whole memory budget): never retriable."""
+
+    code = Code.OUT_OF_RANGE
 
 
 class DeadlineExceeded(EngineError):

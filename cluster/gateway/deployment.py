@@ -1,5 +1,9 @@
 """The gateway as a Serve deployment (one replica per node): it runs the gRPC server and reaches the engine
-units through a DeploymentHandle. Health is NOT_SERVING until a warm-up request went through a unit."""
+units through a DeploymentHandle.
+
+Health tells the truth: NOT_SERVING until a warm-up request went through a unit; from then on SERVING exactly while
+the probe (probe.py, every `gateway.probe_period_s`) finds a unit that can serve. A dead, hung or rebuilding unit
+turns it NOT_SERVING within about a second; a busy one does not."""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import logging
 import time
 from collections import Counter
 
+import ray
 from ray import serve
 
 from dgserve.model.config import load_generation_defaults, load_model_config
@@ -19,6 +24,7 @@ from ..engine.events import Finished
 from ..messages import GenerateRequest
 from ..units import unit_deployment
 from .convert import limits_for, model_info
+from .probe import UnitProbe, Verdict
 from .server import set_serving, start_server
 from .service import DGServeService
 from .text import TextWorker
@@ -48,12 +54,37 @@ class Gateway:
         self.limits = limits_for(self.config, g.max_prompt_tokens, g.max_text_bytes, g.max_message_bytes)
         self.info = model_info(self.topo, self.config, self.defaults, self.limits, model_id, SERVER_VERSION)
         self.inflight: Counter[str] = Counter()  # request ids are labels: two calls may share one
+        self.caller = own_name()  # who calls the units: they cancel our calls if this actor dies
+        app = serve.get_replica_context().app_name
+        self.probe = UnitProbe(app, self.topo.attention_ranks)
+        self.last_verdict: Verdict | None = None
         self.text = TextWorker()
         self.draining, self.hard_stop, self.serving = False, asyncio.Event(), False
         self.server, self.health, self.port = await start_server(DGServeService(self), g,
                                                                  self.limits.max_request_bytes)
         log.info("gateway listening on %s:%d (NOT_SERVING until warm)", self.topo.gateway.host, self.port)
-        self._warm = asyncio.create_task(self._warm_up())
+        self._warm = asyncio.create_task(self._watch_units())
+
+    async def _watch_units(self) -> None:
+        """Warm up, then keep health equal to the probe's verdict until the gateway drains."""
+        await self._warm_up()
+        period = self.topo.gateway.probe_period_s
+        while not self.draining:
+            try:
+                verdict = await self.probe.check()
+            except Exception as e:  # the GCS did not answer: nothing is known to serve
+                verdict = Verdict(False, f"probe failed: {type(e).__name__}: {e}")
+            await self._set_serving(verdict)
+            await asyncio.sleep(period)
+
+    async def _set_serving(self, verdict: Verdict) -> None:
+        if self.draining:
+            return
+        if verdict.serving != self.serving:
+            log.warning("gateway health: %s (%s)", "SERVING" if verdict.serving else "NOT_SERVING", verdict.why)
+            self.serving = verdict.serving
+            await set_serving(self.health, verdict.serving)
+        self.last_verdict = verdict
 
     async def _warm_up(self) -> None:
         """One tiny request through a unit, retried until it works; then health says SERVING."""
@@ -71,8 +102,7 @@ class Gateway:
                 break
             await asyncio.sleep(0.5)
         if not self.draining:
-            self.serving = True
-            await set_serving(self.health, True)
+            await self._set_serving(Verdict(True, "warm-up request served"))
             log.info("gateway SERVING after %.1fs warm-up", time.monotonic() - t0)
 
     async def address(self) -> str:
@@ -80,7 +110,7 @@ class Gateway:
 
     async def status(self) -> dict:
         return {"serving": self.serving, "draining": self.draining, "inflight": sorted(self.inflight.elements()),
-                "port": self.port}
+                "port": self.port, "why": self.last_verdict.why if self.last_verdict else "warming up"}
 
     async def check_health(self) -> None:
         if self.draining:
@@ -111,6 +141,16 @@ class Gateway:
 
     async def __del__(self):
         await self.drain()
+
+
+def own_name() -> tuple[str, str] | None:
+    """(namespace, name) of this actor, as `ray.get_actor` finds it. A Serve replica's actor lives in Serve's
+    namespace, not in the job's namespace that the runtime context reports, so it is looked up by name."""
+    name = ray.get_runtime_context().get_actor_name()
+    for entry in ray.util.list_named_actors(all_namespaces=True) if name else ():
+        if entry["name"] == name:
+            return entry["namespace"], name
+    return None
 
 
 def gateway_app(topo: Topology):

@@ -7,6 +7,7 @@ import logging
 import uuid
 
 import grpc
+from ray.serve.exceptions import BackPressureError
 
 from dgserve.model.errors import DGServeError
 from dgserve.model.tokenizer import chat_prompt_ids
@@ -20,9 +21,17 @@ from .convert import check_text, final_message, prompt_text, stream_message, tex
 log = logging.getLogger("dgserve.gateway")
 
 STATUS = {Code.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
-          Code.RESOURCE_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
+          Code.RESOURCE_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED, Code.OUT_OF_RANGE: grpc.StatusCode.OUT_OF_RANGE,
           Code.DEADLINE_EXCEEDED: grpc.StatusCode.DEADLINE_EXCEEDED, Code.CANCELLED: grpc.StatusCode.CANCELLED,
           Code.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE, Code.INTERNAL: grpc.StatusCode.INTERNAL}
+
+
+PUSHBACK = "grpc-retry-pushback-ms"  # the retry hint of a RESOURCE_EXHAUSTED answer (gRPC's retry design, A6)
+
+
+def overloaded(e: BackPressureError) -> Failed:
+    return Failed(Code.RESOURCE_EXHAUSTED, f"overloaded: every engine unit is busy and the wait queue is full "
+                                           f"({e.message}, serve.max_queued_requests); retry later")
 
 
 def request_id_of(context) -> str:
@@ -92,7 +101,7 @@ class DGServeService(pb_grpc.DGServeServicer):
             await self._refuse(context, rid, e)
         n_prompt = len(req.prompt_ids)
         log.info("request %s: %d prompt tokens, seed %d", rid, n_prompt, req.seed)
-        response = self.gw.unit.options(stream=True).generate.remote(req)
+        response = self.gw.unit.options(stream=True).generate.remote(req, self.gw.caller)
         self.gw.inflight[rid] += 1
         events = response.__aiter__()
         try:
@@ -101,6 +110,8 @@ class DGServeService(pb_grpc.DGServeServicer):
                     event = await self._next(events)
                 except asyncio.CancelledError:
                     raise
+                except BackPressureError as e:  # every unit is full and so is this gateway's wait queue
+                    event = overloaded(e)
                 except Exception as e:  # the unit's replica died, Serve refused or cancelled the call, ...
                     log.warning("request %s: the engine unit failed: %r", rid, e)
                     event = Failed(Code.UNAVAILABLE, f"the engine unit failed ({type(e).__name__}); send the "
@@ -110,6 +121,9 @@ class DGServeService(pb_grpc.DGServeServicer):
                                                      "it again")
                 if isinstance(event, Failed):
                     log.info("request %s: %s %s", rid, event.code.value, event.message)
+                    if event.code is Code.RESOURCE_EXHAUSTED:  # busy: say when to come back
+                        context.set_trailing_metadata((("x-request-id", rid),
+                                                       (PUSHBACK, str(self.gw.topo.gateway.retry_pushback_ms))))
                     await context.abort(STATUS.get(event.code, grpc.StatusCode.INTERNAL),
                                         f"request {rid}: {event.message}")
                 yield event, n_prompt

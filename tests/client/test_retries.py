@@ -11,7 +11,7 @@ from concurrent import futures
 import grpc
 import pytest
 
-from dgserve_client import ApiVersionMismatch, Client, InvalidArgument, ResourceExhausted, Unavailable
+from dgserve_client import ApiVersionMismatch, Client, InvalidArgument, OutOfRange, ResourceExhausted, Unavailable
 from dgserve_client.aio import AsyncClient
 from dgserve_client.v1 import dgserve_pb2 as pb
 from dgserve_client.v1 import dgserve_pb2_grpc as pb_grpc
@@ -20,17 +20,22 @@ from dgserve_client.v1 import dgserve_pb2_grpc as pb_grpc
 class Scripted(pb_grpc.DGServeServicer):
     """Fails the first calls with the given codes, then answers."""
 
-    def __init__(self, failures: list[grpc.StatusCode], api: str = "1.0", fail_after_first: bool = False):
+    def __init__(self, failures: list[grpc.StatusCode], api: str = "1.0", fail_after_first: bool = False,
+                 pushback_ms: int | None = None):
         self.failures, self.api, self.calls, self.ids = list(failures), api, 0, []
         self.fail_after_first = fail_after_first  # streams: the failure comes after the first message
+        self.pushback_ms, self.times = pushback_ms, []  # the retry hint sent with failures; when calls came
 
     def GetModelInfo(self, request, context):
         return pb.ModelInfo(api_version=self.api)
 
     def Generate(self, request, context):
         self.calls += 1
+        self.times.append(time.monotonic())
         self.ids.append(dict(context.invocation_metadata()).get("x-request-id"))
         if self.failures:
+            if self.pushback_ms is not None:
+                context.set_trailing_metadata((("grpc-retry-pushback-ms", str(self.pushback_ms)),))
             context.abort(self.failures.pop(0), "scripted failure")
         return pb.GenerateResponse(request_id=self.ids[-1], token_ids=[1, 2, 3])
 
@@ -114,6 +119,25 @@ def test_retries_stop_after_the_limit_with_a_typed_error(server, calls):
     with pytest.raises(ResourceExhausted) as e:
         calls.generate(server(s), {"retries": 2, "backoff_s": 0.01}, token_ids=[1], request_id="r1")
     assert s.calls == 3 and e.value.retriable and e.value.request_id == "r1"
+
+
+def test_resource_exhausted_waits_at_least_the_servers_retry_hint(server, calls):
+    s = Scripted([grpc.StatusCode.RESOURCE_EXHAUSTED] * 2, pushback_ms=400)
+    r = calls.generate(server(s), {"backoff_s": 0.01}, token_ids=[1])
+    assert list(r.token_ids) == [1, 2, 3] and s.calls == 3
+    gaps = [b - a for a, b in zip(s.times, s.times[1:], strict=False)]
+    assert min(gaps) >= 0.4, gaps  # the backoff alone would be 5-20 ms
+    s = Scripted([grpc.StatusCode.RESOURCE_EXHAUSTED] * 3, pushback_ms=50)
+    with pytest.raises(ResourceExhausted) as e:
+        calls.generate(server(s), {"retries": 1, "backoff_s": 0.01}, token_ids=[1])
+    assert e.value.retry_after_s == 0.05
+
+
+def test_a_request_that_can_never_fit_is_not_retried(server, calls):
+    s = Scripted([grpc.StatusCode.OUT_OF_RANGE])
+    with pytest.raises(OutOfRange) as e:
+        calls.generate(server(s), {"backoff_s": 0.01}, token_ids=[1])
+    assert s.calls == 1 and not e.value.retriable
 
 
 def test_invalid_argument_is_not_retried(server, calls):

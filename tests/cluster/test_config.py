@@ -47,6 +47,7 @@ def test_the_deployment_is_sized_from_the_topology(tmp_path):
     opts = unit_deployment(load_topology(f))._deployment_config
     d = unit_deployment(load_topology(f))
     assert opts.max_ongoing_requests == 192 and opts.graceful_shutdown_timeout_s == 910
+    assert opts.max_queued_requests == 192  # a bounded wait per caller: one unit's max_ongoing_requests
     auto = opts.autoscaling_config
     assert (auto.min_replicas, auto.max_replicas, auto.initial_replicas) == (1, 4, 2)
     assert auto.target_ongoing_requests == 64 and auto.upscale_delay_s == 5 and auto.downscale_delay_s == 120
@@ -59,6 +60,11 @@ def test_the_deployment_is_sized_from_the_topology(tmp_path):
 def test_a_fixed_number_of_units_has_no_autoscaling():
     d = unit_deployment(parse_topology({"units": {"min": 3, "max": 3}}))
     assert d._deployment_config.autoscaling_config is None and d._deployment_config.num_replicas == 3
+
+
+def test_the_wait_queue_bound_is_configurable():
+    d = unit_deployment(parse_topology({"serve": {"max_queued_requests": 5}}))
+    assert d._deployment_config.max_queued_requests == 5
 
 
 @pytest.mark.parametrize(("raw", "field", "allowed"), [
@@ -78,6 +84,9 @@ def test_a_fixed_number_of_units_has_no_autoscaling():
     ({"watchdog_s": 0}, "watchdog_s", "0.1..3600"),
     ({"serve": {"upscale_delay_s": -1}}, "serve.upscale_delay_s", ">= 0"),
     ({"serve": {"graceful_shutdown_timeout_s": 5}}, "serve.graceful_shutdown_timeout_s", "max_request_s"),
+    ({"serve": {"max_queued_requests": 0}}, "serve.max_queued_requests", "1..1000000"),
+    ({"gateway": {"retry_pushback_ms": 1.5}}, "gateway.retry_pushback_ms", "0..3600000"),
+    ({"gateway": {"probe_period_s": 0}}, "gateway.probe_period_s", "0.1..60"),
     ({"modle": "x"}, "modle", "a key in"),
     ([1, 2], "", "a mapping"),
 ])

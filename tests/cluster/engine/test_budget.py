@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from dgserve.cluster.engine import EngineRequest
-from dgserve.cluster.engine.errors import Code, ResourceExhausted
+from dgserve.cluster.engine.errors import Code, ResourceExhausted, TooLarge
 from dgserve.model.generate import generate
 
 from .conftest import make_engine, settings
@@ -28,11 +28,11 @@ def run_checked(engine) -> int:
     return peak
 
 
-def test_a_request_that_can_never_fit_is_refused_naming_the_budget(tiny):
+def test_a_request_that_can_never_fit_is_refused_naming_the_budget_and_not_retriable(tiny):
     engine = make_engine(tiny, memory_budget_bytes=300_000, max_running=1)
-    with pytest.raises(ResourceExhausted, match="memory_budget_bytes=300000") as e:
+    with pytest.raises(TooLarge, match="memory_budget_bytes=300000") as e:
         engine.submit(EngineRequest(prompts(1, 400)[0], settings(tiny, max_new_tokens=32)))
-    assert e.value.code is Code.RESOURCE_EXHAUSTED and "can never fit" in str(e.value)
+    assert e.value.code is Code.OUT_OF_RANGE and "can never fit" in str(e.value) and not e.value.retriable
     assert engine.metrics.rejections["over_budget"] == 1
     ok = engine.submit(EngineRequest([5, 6, 7], settings(tiny, max_new_tokens=32, max_denoising_steps=4)))
     engine.run_until_idle()  # the engine keeps serving

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from types import SimpleNamespace
 
 import grpc
 import pytest
@@ -158,63 +159,123 @@ def test_the_deadline_ends_the_request_on_both_sides(endpoint):
     assert "late" not in unit_status(topo)["request_ids"]
 
 
-def test_the_grpc_deadline_becomes_the_engine_requests_timeout(tiny_dir):
-    """The servicer (on a real grpc.aio server, with a stand-in unit that records what it is sent) gives the unit
-    the call's remaining time as the request's timeout_s, capped to serve.max_request_s (which a call without a
-    deadline gets); the unit's rank 0 carries it into the engine request."""
-    from types import SimpleNamespace
+class StandInUnit:
+    """A stand-in for the engine units' DeploymentHandle: records what it is sent; each call's response yields the
+    events (or raises the exception) that `answer()` returns."""
 
+    def __init__(self, answer):
+        self.sent, self.answer = [], answer
+        self.generate = SimpleNamespace(remote=self._remote)
+
+    def options(self, **_):
+        return self
+
+    def _remote(self, request, caller=None):
+        self.sent.append(request)
+        return StandInResponse(self.answer())
+
+
+class StandInResponse:  # a streaming DeploymentResponse
+    def __init__(self, events):
+        self.events = events
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        if isinstance(self.events, Exception):
+            raise self.events
+        if not self.events:
+            raise StopAsyncIteration
+        return self.events.pop()
+
+    def cancel(self):
+        pass
+
+
+def serve_stand_in(tiny_dir, unit: StandInUnit, calls, **topology):
+    """Run the real servicer on a real grpc.aio server in front of `unit`; `calls(stub)` is awaited."""
     from dgserve.cluster.config import parse_topology
-    from dgserve.cluster.engine.events import Finished, Stats
     from dgserve.cluster.gateway.convert import Limits
     from dgserve.cluster.gateway.server import start_server
     from dgserve.cluster.gateway.service import DGServeService
     from dgserve.model.config import load_generation_defaults
 
-    sent = []
-
-    class Response:  # a streaming DeploymentResponse: one Finished event
-        def __init__(self, request):
-            sent.append(request)
-            self.events = [Finished((7,) * 32, "length", Stats(1, (2,), 16.0, 0.0, 0.0, 0.0))]
-
-        def __aiter__(self):
-            return self
-
-        async def __anext__(self):
-            if not self.events:
-                raise StopAsyncIteration
-            return self.events.pop()
-
-        def cancel(self):
-            pass
-
-    unit = SimpleNamespace(generate=SimpleNamespace(remote=Response))
-    unit.options = lambda **_: unit
-    topo = parse_topology({"gateway": {"port": 0}, "serve": {"max_request_s": 4.0}})
-    defaults = load_generation_defaults(tiny_dir)
+    topo = parse_topology({"gateway": {"port": 0}, **topology})
     gw = SimpleNamespace(topo=topo, unit=unit, tokenizer=None, limits=Limits(512, 32768, 32, 1024, 4096),
-                         defaults=defaults, pad=0, draining=False, inflight=Counter())
+                         defaults=load_generation_defaults(tiny_dir), pad=0, draining=False, inflight=Counter(),
+                         caller=None)
 
     async def main():
         gw.hard_stop = asyncio.Event()
         server, _, port = await start_server(DGServeService(gw), topo.gateway, 1 << 20)
         try:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
-                stub = pb_grpc.DGServeStub(ch)
-                req = pb.GenerateRequest(token_ids=pb.TokenIds(ids=[5, 6]))
-                assert len((await stub.Generate(req, timeout=5)).token_ids) == 32
-                await stub.Generate(req)
-                assert [m.WhichOneof("event") async for m in stub.GenerateStream(req, timeout=3)] == ["final"]
+                await calls(pb_grpc.DGServeStub(ch))
         finally:
             await server.stop(None)
 
     asyncio.run(main())
+
+
+def finished_block():
+    from dgserve.cluster.engine.events import Finished, Stats
+
+    return [Finished((7,) * 32, "length", Stats(1, (2,), 16.0, 0.0, 0.0, 0.0))]
+
+
+def test_the_grpc_deadline_becomes_the_engine_requests_timeout(tiny_dir):
+    """The servicer gives the unit the call's remaining time as the request's timeout_s, capped to
+    serve.max_request_s (which a call without a deadline gets); the unit's rank 0 carries it into the engine
+    request."""
+    from dgserve.model.config import load_generation_defaults
+
+    unit = StandInUnit(finished_block)
+
+    async def calls(stub):
+        req = pb.GenerateRequest(token_ids=pb.TokenIds(ids=[5, 6]))
+        assert len((await stub.Generate(req, timeout=5)).token_ids) == 32
+        await stub.Generate(req)
+        assert [m.WhichOneof("event") async for m in stub.GenerateStream(req, timeout=3)] == ["final"]
+
+    serve_stand_in(tiny_dir, unit, calls, serve={"max_request_s": 4.0})
+    sent = unit.sent
     assert [r.prompt_ids for r in sent] == [(5, 6)] * 3
     with_deadline, without, streamed = (r.timeout_s for r in sent)
     assert with_deadline == without == 4.0, (with_deadline, without)  # 5 s and no deadline: max_request_s
     assert 2 < streamed < 3.1  # grpc-timeout rounds up a little
+    defaults = load_generation_defaults(tiny_dir)
     assert [r.to_engine(defaults, {}).timeout_s for r in sent] == [with_deadline, without, streamed]  # on rank 0
+
+
+def test_overload_is_refused_at_once_with_a_retry_hint_and_never_fit_is_out_of_range(tiny_dir):
+    """Serve's bounded queue (BackPressureError) and a unit's full queue are RESOURCE_EXHAUSTED with the
+    grpc-retry-pushback-ms trailer; a request that can never fit is OUT_OF_RANGE, without a hint."""
+    from ray.serve.exceptions import BackPressureError
+
+    from dgserve.cluster.engine.errors import Code
+    from dgserve.cluster.engine.events import Failed
+
+    answers = [BackPressureError(num_queued_requests=4, max_queued_requests=4),
+               [Failed(Code.RESOURCE_EXHAUSTED, "queue full: 8 requests are waiting (max_queued=8); retry later")],
+               [Failed(Code.OUT_OF_RANGE, "the request can never fit: ...")]]
+    unit = StandInUnit(lambda: answers.pop(0))
+    seen = []
+
+    async def calls(stub):
+        req = pb.GenerateRequest(token_ids=pb.TokenIds(ids=[5, 6]))
+        for _ in range(3):
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await stub.Generate(req, timeout=5)
+            seen.append((e.value.code(), e.value.details(), dict(e.value.trailing_metadata())))
+
+    serve_stand_in(tiny_dir, unit, calls, gateway={"retry_pushback_ms": 750})
+    (c1, m1, t1), (c2, m2, t2), (c3, m3, t3) = seen
+    assert c1 == c2 == grpc.StatusCode.RESOURCE_EXHAUSTED and c3 == grpc.StatusCode.OUT_OF_RANGE
+    assert "overloaded: every engine unit is busy" in m1 and "max_queued_requests=4" in m1
+    assert "queue full" in m2 and "can never fit" in m3
+    assert t1["grpc-retry-pushback-ms"] == t2["grpc-retry-pushback-ms"] == "750"
+    assert "grpc-retry-pushback-ms" not in t3 and all("x-request-id" in t for t in (t1, t2, t3))
 
 
 def test_a_unit_request_past_its_timeout_fails_with_deadline_exceeded(endpoint):

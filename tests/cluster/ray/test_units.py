@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 
 import pytest
@@ -152,27 +154,38 @@ def test_rank_0_ends_only_the_call_the_unit_cancels_even_when_the_cancel_starts_
     assert not rank._calls
 
 
-@pytest.mark.parametrize(("ranks", "victim"), [(1, 0), (2, 1)], ids=["rank0-of-1", "rank1-of-2"])
-def test_a_killed_rank_fails_its_requests_as_retriable_and_the_unit_comes_back(deploy, ranks, victim, capsys):
-    unit = deploy(attention_ranks=ranks, watchdog_s=5,
+@pytest.mark.parametrize(("ranks", "victim", "how"), [(1, 0, "kill"), (2, 1, "kill"), (2, 1, "stop")],
+                         ids=["rank0-of-1-killed", "rank1-of-2-killed", "rank1-of-2-stopped"])
+def test_a_dead_or_hung_rank_fails_its_requests_as_retriable_and_the_unit_comes_back(deploy, ranks, victim, how,
+                                                                                     capsys):
+    """SIGKILL (ray.kill) or SIGSTOP of a rank: the request fails UNAVAILABLE within the watchdog time (a stopped
+    rank makes no progress and does not answer), and Serve rebuilds the unit."""
+    unit = deploy(attention_ranks=ranks, watchdog_s=3,
                   serve={"health_check_period_s": 1.0, "health_check_timeout_s": 5.0})
     before = unit.status()
-    name = before["names"][victim]
+    name, pid = before["names"][victim], before["ranks"][victim]["pid"]
     req = GenerateRequest((5, 6, 7), sampler={"max_new_tokens": 32 * 30, "max_denoising_steps": 48})
 
     async def run():
         events = []
         stream = unit.stream(req)
         events.append(await stream.__anext__())
-        ray.kill(ray.get_actor(name))
-        killed = time.monotonic()
+        if how == "kill":
+            ray.kill(ray.get_actor(name))
+        else:
+            os.kill(pid, signal.SIGSTOP)
+        hit = time.monotonic()
         async for e in stream:
             events.append(e)
-        return events, time.monotonic() - killed
+        return events, time.monotonic() - hit
 
-    events, took = asyncio.run(run())
+    try:
+        events, took = asyncio.run(run())
+    finally:
+        if how == "stop":
+            os.kill(pid, signal.SIGKILL)  # a stopped process takes SIGKILL; nothing of it is left behind
     assert isinstance(events[-1], Failed) and events[-1].code is Code.UNAVAILABLE and events[-1].retriable
-    assert took < 30
+    assert took < 3 + 2, (took, events[-1])  # the watchdog (3 s), or the unit's health check finding it first
     t0 = time.monotonic()
     while True:  # the client's retry loop
         try:
@@ -184,7 +197,7 @@ def test_a_killed_rank_fails_its_requests_as_retriable_and_the_unit_comes_back(d
     back = time.monotonic() - t0
     assert len(f.token_ids) == 32 and back < 60
     with capsys.disabled():
-        print(f"\nkilled rank {victim} of {ranks}: request failed UNAVAILABLE after {took:.2f}s; "
+        print(f"\n{how} rank {victim} of {ranks}: request failed UNAVAILABLE after {took:.2f}s; "
               f"the unit served again {back:.1f}s later")
     after = unit.status()  # a new unit: the killed rank's actor is not one of its ranks
     assert after["unit"] != before["unit"] and name not in after["names"], (before["names"], after["names"])
