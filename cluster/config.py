@@ -274,10 +274,7 @@ def _serve(raw) -> ServeSettings:
     s = _section(raw, "serve", {f.name for f in fields(ServeSettings)})
     kw = {}
     for key, value in s.items():
-        if key == "max_ongoing_requests":
-            _need(f"serve.{key}", value, value is None or (is_int(value) and 1 <= value <= 1_000_000),
-                  "null or an integer in 1..1000000")
-        elif key == "max_queued_requests":
+        if key in ("max_ongoing_requests", "max_queued_requests"):
             _need(f"serve.{key}", value, value is None or (is_int(value) and 1 <= value <= 1_000_000),
                   "null or an integer in 1..1000000")
         elif key in ("target_ongoing_requests", "graceful_shutdown_timeout_s"):
