@@ -129,13 +129,17 @@ def model_info(topo, config: ModelConfig, defaults: SamplerSettings, limits: Lim
     d = pb.SamplerParams(**{k: getattr(base, k) for k in KNOBS})
     ranges = [
         pb.Range(name="max_new_tokens", min=1, max=limits.context_length - 1,
-                 note="output grows by whole canvases; prompt + output must fit the context"),
-        pb.Range(name="max_denoising_steps", min=1, max=MAX_DENOISING_STEPS),
+                 note="output grows by whole canvases; prompt + output must fit the context; cost: one KV block "
+                      "and one commit pass per canvas"),
+        pb.Range(name="max_denoising_steps", min=1, max=MAX_DENOISING_STEPS,
+                 note="cost: at most this many forward passes of one canvas per block; a request runs at most "
+                      "limits.max_request_s"),
         pb.Range(name="entropy_bound", min=0, max=float("inf"), min_exclusive=True),
         pb.Range(name="t_min", min=0, max=float("inf")),
         pb.Range(name="t_max", min=0, max=float("inf"), min_exclusive=True, note="must be > t_min"),
         pb.Range(name="stability_threshold", min=0, max=2**32 - 1,
-                 note="values >= max_denoising_steps never stop a block early (the same as the step count)"),
+                 note="values >= max_denoising_steps never stop a block early (the same as the step count); cost: "
+                      "a history of min(value, max_denoising_steps) canvases"),
         pb.Range(name="confidence_threshold", min=0, max=float("inf"), min_exclusive=True),
         pb.Range(name="seed", min=0, max=float(MAX_SEED)),
     ]
