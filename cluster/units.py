@@ -74,6 +74,8 @@ class EngineUnit:
                 event = await ref
                 ended = isinstance(event, Finished | Failed)
                 yield event
+        except ray.exceptions.TaskCancelledError:
+            log.info("unit %s: request %s cancelled by its caller", self.unit, request.request_id)
         except ray.exceptions.RayError as e:
             ended = True
             log.error("unit %s: request %s lost its rank: %s", self.unit, request.request_id, e)

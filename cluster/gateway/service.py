@@ -104,21 +104,23 @@ class DGServeService(pb_grpc.DGServeServicer):
         response = self.gw.unit.options(stream=True).generate.remote(req, self.gw.caller)
         self.gw.inflight[rid] += 1
         events = response.__aiter__()
+        ended = False  # the unit ended the call itself (Finished or Failed): nothing to cancel
         try:
             while True:
                 try:
-                    event = await self._next(events)
+                    event, from_unit = await self._next(events)
                 except asyncio.CancelledError:
                     raise
                 except BackPressureError as e:  # every unit is full and so is this gateway's wait queue
-                    event = overloaded(e)
+                    event, from_unit = overloaded(e), False
                 except Exception as e:  # the unit's replica died, Serve refused or cancelled the call, ...
                     log.warning("request %s: the engine unit failed: %r", rid, e)
-                    event = Failed(Code.UNAVAILABLE, f"the engine unit failed ({type(e).__name__}); send the "
-                                                     f"request again")
+                    event, from_unit = Failed(Code.UNAVAILABLE, f"the engine unit failed ({type(e).__name__}); "
+                                                                f"send the request again"), False
                 if event is None:
                     event = Failed(Code.UNAVAILABLE, "the engine unit ended the request without a result; send "
                                                      "it again")
+                ended = from_unit and isinstance(event, Finished | Failed)
                 if isinstance(event, Failed):
                     log.info("request %s: %s %s", rid, event.code.value, event.message)
                     if event.code is Code.RESOURCE_EXHAUSTED:  # busy: say when to come back
@@ -134,20 +136,22 @@ class DGServeService(pb_grpc.DGServeServicer):
             self.gw.inflight[rid] -= 1
             if self.gw.inflight[rid] <= 0:
                 del self.gw.inflight[rid]
-            response.cancel()  # a no-op once it ended; otherwise frees the request on rank 0
+            if not ended:  # the client left, the server is stopping, ...: free the request on rank 0
+                response.cancel()
 
-    async def _next(self, events):
-        """The next event (None at the end), or an UNAVAILABLE failure when the server stops waiting."""
+    async def _next(self, events) -> tuple[object | None, bool]:
+        """(the next event or None at the end, True), or (an UNAVAILABLE failure, False) when the server stops
+        waiting."""
         nxt = asyncio.ensure_future(events.__anext__())
         stop = asyncio.ensure_future(self.gw.hard_stop.wait())
         try:
             done, _ = await asyncio.wait({nxt, stop}, return_when=asyncio.FIRST_COMPLETED)
             if nxt in done:
                 try:
-                    return nxt.result()
+                    return nxt.result(), True
                 except StopAsyncIteration:
-                    return None
-            return Failed(Code.UNAVAILABLE, "the server shut down before the request finished; send it again")
+                    return None, True
+            return Failed(Code.UNAVAILABLE, "the server shut down before the request finished; send it again"), False
         finally:
             stop.cancel()
             if not nxt.done():
