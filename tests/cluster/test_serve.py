@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import queue
 import signal
 import subprocess
 import sys
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.serve_process import Output
 from dgserve.cluster.api import free_port
 from dgserve_client import Client, Unavailable
 
@@ -44,35 +44,15 @@ class Server:
         cmd = [sys.executable, "-m", "dgserve.cluster.cli", "serve", "--port", str(self.port), "--temp-dir", self.temp,
                "--metrics-port", str(self.metrics_port), *extra]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-        self.lines: queue.Queue = queue.Queue()
-        self.output: list[str] = []  # every line, stdout and stderr, in order
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
+        self.out = Output(self.proc)
+        self.output = self.out.output  # every line, stdout and stderr, in order
+        self.wait_for = self.out.wait_for
         self.address = f"127.0.0.1:{self.port}"
-
-    def _read(self):
-        for line in self.proc.stdout:
-            self.output.append(line)
-            self.lines.put(line)
-
-    def wait_for(self, text: str, timeout: float) -> str:
-        t0, seen = time.monotonic(), []
-        while time.monotonic() - t0 < timeout:
-            try:
-                line = self.lines.get(timeout=1)
-            except queue.Empty:
-                if self.proc.poll() is not None:
-                    break
-                continue
-            seen.append(line)
-            if text in line:
-                return line
-        raise AssertionError(f"{text!r} not printed; output:\n{''.join(seen[-30:])}")
 
     def stop(self, sig) -> int:
         self.proc.send_signal(sig)
         rc = self.proc.wait(90)
-        self.reader.join(10)  # the output to its end
+        self.out.reader.join(10)  # the output to its end
         return rc
 
 
