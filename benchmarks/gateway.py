@@ -169,7 +169,7 @@ def main(argv=None) -> int:
     from dgserve.cluster import api
     from dgserve.cluster.gateway.convert import limits_for
     from dgserve.model.config import load_model_config
-    from dgserve.model.tiny import default_model_dir
+    from dgserve.model.hub import default_model_dir
 
     default_limit = limits_for(load_model_config(default_model_dir()), None).max_text_bytes
     raised = args.tokenized_mb * 1024**2 + 1024

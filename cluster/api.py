@@ -113,7 +113,7 @@ def deploy(topology: Topology | dict | str | Path | None = None) -> Unit:
     """Deploy (or update) the engine units of a topology; returns once they are ready."""
     topo = _topology(topology)
     if topo.model is None:  # make the embedded model once, here, not in every rank at the same time
-        from dgserve.model.tiny import default_model_dir
+        from dgserve.model.hub import default_model_dir
 
         default_model_dir()
     handle = serve.run(unit_app(topo), name=topo.name, route_prefix=None)
@@ -124,7 +124,7 @@ def serve_endpoint(topology: Topology | dict | str | Path | None = None) -> Endp
     """Deploy the whole endpoint (gRPC gateway + engine units); returns once the gateway listens."""
     topo = _topology(topology)
     if topo.model is None:
-        from dgserve.model.tiny import default_model_dir
+        from dgserve.model.hub import default_model_dir
 
         default_model_dir()
     from .gateway.deployment import gateway_app

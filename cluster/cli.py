@@ -102,8 +102,8 @@ def _sampler_overrides(args) -> dict:
 
 def cmd_generate_file(args) -> int:
     from dgserve.cluster.batch import engine_for_file, read_requests, run_batch
+    from dgserve.model.hub import default_model_dir
     from dgserve.model.loader import load_checkpoint
-    from dgserve.model.tiny import default_model_dir
     from dgserve.model.tokenizer import chat_prompt_ids, load_tokenizer
 
     ck = load_checkpoint(args.model or default_model_dir(), dtype=args.dtype, device=args.device)
@@ -120,9 +120,9 @@ def cmd_generate_file(args) -> int:
 
 def cmd_generate(args) -> dict:
     from dgserve.model.generate import generate
+    from dgserve.model.hub import default_model_dir
     from dgserve.model.loader import load_checkpoint
     from dgserve.model.sampler import SamplerSettings
-    from dgserve.model.tiny import default_model_dir
     from dgserve.model.tokenizer import chat_prompt_ids, decode, load_tokenizer
 
     t0 = time.perf_counter()

@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 
 from dgserve.model.errors import ConfigError
-from dgserve.model.sampler import KNOBS
+from dgserve.model.settings import KNOBS
 from dgserve.model.validate import is_int, is_number, require
 
 from .engine.config import EngineConfig

@@ -5,9 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from dgserve.model.errors import ConfigError, DGServeError, InputError
-from dgserve.model.sampler import SamplerSettings
+from dgserve.model.settings import SamplerSettings
 
-from .engine.engine import EngineRequest
 from .engine.errors import Code, EngineError
 from .engine.events import Failed
 
@@ -23,8 +22,11 @@ class GenerateRequest:
     timeout_s: float | None = None
     request_id: str | None = None  # the client's label (x-request-id) for logs, events and status; never a handle
 
-    def to_engine(self, defaults, overrides: dict) -> EngineRequest:
-        """Validated engine request: checkpoint defaults, then the deployment's overrides, then the request's."""
+    def to_engine(self, defaults, overrides: dict):
+        """Validated engine request (an EngineRequest, on rank 0): checkpoint defaults, then the deployment's
+        overrides, then the request's."""
+        from .engine.engine import EngineRequest
+
         if not isinstance(self.sampler, dict):
             raise InputError("sampler", "must be a mapping of sampler knobs")
         try:

@@ -16,9 +16,6 @@ import time
 from collections import OrderedDict
 from datetime import timedelta
 
-import torch
-import torch.distributed as dist
-
 from .config import topology_from_dict
 from .engine.events import Finished, RequestStream
 
@@ -56,6 +53,9 @@ class RankActor:
         return address, self._store_socket.getsockname()[1]
 
     def start(self, address: str, port: int) -> dict:
+        import torch  # here, not at import: the unit's replica imports this module and never needs torch
+        import torch.distributed as dist
+
         t0 = time.perf_counter()
         backend = "nccl" if self.topo.device == "cuda" else "gloo"
         if self._store_socket is not None:  # rank 0 serves the store on the socket of `endpoint`
@@ -66,8 +66,8 @@ class RankActor:
             store = dist.TCPStore(address, port, self.world, is_master=False, timeout=GROUP_TIMEOUT)
         dist.init_process_group(backend, store=store, rank=self.rank, world_size=self.world, timeout=GROUP_TIMEOUT)
         control = dist.new_group(backend="gloo", timeout=GROUP_TIMEOUT) if backend == "nccl" else dist.group.WORLD
+        from dgserve.model.hub import default_model_dir
         from dgserve.model.loader import load_checkpoint
-        from dgserve.model.tiny import default_model_dir
 
         from .engine.executor import Executor
 

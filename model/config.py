@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .errors import ConfigError
-from .sampler import SamplerSettings
+from .settings import SamplerSettings
 from .validate import is_int
 
 log = logging.getLogger(__name__)

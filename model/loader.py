@@ -18,6 +18,7 @@ from safetensors import safe_open
 
 from .config import ModelConfig, load_generation_defaults, load_model_config
 from .errors import CheckpointError, ConfigError
+from .hub import resolve_checkpoint
 from .moe import ExpertWeights, LocalExperts
 from .sampler import SamplerSettings
 from .transformer import DiffusionGemma
@@ -25,9 +26,6 @@ from .weights import LayerWeights, TensorSpec, TextWeights, expert_specs, global
 
 # float64 is for verification: it separates logic errors from float32 rounding in tests.
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
-# What a gateway needs from the hub (configs, tokenizer, chat template), and what a rank needs: that plus weights.
-TOKENIZER_PATTERNS = ["*.json", "*.jinja", "tokenizer*", "*.model"]
-_HUB_PATTERNS = [*TOKENIZER_PATTERNS, "*.safetensors"]
 
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
@@ -36,36 +34,6 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     if name not in DTYPES:
         raise ConfigError("dtype", name, " | ".join(DTYPES))
     return DTYPES[name]
-
-
-def resolve_checkpoint(model: str | os.PathLike, revision: str | None = None,
-                       patterns: list[str] | None = None) -> Path:
-    """A local checkpoint folder, or a hub repo id fetched (or found offline) with `snapshot_download`
-    (only the files matching `patterns`, default: everything the model needs)."""
-    path = Path(model).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise CheckpointError(f"--model {model}: is a file; expected a checkpoint folder or a hub id")
-        return path
-    text = str(model)
-    if text.startswith((".", "/", "~")) or text.count("/") != 1:
-        raise CheckpointError(f"--model {model}: no such folder, and not a hub id of the form 'org/name'")
-    from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
-
-    try:
-        return Path(snapshot_download(repo_id=text, revision=revision, allow_patterns=patterns or _HUB_PATTERNS))
-    except LocalEntryNotFoundError as e:
-        if constants.HF_HUB_OFFLINE:
-            raise CheckpointError(
-                f"--model {text}: HF_HUB_OFFLINE=1 is set and the model is not in the local hub cache "
-                f"({constants.HF_HUB_CACHE}); download it once without HF_HUB_OFFLINE, or pass a local folder"
-            ) from e
-        raise CheckpointError(f"--model {text}: could not reach the hub and no cached copy exists ({e})") from e
-    except RepositoryNotFoundError as e:
-        raise CheckpointError(f"--model {text}: no such repository on the hub (or it is private/gated)") from e
-    except HfHubHTTPError as e:
-        raise CheckpointError(f"--model {text}: hub download failed: {e}") from e
 
 
 class CheckpointReader:

@@ -258,24 +258,3 @@ def make_tiny(folder: str | Path, seed: int = 0, preset: str = "tiny", num_shard
     _write_shards(folder, _text_tensors(p, g) | _vision_tensors(p, g), num_shards)
     (folder / "dgserve_tiny.json").write_text(json.dumps({"seed": seed, "preset": preset, **asdict(p)}))
     return folder
-
-
-def default_model_dir() -> Path:
-    """The embedded default model: the tiny checkpoint, made on first use in the user's cache folder."""
-    import os
-    import shutil
-    import tempfile
-
-    root = Path(os.environ.get("DGSERVE_HOME") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-                / "dgserve")
-    target = root / "tiny-v1-seed0"
-    if (target / "model.safetensors.index.json").is_file():
-        return target
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=root))
-    make_tiny(tmp, seed=0)
-    try:
-        tmp.rename(target)  # atomic: concurrent first uses never see a half-written folder
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from dgserve.model.config import ModelConfig
 from dgserve.model.errors import ConfigError, InputError
-from dgserve.model.sampler import KNOBS, MAX_DENOISING_STEPS, MAX_SEED, SamplerSettings
+from dgserve.model.settings import KNOBS, MAX_DENOISING_STEPS, MAX_SEED, SamplerSettings
 from dgserve.model.tokenizer import chat_prompt_ids
 from dgserve_client.v1 import dgserve_pb2 as pb
 

@@ -16,7 +16,7 @@ import ray
 from ray import serve
 
 from dgserve.model.config import load_generation_defaults, load_model_config
-from dgserve.model.loader import TOKENIZER_PATTERNS, resolve_checkpoint
+from dgserve.model.hub import TOKENIZER_PATTERNS, resolve_checkpoint
 from dgserve.model.tokenizer import load_tokenizer
 
 from ..config import Topology, topology_from_dict
@@ -41,7 +41,7 @@ class Gateway:
         self.topo = topology_from_dict(topology)
         self.unit = unit
         if self.topo.model is None:
-            from dgserve.model.tiny import default_model_dir
+            from dgserve.model.hub import default_model_dir
 
             folder, model_id = default_model_dir(), "dgserve/tiny (embedded default, random weights)"
         else:
