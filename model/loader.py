@@ -55,6 +55,7 @@ class CheckpointReader:
         if missing:
             raise CheckpointError(f"{folder}: shard(s) named in the index are missing: {', '.join(missing)}")
         self.weight_map: dict[str, str] = weight_map
+        self.bytes_read = 0  # bytes of tensor data read from the shards so far (as stored)
         self._stack = ExitStack()
         self._files: dict[str, object] = {}
 
@@ -81,9 +82,9 @@ class CheckpointReader:
         shape = tuple(sl.get_shape())
         if shape != spec.shape:
             raise CheckpointError(f"tensor {name}: expected shape {list(spec.shape)}, found {list(shape)}")
-        if rows is None:
-            return sl[:].to(dtype)
-        parts = [sl[a:b].to(dtype) for a, b in _runs(rows)]
+        parts = [sl[:]] if rows is None else [sl[a:b] for a, b in _runs(rows)]
+        self.bytes_read += sum(t.numel() * t.element_size() for t in parts)
+        parts = [t.to(dtype) for t in parts]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
@@ -105,6 +106,21 @@ class LoadedCheckpoint:
     generation: SamplerSettings  # the checkpoint's sampler defaults (generation_config.json)
     model: DiffusionGemma
     expert_ids: tuple[int, ...]
+    bytes_read: int = 0  # tensor data read from the shards (as stored)
+
+
+@dataclass
+class ExpertShard:
+    """What an expert rank holds: some routed experts of every layer, and nothing else (no embeddings, no
+    attention, no dense MLP)."""
+
+    config: ModelConfig
+    expert_ids: tuple[int, ...]  # global ids, ascending; local expert i is expert_ids[i]
+    layers: list[ExpertWeights]
+    bytes_read: int
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for w in self.layers for t in (w.gate_up, w.down))
 
 
 def read_text_weights(reader: CheckpointReader, cfg: ModelConfig, dtype: torch.dtype) -> TextWeights:
@@ -160,7 +176,25 @@ def load_checkpoint(model: str | os.PathLike, dtype: str | torch.dtype = "float3
         weights = _to_device(weights, device)
         expert_weights = [ExpertWeights(w.gate_up.to(device), w.down.to(device)) for w in expert_weights]
     model_ = DiffusionGemma(cfg, weights, LocalExperts(expert_weights, ids, cfg.text.num_experts))
-    return LoadedCheckpoint(folder, cfg, load_generation_defaults(folder), model_, ids)
+    return LoadedCheckpoint(folder, cfg, load_generation_defaults(folder), model_, ids, reader.bytes_read)
+
+
+def load_expert_shard(model: str | os.PathLike, experts: Sequence[int], dtype: str | torch.dtype = "float32",
+                      revision: str | None = None, device: str | torch.device = "cpu") -> ExpertShard:
+    """An expert rank's weights: only the given experts' tensors of every layer are read."""
+    folder = resolve_checkpoint(model, revision)
+    cfg = load_model_config(folder)
+    ids = _expert_selection(experts, cfg.text.num_experts)
+    if not ids:
+        raise ConfigError("experts", list(experts), "at least one expert id (an expert rank holds some experts)")
+    reader = CheckpointReader(folder)
+    try:
+        layers = read_experts(reader, cfg, parse_dtype(dtype), ids)
+    finally:
+        reader.close()
+    if str(device) != "cpu":
+        layers = [ExpertWeights(w.gate_up.to(device), w.down.to(device)) for w in layers]
+    return ExpertShard(cfg, ids, layers, reader.bytes_read)
 
 
 def _to_device(w: TextWeights, device) -> TextWeights:

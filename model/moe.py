@@ -87,7 +87,7 @@ class LocalExperts:
             self._run_small(rows_TD, K, flat_ids, groups, layout, w, y_PD)
         y_PD = y_PD * weights_TK.reshape(-1).unsqueeze(-1)
         # Per-token sum over its K experts: independent of the other rows in the batch.
-        return y_PD.view(T, K, -1).sum(dim=1).to(rows_TD.dtype)
+        return y_PD.view(T, K, rows_TD.shape[-1]).sum(dim=1).to(rows_TD.dtype)  # T may be 0 (an idle rank)
 
     def _run(self, rows_TD: torch.Tensor, K: int, ids_P: torch.Tensor, flat_P: torch.Tensor, w: ExpertWeights,
              out_PD: torch.Tensor) -> None:

@@ -112,3 +112,34 @@ def test_hub_id_offline_from_the_cache(tiny_dir, tmp_path):
              "print(ck.folder, ck.config.text.num_layers)", {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)})
     assert r.returncode == 0, r.stderr
     assert commit in r.stdout and r.stdout.strip().endswith(" 6")
+
+
+def test_an_attention_rank_reads_no_expert_tensor_and_an_expert_rank_only_its_experts(tiny_dir):
+    """The bytes each rank reads and holds: attention (experts=[]) + two expert shards read every needed tensor
+    exactly once; an expert shard holds its experts of every layer and nothing else."""
+    from dgserve.cluster.experts.partition import ExpertPartition
+    from dgserve.model.loader import CheckpointReader, load_expert_shard
+    from dgserve.model.weights import expert_specs
+
+    attention = load_checkpoint(tiny_dir, experts=[])
+    cfg = attention.config.text
+    part = ExpertPartition.balanced(cfg.num_experts, 2)
+    shards = [load_expert_shard(tiny_dir, part.experts_of(j)) for j in range(2)]
+    reader = CheckpointReader(tiny_dir)
+    size = {"F32": 4, "BF16": 2, "F16": 2}
+    stored = 0  # every expert tensor's bytes, as stored
+    for i in range(cfg.num_layers):
+        for spec in expert_specs(cfg, i).values():
+            name = reader.find(spec)
+            sl = reader._file(reader.weight_map[name]).get_slice(name)
+            stored += torch.Size(sl.get_shape()).numel() * size[sl.get_dtype()]
+    reader.close()
+    assert attention.model.experts.layers == [] and attention.bytes_read > 0
+    assert [s.expert_ids for s in shards] == [part.experts_of(0), part.experts_of(1)]
+    assert sum(s.bytes_read for s in shards) == stored  # each expert read once, by its rank only
+    assert shards[0].bytes_read == stored * len(part.experts_of(0)) // cfg.num_experts
+    full = load_checkpoint(tiny_dir)
+    assert full.bytes_read == attention.bytes_read + stored  # the attention rank read all but the experts
+    held = sum(s.nbytes() for s in shards)
+    assert held == sum(t.numel() * 4 for w in full.model.experts.layers for t in (w.gate_up, w.down))
+    assert torch.equal(shards[1].layers[2].down[0], full.model.experts.layers[2].down[part.experts_of(1)[0]])

@@ -1,0 +1,156 @@
+"""Dispatch and combine: the attention ranks' ExpertBackend and the expert ranks' side of the same exchange.
+
+Per MoE layer, every rank of the unit's group (A attention ranks, then E expert ranks) takes part in the same
+collectives, in the same order:
+
+1. counts: `all_to_all_single` of one int64 per peer (how many rows this rank sends each peer);
+2. rows [N, D] and their metadata [N, 2] (the expert's row in its owner's weights, and a group tag): two
+   `all_to_all_single` with those split sizes (the list form fails on gloo with uneven sizes);
+3. the expert ranks run what they received and send the outputs back along the reverse splits.
+
+Attention ranks send rows only to expert ranks and receive none; expert ranks send nothing in the dispatch; an
+attention rank with no rows (idle, or an empty batch) still joins every collective with zero rows.
+
+Exactness (float32 on CPU): a row in an (item, expert) group of at least `RowLayout.min_rows` rows gets the same
+bits in any GEMM; a smaller group is tagged, sent contiguous in the order the item alone would sort it, and run
+by the expert rank in a GEMM of its own, as `LocalExperts` does co-located. So the split never changes a result.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from dgserve.model.layers import RowLayout
+from dgserve.model.moe import ExpertWeights, LocalExperts, expert_ffn
+
+from .partition import ExpertPartition
+
+BIG = -1  # the tag of a row whose group is row-invariant (any GEMM gives it the same bits)
+
+
+@dataclass(frozen=True)
+class Roles:
+    """Group ranks: attention ranks 0..A-1, then expert ranks A..A+E-1."""
+
+    attention: int
+    experts: int
+
+    @property
+    def world(self) -> int:
+        return self.attention + self.experts
+
+    def expert_group_rank(self, j: int) -> int:
+        return self.attention + j
+
+
+def send_order(flat_ids: torch.Tensor, K: int, layout: RowLayout | None,
+               num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(assignment indices in send order [P], group tags [P]): row-invariant assignments first (tag BIG), then
+    each small (item, expert) group contiguous, in the order the item's own sort puts it (tag: its group key)."""
+    P = flat_ids.shape[0]
+    everything = torch.arange(P, device=flat_ids.device)
+    if layout is None or not layout.exact or len(layout.bounds) <= 2 or flat_ids.device.type != "cpu":
+        return everything, torch.full((P,), BIG, dtype=torch.long, device=flat_ids.device)
+    bounds = torch.tensor(layout.bounds[1:-1], device=flat_ids.device)
+    item = torch.bucketize(everything // K, bounds, right=True)
+    key = item * num_experts + flat_ids
+    counts = torch.bincount(key)
+    small = ((counts > 0) & (counts < layout.min_rows))[key]
+    order, tags = [everything[~small]], [torch.full((int((~small).sum()),), BIG, dtype=torch.long)]
+    for a, b in zip(layout.bounds, layout.bounds[1:], strict=False):
+        span = slice(a * K, b * K)
+        if not bool(small[span].any()):
+            continue
+        _, perm = torch.sort(flat_ids[span])  # the very call LocalExperts makes for this item alone
+        perm = perm + a * K
+        src = perm[small[perm]]
+        order.append(src)
+        tags.append(key[src])
+    return torch.cat(order), torch.cat(tags)
+
+
+def exchange_counts(send: torch.Tensor, group) -> torch.Tensor:
+    """send[i]: rows this rank sends group rank i -> recv[i]: rows group rank i sends this rank (int64 [world])."""
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=group)
+    return recv
+
+
+def exchange(x: torch.Tensor, send: list[int], recv: list[int], group) -> torch.Tensor:
+    """Rows of `x` split by `send` go out; rows split by `recv` come in (x's trailing shape and dtype)."""
+    out = torch.empty((sum(recv), *x.shape[1:]), dtype=x.dtype, device=x.device)
+    dist.all_to_all_single(out, x.contiguous(), output_split_sizes=recv, input_split_sizes=send, group=group)
+    return out
+
+
+class AllToAllExperts:
+    """An attention rank's ExpertBackend: its rows go to the expert ranks that hold their experts and come back."""
+
+    def __init__(self, partition: ExpertPartition, roles: Roles, group=None):
+        self.partition, self.roles, self.group = partition, roles, group
+        self.owner = torch.tensor([roles.expert_group_rank(j) for j in partition.owners], dtype=torch.long)
+        self.local = torch.tensor(partition.local_index(), dtype=torch.long)
+
+    def __call__(self, layer: int, rows_TD: torch.Tensor, expert_ids_TK: torch.Tensor,
+                 weights_TK: torch.Tensor, layout: RowLayout | None = None) -> torch.Tensor:
+        T, K = expert_ids_TK.shape
+        D = rows_TD.shape[-1]
+        flat = expert_ids_TK.reshape(-1)
+        order, tags = send_order(flat, K, layout, self.partition.num_experts)
+        dest = self.owner[flat[order]]
+        by_dest = torch.sort(dest, stable=True).indices  # each group stays contiguous and in its order
+        sent, tags = order[by_dest], tags[by_dest]
+        send = torch.bincount(dest, minlength=self.roles.world)
+        recv = exchange_counts(send, self.group).tolist()
+        send = send.tolist()
+        exchange(rows_TD[sent // K], send, recv, self.group)
+        exchange(torch.stack([self.local[flat[sent]], tags], dim=-1), send, recv, self.group)
+        back = exchange(torch.empty(0, D, dtype=rows_TD.dtype), recv, send, self.group)  # expert outputs
+        y_PD = torch.empty(T * K, D, dtype=rows_TD.dtype)
+        y_PD[sent] = back
+        y_PD = y_PD * weights_TK.reshape(-1).unsqueeze(-1)
+        return y_PD.view(T, K, D).sum(dim=1).to(rows_TD.dtype)
+
+
+class ExpertServer:
+    """An expert rank's side of every layer's exchange: it holds only its experts' weights."""
+
+    def __init__(self, layers: list[ExpertWeights], roles: Roles, group=None):
+        self.layers, self.roles, self.group = layers, roles, group
+        self.experts = layers[0].gate_up.shape[0] if layers else 0
+
+    def serve_layer(self, layer: int, D: int, dtype: torch.dtype) -> int:
+        """Join one layer's exchange: receive rows, run them, send the outputs back. Returns the rows run."""
+        none = [0] * self.roles.world
+        recv = exchange_counts(torch.zeros(self.roles.world, dtype=torch.long), self.group).tolist()
+        x = exchange(torch.empty(0, D, dtype=dtype), none, recv, self.group)
+        meta = exchange(torch.empty(0, 2, dtype=torch.long), none, recv, self.group)
+        y = self.run(layer, x, meta, recv)
+        exchange(y, recv, none, self.group)
+        return x.shape[0]
+
+    def run(self, layer: int, x_ND: torch.Tensor, meta_N2: torch.Tensor, recv: list[int]) -> torch.Tensor:
+        """Expert outputs (unweighted) in the order received: row-invariant rows grouped by expert in one grouped
+        GEMM; each small group in a GEMM of its own, in the order it came (as LocalExperts runs them)."""
+        w, out = self.layers[layer], torch.empty_like(x_ND)
+        local, tags = meta_N2[:, 0], meta_N2[:, 1]
+        big = (tags == BIG).nonzero().squeeze(-1)
+        if big.numel():
+            ids_sorted, perm = torch.sort(local[big])
+            counts = torch.bincount(ids_sorted, minlength=self.experts).tolist()
+            src = big[perm]
+            out[src] = LocalExperts._ffn(x_ND[src], counts, w)
+        small = (tags != BIG).nonzero().squeeze(-1)
+        if small.numel():
+            sender = torch.repeat_interleave(torch.arange(len(recv)), torch.tensor(recv))[small]
+            group_key = sender * (int(tags.max()) + 1) + tags[small]
+            _, sizes = torch.unique_consecutive(group_key, return_counts=True)
+            start = 0
+            for n in sizes.tolist():
+                rows = small[start:start + n]
+                out[rows] = expert_ffn(x_ND[rows], [n], w, first_expert=int(local[rows[0]]))
+                start += n
+        return out

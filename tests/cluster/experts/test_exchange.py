@@ -1,0 +1,98 @@
+"""Dispatch and combine over a real gloo group of A attention + E expert processes: every attention rank's MoE
+output is bitwise what `LocalExperts` (all experts in one process) gives for the same rows, in batches with
+small and large (item, expert) groups, with zero rows on a rank, with every row on one expert, and with expert
+ranks that receive nothing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from dgserve.cluster.experts.partition import ExpertPartition
+from dgserve.model.errors import ConfigError
+
+NUM_EXPERTS, K, D, I, LAYERS = 8, 2, 64, 32, 2
+
+
+def weights(seed: int = 0):
+    from dgserve.model.moe import ExpertWeights
+
+    g = torch.Generator().manual_seed(seed)
+    return [ExpertWeights(torch.randn(NUM_EXPERTS, 2 * I, D, generator=g) / D ** 0.5,
+                          torch.randn(NUM_EXPERTS, D, I, generator=g) / I ** 0.5) for _ in range(LAYERS)]
+
+
+def case(kind: str, rank: int):
+    """(rows [T, D], ids [T, K], weights [T, K], layout) of one attention rank for one case."""
+    from dgserve.model.layers import RowLayout
+
+    g = torch.Generator().manual_seed(100 * rank + hash(kind) % 97)
+    sizes = {"mixed": [1, 3, 40, 2, 17], "empty": [] if rank == 1 else [5, 30], "one-expert": [4, 25],
+             "first-rank-only": [2, 33, 1]}[kind]
+    T = sum(sizes)
+    rows = torch.randn(T, D, generator=g)
+    if kind == "one-expert":
+        ids = torch.stack([torch.full((T,), 5), torch.full((T,), 6)], dim=-1)
+    elif kind == "first-rank-only":
+        ids = torch.stack([torch.zeros(T, dtype=torch.long), torch.ones(T, dtype=torch.long)], dim=-1)
+    else:
+        ids = torch.rand(T, NUM_EXPERTS, generator=g).topk(K, dim=-1).indices
+    w = torch.rand(T, K, generator=g)
+    bounds = tuple(int(b) for b in torch.tensor([0, *sizes]).cumsum(0).tolist())
+    return rows, ids, w, RowLayout(bounds) if len(sizes) > 1 else None
+
+
+CASES = ("mixed", "empty", "one-expert", "first-rank-only")
+
+
+def worker(rank: int, world: int, attention: int, store: str, ranks_holding: dict | None) -> None:
+    import torch.distributed as dist
+
+    from dgserve.cluster.experts.exchange import AllToAllExperts, ExpertServer, Roles
+    from dgserve.model.moe import ExpertWeights, LocalExperts
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    roles = Roles(attention, world - attention)
+    part = (ExpertPartition.explicit(NUM_EXPERTS, ranks_holding) if ranks_holding
+            else ExpertPartition.balanced(NUM_EXPERTS, roles.experts))
+    every = weights()
+    try:
+        if rank < attention:
+            backend, alone = AllToAllExperts(part, roles), LocalExperts(every)
+            for kind in CASES:
+                for layer in range(LAYERS):
+                    rows, ids, w, layout = case(kind, rank)
+                    got = backend(layer, rows, ids, w, layout)
+                    want = alone(layer, rows, ids, w, layout)
+                    assert torch.equal(got, want), (kind, layer, rank, (got - want).abs().max())
+        else:
+            mine = list(part.experts_of(rank - attention))
+            server = ExpertServer([ExpertWeights(lw.gate_up[mine].clone(), lw.down[mine].clone()) for lw in every],
+                                  roles)
+            for _ in CASES:
+                for layer in range(LAYERS):
+                    server.serve_layer(layer, D, torch.float32)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize(("attention", "experts", "holding"), [(1, 1, None), (1, 2, None), (2, 2, None),
+                                                               (1, 3, {0: [7], 1: [0, 1, 2, 3], 2: [4, 5, 6]})],
+                         ids=["1+1", "1+2", "2+2", "1+3-explicit"])
+def test_the_split_gives_every_attention_rank_the_co_located_bits(attention, experts, holding, tmp_path):
+    world = attention + experts
+    mp.spawn(worker, args=(world, attention, str(tmp_path / "store"), holding), nprocs=world, join=True)
+
+
+def test_a_balanced_partition_spreads_experts_evenly_and_an_explicit_one_is_checked():
+    p = ExpertPartition.balanced(10, 4)
+    assert [len(p.experts_of(j)) for j in range(4)] == [3, 3, 2, 2] and p.experts_of(0) == (0, 1, 2)
+    assert p.local_index()[:4] == (0, 1, 2, 0)
+    with pytest.raises(ConfigError, match="expert_ranks"):
+        ExpertPartition.balanced(4, 5)
+    with pytest.raises(ConfigError, match="each expert once"):
+        ExpertPartition.explicit(4, {0: [0, 1], 1: [1, 2, 3]})
+    with pytest.raises(ConfigError, match="on none"):
+        ExpertPartition.explicit(4, {0: [0, 1], 1: [2]})
