@@ -56,6 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--threads", type=int, default=1,
                      help="torch CPU threads (default 1, as the engine: the same thread count gives the same tokens)")
     gen.add_argument("--json", action="store_true", help="print one JSON object on the last line")
+    gen.add_argument("--attention-ranks", type=int, default=1,
+                     help="split over local processes: this many attention ranks (topology: attention_ranks)")
+    gen.add_argument("--expert-ranks", type=int, default=0,
+                     help="... and this many expert ranks holding the routed experts, reached by all-to-all "
+                          "(topology: expert_ranks; 0: experts in every attention rank)")
     gen.add_argument("--max-running", type=int, default=16, help="--prompts-file: requests denoised at once")
     gen.add_argument("--memory-budget-bytes", type=int, help="--prompts-file: the engine's memory budget")
     _add_sampler_args(gen)
@@ -95,7 +100,7 @@ def _progress_printer(stream):
 
 
 def _sampler_overrides(args) -> dict:
-    from dgserve.model.sampler import KNOBS
+    from dgserve.model.settings import KNOBS
 
     return {k: getattr(args, k) for k in KNOBS}
 
@@ -123,18 +128,15 @@ def cmd_generate(args) -> dict:
     from dgserve.model.hub import default_model_dir
     from dgserve.model.loader import load_checkpoint
     from dgserve.model.sampler import SamplerSettings
-    from dgserve.model.tokenizer import chat_prompt_ids, decode, load_tokenizer
+    from dgserve.model.tokenizer import decode, load_tokenizer
 
+    if (args.attention_ranks, args.expert_ranks) != (1, 0):
+        return _generate_split(args)
     t0 = time.perf_counter()
     ck = load_checkpoint(args.model or default_model_dir(), dtype=args.dtype, device=args.device)
     load_s = time.perf_counter() - t0
     tok = load_tokenizer(ck.folder)
-    if args.prompt_ids is not None:
-        prompt = args.prompt_ids
-    elif args.prompt is not None:
-        prompt = chat_prompt_ids(tok, args.prompt, enable_thinking=args.thinking)
-    else:
-        raise InputError("prompt", "give --prompt TEXT or --prompt-ids IDS")
+    prompt = _prompt(args, tok)
     settings = SamplerSettings.from_defaults(ck.generation, **_sampler_overrides(args))
     show = _progress_printer(sys.stderr) if sys.stderr.isatty() and not args.json else None
     res = generate(ck.model, prompt, settings, seed=args.seed, on_progress=show)
@@ -145,6 +147,50 @@ def cmd_generate(args) -> dict:
         "decoder_passes": res.decoder_passes, "tokens_per_forward": res.tokens_per_forward,
         "timings": {"load_s": load_s, **res.timings},
         "tokens_per_second": len(res.token_ids) / res.timings["total_s"] if res.timings["total_s"] else None,
+    }
+
+
+def _prompt(args, tok) -> list[int]:
+    from dgserve.model.tokenizer import chat_prompt_ids
+
+    if args.prompt_ids is not None:
+        return args.prompt_ids
+    if args.prompt is not None:
+        return chat_prompt_ids(tok, args.prompt, enable_thinking=args.thinking)
+    raise InputError("prompt", "give --prompt TEXT or --prompt-ids IDS")
+
+
+def _generate_split(args) -> dict:
+    """`generate` over --attention-ranks + --expert-ranks local processes (gloo): the same JSON contract."""
+    from dgserve.cluster.experts.local import SplitRequest, check_ranks, generate_split
+    from dgserve.model.config import load_generation_defaults, load_model_config
+    from dgserve.model.generate import validate_prompt
+    from dgserve.model.hub import default_model_dir, resolve_checkpoint
+    from dgserve.model.settings import SamplerSettings
+    from dgserve.model.tokenizer import decode, load_tokenizer
+
+    check_ranks(args.attention_ranks, args.expert_ranks)
+    if args.device != "cpu":
+        raise InputError("device", "the split in local processes runs on CPU (gloo); on GPUs it runs in an engine "
+                                   "unit of `dgserve serve` (one rank per GPU)")
+    folder = resolve_checkpoint(args.model or default_model_dir())
+    tok = load_tokenizer(folder)
+    prompt = _prompt(args, tok)
+    overrides = _sampler_overrides(args)
+    settings = SamplerSettings.from_defaults(load_generation_defaults(folder), **overrides)  # checked here
+    validate_prompt(prompt, load_model_config(folder), settings.max_new_tokens)  # ... and so is the prompt
+    t0 = time.perf_counter()
+    [res] = generate_split(folder, [SplitRequest(tuple(prompt), overrides, args.seed)], args.attention_ranks,
+                           args.expert_ranks, args.dtype)
+    total = time.perf_counter() - t0
+    passes = sum(res.steps_per_block)
+    return {
+        "model": str(folder), "prompt_tokens": len(prompt), "token_ids": list(res.token_ids),
+        "text": decode(tok, list(res.token_ids), settings.pad_token_id), "finish_reason": res.finish_reason,
+        "steps_per_block": list(res.steps_per_block), "decoder_passes": passes,
+        "tokens_per_forward": len(res.token_ids) / passes if passes else 0.0,
+        "timings": {"total_s": total}, "tokens_per_second": len(res.token_ids) / total if total else None,
+        "ranks": {"attention_ranks": args.attention_ranks, "expert_ranks": args.expert_ranks},
     }
 
 

@@ -14,7 +14,8 @@ import torch.distributed as dist
 from .engine.errors import UnitFailure
 from .engine.executor import Executor
 from .engine.plan import StepOutcome, StepPlan
-from .engine.progress import StoreBoard, publish
+from .engine.progress import Progress, StoreBoard, publish
+from .experts.exchange import ExpertServer
 
 log = logging.getLogger("dgserve.group")
 
@@ -22,10 +23,11 @@ STOP = "stop"
 
 
 class Ownership:
-    """Which rank holds which request (every rank keeps its own copy, updated from the plans)."""
+    """Which rank holds which request (every rank keeps its own copy, updated from the plans). `experts`: the
+    group has expert ranks, so every attention rank joins each pass (`StepPlan.exchange`)."""
 
-    def __init__(self, rank: int):
-        self.rank = rank
+    def __init__(self, rank: int, experts: bool = False):
+        self.rank, self.experts = rank, experts
         self.owner: dict[int, int] = {}
 
     def part(self, plan: StepPlan) -> StepPlan:
@@ -36,7 +38,8 @@ class Ownership:
         part = replace(plan, admit=tuple(a for a in plan.admit if a.rank == self.rank),
                        evict=tuple(r for r in plan.evict if r in mine),
                        release=tuple(r for r in plan.release if r in mine),
-                       items=tuple(it for it in plan.items if it.rid in mine))
+                       items=tuple(it for it in plan.items if it.rid in mine),
+                       exchange=self.experts and bool(plan.items))
         for rid in plan.release:
             self.owner.pop(rid, None)
         return part
@@ -62,9 +65,11 @@ class GroupExecutor:
     """Rank 0's executor (a StepExecutor): every plan runs on all ranks of the group. `board` reads the other
     ranks' progress (their publishers write it to the unit's store)."""
 
-    def __init__(self, local: Executor, group, world: int, board: StoreBoard | None = None):
+    def __init__(self, local: Executor, group, world: int, board: StoreBoard | None = None,
+                 attention: int | None = None):
+        """`world` ranks in `group`: `attention` attention ranks (default: all), then expert ranks."""
         self.local, self.group, self.world, self.board = local, group, world, board
-        self.ownership = Ownership(0)
+        self.ownership = Ownership(0, experts=attention is not None and attention < world)
 
     def progress(self) -> int:
         return self.local.progress() + (self.board.total() if self.board is not None else 0)
@@ -108,19 +113,21 @@ class GroupExecutor:
         self.local.close()
 
 
-def follow(local: Executor, group, rank: int, stopped: threading.Event, store=None, period_s: float = 1.0) -> None:
-    """A follower rank's loop: run rank 0's plans until told to stop (publishing its progress to `store`)."""
+def follow(local: Executor, group, rank: int, stopped: threading.Event, store=None, period_s: float = 1.0,
+           experts: bool = False) -> None:
+    """A follower attention rank's loop: run rank 0's plans until told to stop (publishing its progress to `store`;
+    `experts`: the group has expert ranks)."""
     left = threading.Event()
     if store is not None:
         publish(store, rank, local.progress, period_s, left, stopped)
     try:
-        _follow(local, group, rank, stopped)
+        _follow(local, group, rank, stopped, experts)
     finally:
         left.set()
 
 
-def _follow(local: Executor, group, rank: int, stopped: threading.Event) -> None:
-    ownership = Ownership(rank)
+def _follow(local: Executor, group, rank: int, stopped: threading.Event, experts: bool) -> None:
+    ownership = Ownership(rank, experts)
     while not stopped.is_set():
         box = [None]
         try:
@@ -142,3 +149,38 @@ def _follow(local: Executor, group, rank: int, stopped: threading.Event) -> None
         except Exception as e:
             log.error("rank %d: sending the outcome failed (%s); leaving", rank, e)
             return
+
+
+def follow_experts(server: ExpertServer, group, rank: int, stopped: threading.Event, layers: int, hidden: int,
+                   dtype, store=None, period_s: float = 1.0) -> None:
+    """An expert rank's loop: for every plan with items, join each layer's exchange (it runs no attention code and
+    holds no request state); an empty outcome goes back so that rank 0's gather completes."""
+    progress, left = Progress(), threading.Event()
+    if store is not None:
+        publish(store, rank, lambda: progress.count, period_s, left, stopped)
+    try:
+        while not stopped.is_set():
+            box = [None]
+            try:
+                dist.broadcast_object_list(box, src=0, group=group)
+            except Exception as e:
+                log.error("expert rank %d: receiving the plan failed (%s); leaving", rank, e)
+                return
+            plan = box[0]
+            if plan == STOP:
+                return
+            out: StepOutcome | str = StepOutcome(plan.iteration, ())
+            try:
+                for layer in range(layers if plan.items else 0):
+                    server.serve_layer(layer, hidden, dtype)
+                    progress.beat()
+            except Exception as e:  # the exchange broke: the attention ranks see it too
+                log.exception("expert rank %d failed iteration %d", rank, plan.iteration)
+                out = f"{type(e).__name__}: {e}"
+            try:
+                dist.gather_object(out, None, dst=0, group=group)
+            except Exception as e:
+                log.error("expert rank %d: sending the outcome failed (%s); leaving", rank, e)
+                return
+    finally:
+        left.set()

@@ -160,9 +160,11 @@ class Executor:
             self._progress.beat()
         items = self._prepare([it for it in plan.items if it.rid not in failed], failed)
         if not items:
-            return self._outcome(plan, (), {}, 0.0, 0.0, failed, 0)
+            if plan.exchange:  # the expert ranks wait for this rank at every layer: join with zero rows
+                self._join_exchange()
+            return self._outcome(plan, (), {}, 0.0, 0.0, failed, int(plan.exchange))
         t0 = time.perf_counter()
-        passes = self._forward(_by_request(items), failed)
+        passes = self._forward(_by_request(items), failed, lockstep=plan.exchange)
         forward_s = time.perf_counter() - t0
         canvases, sampling_s, logits_s = self._sample(passes, failed)
         rows = {k.value: sum(p.rows.get(k.value, 0) for p in passes) for k in ItemKind}
@@ -213,11 +215,13 @@ class Executor:
                                 f"of {len(slot.context)} context positions")
             pos = it.stop
 
-    def _forward(self, groups: list[tuple[int, list[PlanItem]]], failed: dict[int, ItemFailure]) -> list[Pass]:
+    def _forward(self, groups: list[tuple[int, list[PlanItem]]], failed: dict[int, ItemFailure],
+                 lockstep: bool = False) -> list[Pass]:
         """One packed pass over every request's items. If it fails (out of memory for the whole batch, one
         request's bad rows), every cache is rolled back and the pass is split in halves by request, down to the
         one request that fails alone: the others run with the same rows, so the same tokens (RNG untouched: the
-        draws happen after the pass)."""
+        draws happen after the pass). In `lockstep` (expert ranks wait at every layer's exchange) a pass cannot be
+        run again alone: its failure fails the unit."""
         items = [it for _, mine in groups for it in mine]
         marks = {rid: self.slots[rid].cache.mark() for rid, _ in groups}
         try:
@@ -226,6 +230,9 @@ class Executor:
         except UnitFailure:
             raise
         except Exception as e:
+            if lockstep:
+                raise UnitFailure(f"a pass with expert exchanges failed ({type(e).__name__}: {e}); the ranks are "
+                                  "out of step") from e
             for rid, m in marks.items():
                 self.slots[rid].cache.rollback(m)
             if len(groups) == 1:
@@ -235,6 +242,15 @@ class Executor:
                         type(e).__name__, e)
             half = len(groups) // 2
             return self._forward(groups[:half], failed) + self._forward(groups[half:], failed)
+
+    def _join_exchange(self) -> None:
+        """A pass with no rows of this rank's own: each layer's exchange, with zero rows."""
+        cfg = self.model.config.text
+        empty = torch.empty(0, cfg.hidden_size, dtype=self.model.dtype, device=self.model.device)
+        ids = torch.empty(0, cfg.top_k_experts, dtype=torch.long, device=self.model.device)
+        for layer in range(cfg.num_layers):
+            self.model.experts(layer, empty, ids, torch.empty(0, cfg.top_k_experts, device=self.model.device))
+            self._progress.beat()
 
     def _work_items(self, items: list[PlanItem]) -> tuple[list[WorkItem], dict[str, int]]:
         work, rows = [], {k.value: 0 for k in ItemKind}

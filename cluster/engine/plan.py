@@ -47,6 +47,9 @@ class StepPlan:
     evict: tuple[int, ...] = ()  # drop the KV cache only (preempted; recomputed later by replaying its encodes)
     release: tuple[int, ...] = ()  # drop everything (finished elsewhere, cancelled, expired)
     items: tuple[PlanItem, ...] = ()  # in pass order: a request's encode item precedes its denoise item
+    # With expert ranks: this iteration runs one pass whose every MoE layer is an exchange with the expert ranks,
+    # so an attention rank joins it even with no items of its own (zero rows). Set per rank by the group.
+    exchange: bool = False
 
     @property
     def empty(self) -> bool:

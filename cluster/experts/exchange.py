@@ -49,10 +49,14 @@ class Roles:
 def send_order(flat_ids: torch.Tensor, K: int, layout: RowLayout | None,
                num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(assignment indices in send order [P], group tags [P]): row-invariant assignments first (tag BIG), then
-    each small (item, expert) group contiguous, in the order the item's own sort puts it (tag: its group key)."""
+    each small (item, expert) group contiguous, in the order the item's own sort puts it (tag: its group key).
+    Without a layout the rows are one item: co-located, its small groups run in GEMMs of their own size, which
+    rows of other attention ranks must not join on the expert rank."""
     P = flat_ids.shape[0]
     everything = torch.arange(P, device=flat_ids.device)
-    if layout is None or not layout.exact or len(layout.bounds) <= 2 or flat_ids.device.type != "cpu":
+    if layout is None:  # one item: its small expert groups must not merge with other ranks' rows either
+        layout = RowLayout((0, P // K))
+    if not layout.exact or flat_ids.device.type != "cpu":
         return everything, torch.full((P,), BIG, dtype=torch.long, device=flat_ids.device)
     bounds = torch.tensor(layout.bounds[1:-1], device=flat_ids.device)
     item = torch.bucketize(everything // K, bounds, right=True)

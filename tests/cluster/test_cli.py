@@ -39,6 +39,21 @@ def test_contract_same_token_ids_as_the_reference(ref_folders, name, seed):
     assert sum(out["steps_per_block"]) == len(drafts) and out["tokens_per_forward"] > 0
 
 
+@pytest.mark.parametrize(("attention", "experts"), [(1, 2), (2, 1)])
+def test_contract_holds_with_the_experts_on_their_own_ranks(ref_folders, attention, experts):
+    """--attention-ranks A --expert-ranks E: local processes over gloo, the same token ids as the reference."""
+    folder = ref_folders("a")
+    prompt, seed, n = [2, 17, 33, 41, 5], 5, 2 * SPECS["a"].canvas_length + 1
+    r = dgserve("generate", "--model", str(folder), "--prompt-ids", ",".join(map(str, prompt)), "--seed",
+                str(seed), "--max-new-tokens", str(n), "--dtype", "float32", "--max-denoising-steps", "10", "--json",
+                "--attention-ranks", str(attention), "--expert-ranks", str(experts))
+    assert r.returncode == 0, r.stderr
+    out = last_json(r.stdout)
+    expected, _ = reference_generate(load_reference(folder), prompt, seed, max_new_tokens=n, max_denoising_steps=10)
+    assert out["token_ids"] == expected
+    assert out["ranks"] == {"attention_ranks": attention, "expert_ranks": experts}
+
+
 def test_default_model_with_a_text_prompt(tmp_path):
     r = dgserve("generate", "--prompt", "Hello there", "--seed", "3", "--max-new-tokens", "40",
                 "--max-denoising-steps", "6", "--json", env={"DGSERVE_HOME": str(tmp_path)})
@@ -63,6 +78,9 @@ def test_default_model_with_a_text_prompt(tmp_path):
     (["--prompt-ids", "2,5", "--dtype", "float16"], "dtype"),
     (["--prompt-ids", "2,5", "--model", "/nonexistent/folder"], "no such folder"),
     (["--prompt-ids", "2,x"], "comma-separated integers"),
+    (["--prompt-ids", "2,5", "--expert-ranks", "-1"], "expert_ranks"),
+    (["--prompt-ids", "2,5", "--attention-ranks", "0", "--expert-ranks", "1"], "attention_ranks"),
+    (["--prompt-ids", "2,5,999999", "--expert-ranks", "1"], "outside the vocabulary"),
 ])
 def test_bad_input_is_a_clear_error(tiny_dir, args, message):
     r = dgserve("generate", "--model", str(tiny_dir), *args)

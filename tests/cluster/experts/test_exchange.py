@@ -29,10 +29,12 @@ def case(kind: str, rank: int):
 
     g = torch.Generator().manual_seed(100 * rank + hash(kind) % 97)
     sizes = {"mixed": [1, 3, 40, 2, 17], "empty": [] if rank == 1 else [5, 30], "one-expert": [4, 25],
-             "first-rank-only": [2, 33, 1]}[kind]
+             "first-rank-only": [2, 33, 1], "single": [3], "single-large": [30]}[kind]
     T = sum(sizes)
     rows = torch.randn(T, D, generator=g)
-    if kind == "one-expert":
+    if kind == "single":  # one item (no layout), every row on experts 2 and 3: small groups on every rank
+        ids = torch.stack([torch.full((T,), 2), torch.full((T,), 3)], dim=-1)
+    elif kind == "one-expert":
         ids = torch.stack([torch.full((T,), 5), torch.full((T,), 6)], dim=-1)
     elif kind == "first-rank-only":
         ids = torch.stack([torch.zeros(T, dtype=torch.long), torch.ones(T, dtype=torch.long)], dim=-1)
@@ -43,7 +45,7 @@ def case(kind: str, rank: int):
     return rows, ids, w, RowLayout(bounds) if len(sizes) > 1 else None
 
 
-CASES = ("mixed", "empty", "one-expert", "first-rank-only")
+CASES = ("mixed", "empty", "one-expert", "first-rank-only", "single", "single-large")
 
 
 def worker(rank: int, world: int, attention: int, store: str, ranks_holding: dict | None) -> None:
