@@ -130,6 +130,11 @@ class Topology:
         return s.graceful_shutdown_timeout_s if s.graceful_shutdown_timeout_s is not None else s.max_request_s + 10
 
     @property
+    def world(self) -> int:
+        """The unit's ranks: attention ranks (group ranks 0..A-1), then expert ranks."""
+        return self.attention_ranks + self.expert_ranks
+
+    @property
     def running_capacity(self) -> int:
         return self.attention_ranks * self.engine.max_running
 
@@ -242,9 +247,8 @@ def _profile_ranks(profile: str, experts: int) -> None:
     if profile == "replicated":
         _need("expert_ranks", experts, experts == 0, "0 with profile replicated (experts live in each rank)")
     else:
-        _need("profile", profile, False,
-              "replicated (profiles packed and disaggregated need expert ranks, which arrive with the "
-              "expert-parallelism issue, step 5)")
+        _need("expert_ranks", experts, experts >= 1,
+              f">= 1 with profile {profile} (the routed experts live on expert ranks)")
 
 
 def _resources(raw) -> dict[str, RankResources]:

@@ -53,8 +53,7 @@ class RankActor:
         return address, self._store_socket.getsockname()[1]
 
     def start(self, address: str, port: int) -> dict:
-        import torch  # here, not at import: the unit's replica imports this module and never needs torch
-        import torch.distributed as dist
+        import torch.distributed as dist  # here, not at import: the unit's replica never needs torch
 
         t0 = time.perf_counter()
         backend = "nccl" if self.topo.device == "cuda" else "gloo"
@@ -66,13 +65,39 @@ class RankActor:
             store = dist.TCPStore(address, port, self.world, is_master=False, timeout=GROUP_TIMEOUT)
         dist.init_process_group(backend, store=store, rank=self.rank, world_size=self.world, timeout=GROUP_TIMEOUT)
         control = dist.new_group(backend="gloo", timeout=GROUP_TIMEOUT) if backend == "nccl" else dist.group.WORLD
-        from dgserve.model.hub import default_model_dir
+        if self.rank >= self.topo.attention_ranks:
+            folder = self._start_expert_rank(control, store)
+        else:
+            folder = self._start_attention_rank(control, store)
+        return {"rank": self.rank, "pid": os.getpid(), "backend": backend, "load_s": time.perf_counter() - t0,
+                "model": str(folder), "role": "experts" if self.rank >= self.topo.attention_ranks else "attention"}
+
+    def _partition(self):
+        from dgserve.model.config import load_model_config
+        from dgserve.model.hub import default_model_dir, resolve_checkpoint
+
+        from .experts.exchange import Roles
+        from .experts.partition import ExpertPartition
+
+        folder = resolve_checkpoint(self.topo.model or default_model_dir(), self.topo.revision)
+        roles = Roles(self.topo.attention_ranks, self.topo.expert_ranks)
+        part = ExpertPartition.balanced(load_model_config(folder).text.num_experts, roles.experts) \
+            if roles.experts else None
+        return folder, roles, part
+
+    def _start_attention_rank(self, control, store):
+        import torch
+
         from dgserve.model.loader import load_checkpoint
 
         from .engine.executor import Executor
+        from .experts.exchange import AllToAllExperts
 
-        ck = load_checkpoint(self.topo.model or default_model_dir(), revision=self.topo.revision,
-                             dtype=self.topo.dtype, device=self.topo.device)
+        folder, roles, part = self._partition()
+        ck = load_checkpoint(folder, dtype=self.topo.dtype, device=self.topo.device,
+                             experts=[] if part is not None else None)  # no expert tensor is read here
+        if part is not None:
+            ck.model.experts = AllToAllExperts(part, roles, control)
         self.defaults = ck.generation
         cfg = self.topo.engine
         if ck.model.device.type == "cpu":
@@ -87,11 +112,35 @@ class RankActor:
 
             period = min(1.0, self.topo.watchdog_s / 4)
             self._follower = threading.Thread(target=follow, args=(self.local, control, self.rank, self._stopped,
-                                                                   store, period),
+                                                                   store, period, part is not None),
                                               name=f"dgserve-rank{self.rank}", daemon=True)
             self._follower.start()
-        return {"rank": self.rank, "pid": os.getpid(), "backend": backend, "load_s": time.perf_counter() - t0,
-                "model": str(ck.folder)}
+        return ck.folder
+
+    def _start_expert_rank(self, control, store):
+        """An expert rank: only its experts' weights; no KV cache, embeddings or sampler."""
+        import torch
+
+        from dgserve.model.loader import load_expert_shard, parse_dtype
+
+        from .experts.exchange import ExpertServer
+        from .group import follow_experts
+
+        folder, roles, part = self._partition()
+        shard = load_expert_shard(folder, part.experts_of(self.rank - roles.attention), self.topo.dtype,
+                                  device=self.topo.device)
+        if self.topo.device == "cpu":
+            torch.set_num_threads(self.topo.engine.cpu_threads)
+        self.shard = shard
+        text = shard.config.text
+        period = min(1.0, self.topo.watchdog_s / 4)
+        self._follower = threading.Thread(
+            target=follow_experts, args=(ExpertServer(shard.layers, roles, control), control, self.rank,
+                                         self._stopped, text.num_layers, text.hidden_size,
+                                         parse_dtype(self.topo.dtype), store, period),
+            name=f"dgserve-experts{self.rank}", daemon=True)
+        self._follower.start()
+        return folder
 
     def _start_driver(self, ck, control, store) -> None:
         from dgserve.model.tokenizer import load_tokenizer
@@ -102,10 +151,11 @@ class RankActor:
         from .metrics import UnitMetrics
 
         self.metrics = UnitMetrics(self.unit)
-        executor = (GroupExecutor(self.local, control, self.world, StoreBoard(store, self.world)) if self.world > 1
-                    else self.local)
+        executor = (GroupExecutor(self.local, control, self.world, StoreBoard(store, self.world),
+                                  attention=self.topo.attention_ranks) if self.world > 1 else self.local)
         self.engine = Engine(ck.model, self.topo.engine, load_tokenizer(ck.folder), executor=executor,
-                             ranks=self.world, watchdog_s=self.topo.watchdog_s, on_step=self.metrics.on_step)
+                             ranks=self.topo.attention_ranks, watchdog_s=self.topo.watchdog_s,
+                             on_step=self.metrics.on_step)
         self.engine.start()
 
     # -- requests (rank 0) -----------------------------------------------------------------------------------

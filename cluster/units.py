@@ -45,11 +45,11 @@ class EngineUnit:
         ctx = serve.get_replica_context()
         self.unit = f"{ctx.app_name}-{ctx.replica_id.unique_id}"
         pg = get_current_placement_group()
-        res = self.topo.resources["attention"]
         actor = ray.remote(RankActor)
-        self.names = [f"dgserve-{self.unit}-rank{i}" for i in range(self.topo.attention_ranks)]
+        self.names = [f"dgserve-{self.unit}-rank{i}" for i in range(self.topo.world)]
         self.ranks = []
         for i, name in enumerate(self.names):
+            res = self.topo.resources["attention" if i < self.topo.attention_ranks else "experts"]
             opts = {"num_cpus": res.cpus, "num_gpus": res.gpus, "name": name, "max_concurrency": 1000}
             if pg is not None:
                 opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i + 1)
@@ -130,7 +130,7 @@ class EngineUnit:
 
     async def status(self) -> dict:
         states = await asyncio.gather(*(r.status.remote() for r in self.ranks))
-        return {"unit": self.unit, "ranks": list(states), "names": self.names}
+        return {"unit": self.unit, "ranks": list(states), "names": self.names, "started": self.info}
 
     async def reset_step_stats(self) -> None:
         await self.ranks[0].reset_step_stats.remote()
@@ -155,12 +155,13 @@ def actor_exists(namespace: str, name: str) -> bool:
 
 def unit_deployment(topo: Topology):
     """The Serve deployment of an engine unit, sized from the topology."""
-    res, labels = topo.resources["attention"], topo.node_labels["attention"]
-    bundle = {"CPU": res.cpus} | ({"GPU": res.gpus} if res.gpus else {})
+    roles = ["attention"] * topo.attention_ranks + ["experts"] * topo.expert_ranks
+    bundles = [{"CPU": topo.resources[r].cpus} | ({"GPU": topo.resources[r].gpus} if topo.resources[r].gpus else {})
+               for r in roles]
     opts = {
         "name": "EngineUnit",
         "ray_actor_options": {"num_cpus": REPLICA_CPUS},
-        "placement_group_bundles": [{"CPU": REPLICA_CPUS}] + [bundle] * topo.attention_ranks,
+        "placement_group_bundles": [{"CPU": REPLICA_CPUS}] + bundles,
         "placement_group_strategy": STRATEGY[topo.profile],
         "max_ongoing_requests": topo.max_ongoing,
         "max_queued_requests": topo.max_queued_requests,  # per caller; beyond it Serve refuses (BackPressureError)
@@ -169,8 +170,8 @@ def unit_deployment(topo: Topology):
         "health_check_period_s": topo.serve.health_check_period_s,
         "health_check_timeout_s": topo.serve.health_check_timeout_s,
     }
-    if labels:
-        opts["placement_group_bundle_label_selector"] = [{}] + [dict(labels)] * topo.attention_ranks
+    if any(topo.node_labels[r] for r in set(roles)):
+        opts["placement_group_bundle_label_selector"] = [{}] + [dict(topo.node_labels[r]) for r in roles]
     u, s = topo.units, topo.serve
     if u.max > u.min:
         opts["autoscaling_config"] = {

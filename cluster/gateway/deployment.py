@@ -56,7 +56,7 @@ class Gateway:
         self.inflight: Counter[str] = Counter()  # request ids are labels: two calls may share one
         self.caller = own_name()  # who calls the units: they cancel our calls if this actor dies
         app = serve.get_replica_context().app_name
-        self.probe = UnitProbe(app, self.topo.attention_ranks)
+        self.probe = UnitProbe(app, self.topo.world)
         self.last_verdict: Verdict | None = None
         self.text = TextWorker()
         self.draining, self.hard_stop, self.serving = False, asyncio.Event(), False

@@ -72,7 +72,7 @@ def test_the_wait_queue_bound_is_configurable():
     ({"units": {"min": 1, "max": 2, "initial": 5}}, "units.initial", "1..2"),
     ({"attention_ranks": 0}, "attention_ranks", "1..1024"),
     ({"expert_ranks": 2}, "expert_ranks", "replicated"),
-    ({"profile": "packed"}, "profile", "step 5"),
+    ({"profile": "packed"}, "expert_ranks", ">= 1 with profile packed"),
     ({"profile": "sideways"}, "profile", "replicated | packed | disaggregated"),
     ({"dtype": "float16"}, "dtype", "float32 | bfloat16"),
     ({"experts_dtype": "bfloat16"}, "experts_dtype", "a key in"),  # no knob until FP8 experts give it meaning
@@ -105,11 +105,27 @@ def test_unreadable_or_invalid_yaml_is_a_clear_error(tmp_path):
         load_topology(bad)
 
 
-@pytest.mark.parametrize("name", ["local.yaml", "h100-replicated.yaml"])
-def test_shipped_topologies_are_valid(name):
+@pytest.mark.parametrize(("name", "profile", "experts"), [
+    ("local.yaml", "replicated", 0), ("h100-replicated.yaml", "replicated", 0), ("local-packed.yaml", "packed", 2),
+    ("h100-packed.yaml", "packed", 6), ("h100-disaggregated.yaml", "disaggregated", 8)])
+def test_shipped_topologies_are_valid(name, profile, experts):
     from pathlib import Path
 
     import dgserve.cluster
 
     t = load_topology(Path(dgserve.cluster.__file__).parent / "topologies" / name)
-    assert t.name == "dgserve" and t.profile == "replicated"
+    assert t.name == "dgserve" and t.profile == profile and t.expert_ranks == experts
+
+
+def test_a_packed_unit_reserves_a_bundle_per_attention_and_expert_rank():
+    from pathlib import Path
+
+    t = load_topology(Path(__file__).parents[2] / "cluster" / "topologies" / "h100-disaggregated.yaml")
+    assert (t.attention_ranks, t.expert_ranks, t.world) == (4, 8, 12)
+    rc = unit_deployment(t)._replica_config
+    attention, experts = {"CPU": 8.0, "GPU": 1.0}, {"CPU": 4.0, "GPU": 1.0}
+    assert rc.placement_group_bundles == [{"CPU": 0.1}] + [attention] * 4 + [experts] * 8
+    assert rc.placement_group_bundle_label_selector == [{}] + [{"role": "attention"}] * 4 + [{"role": "experts"}] * 8
+    assert rc.placement_group_strategy == "SPREAD"
+    packed = unit_deployment(parse_topology({"profile": "packed", "expert_ranks": 2}))._replica_config
+    assert packed.placement_group_strategy == "STRICT_PACK" and len(packed.placement_group_bundles) == 4

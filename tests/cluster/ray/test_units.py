@@ -154,14 +154,15 @@ def test_rank_0_ends_only_the_call_the_unit_cancels_even_when_the_cancel_starts_
     assert not rank._calls
 
 
-@pytest.mark.parametrize(("ranks", "victim", "how"), [(1, 0, "kill"), (2, 1, "kill"), (2, 1, "stop")],
+@pytest.mark.parametrize(("ranks", "experts", "victim", "how"),
+                         [(1, 0, 0, "kill"), (2, 0, 1, "kill"), (2, 0, 1, "stop")],
                          ids=["rank0-of-1-killed", "rank1-of-2-killed", "rank1-of-2-stopped"])
-def test_a_dead_or_hung_rank_fails_its_requests_as_retriable_and_the_unit_comes_back(deploy, ranks, victim, how,
-                                                                                     capsys):
-    """SIGKILL (ray.kill) or SIGSTOP of a rank: the request fails UNAVAILABLE within the watchdog time (a stopped
-    rank makes no progress and does not answer), and Serve rebuilds the unit."""
-    unit = deploy(attention_ranks=ranks, watchdog_s=3,
-                  serve={"health_check_period_s": 1.0, "health_check_timeout_s": 5.0})
+def test_a_dead_or_hung_rank_fails_its_requests_as_retriable_and_the_unit_comes_back(deploy, ranks, experts, victim,
+                                                                                     how, capsys):
+    """SIGKILL (ray.kill) or SIGSTOP of a rank (an attention or an expert rank): the request fails UNAVAILABLE
+    within the watchdog time (a stopped rank makes no progress and does not answer), and Serve rebuilds the unit."""
+    unit = deploy(attention_ranks=ranks, expert_ranks=experts, profile="packed" if experts else "replicated",
+                  watchdog_s=3, serve={"health_check_period_s": 1.0, "health_check_timeout_s": 5.0})
     before = unit.status()
     name, pid = before["names"][victim], before["ranks"][victim]["pid"]
     req = GenerateRequest((5, 6, 7), sampler={"max_new_tokens": 32 * 30, "max_denoising_steps": 48})
@@ -197,11 +198,48 @@ def test_a_dead_or_hung_rank_fails_its_requests_as_retriable_and_the_unit_comes_
     back = time.monotonic() - t0
     assert len(f.token_ids) == 32 and back < 60
     with capsys.disabled():
-        print(f"\n{how} rank {victim} of {ranks}: request failed UNAVAILABLE after {took:.2f}s; "
-              f"the unit served again {back:.1f}s later")
+        print(f"\n{how} rank {victim} of {ranks} attention + {experts} expert ranks: request failed UNAVAILABLE after "
+              f"{took:.2f}s; the unit served again {back:.1f}s later")
     after = unit.status()  # a new unit: the killed rank's actor is not one of its ranks
     assert after["unit"] != before["unit"] and name not in after["names"], (before["names"], after["names"])
-    assert len(after["names"]) == ranks and all(s["healthy"] for s in after["ranks"])
+    assert len(after["names"]) == ranks + experts and all(s["healthy"] for s in after["ranks"])
+
+
+def test_a_packed_unit_with_expert_ranks_gives_the_single_process_tokens_and_survives_an_expert_rank(
+        deploy, local_model, capsys):
+    """1 attention rank + 2 expert ranks in one placement group: concurrent requests get exactly their solo tokens;
+    then a killed expert rank fails the request in flight as retriable and Serve rebuilds the unit."""
+    unit = deploy(profile="packed", attention_ranks=1, expert_ranks=2, engine={"max_running": 4}, watchdog_s=3,
+                  serve={"health_check_period_s": 1.0, "health_check_timeout_s": 5.0})
+    reqs = requests(5, seed=6)
+    finals = asyncio.run(gather(unit, reqs))
+    for r, f in zip(reqs, finals, strict=True):
+        assert f.token_ids == solo(local_model, r), r.request_id
+    st = unit.status()
+    assert all(s["healthy"] for s in st["ranks"])
+    assert [i["role"] for i in st["started"]] == ["attention", "experts", "experts"]
+
+    async def run():
+        stream = unit.stream(GenerateRequest((5, 6, 7), sampler={"max_new_tokens": 32 * 30, "max_denoising_steps": 48}))
+        await stream.__anext__()
+        ray.kill(ray.get_actor(st["names"][2]))
+        hit = time.monotonic()
+        return [e async for e in stream][-1], time.monotonic() - hit
+
+    last, took = asyncio.run(run())
+    assert isinstance(last, Failed) and last.code is Code.UNAVAILABLE and took < 5, (last, took)
+    t0 = time.monotonic()
+    while True:
+        try:
+            f = unit.generate_sync(reqs[0])
+            break
+        except Exception:
+            assert time.monotonic() - t0 < 60, "the unit did not come back within 60 s"
+            time.sleep(1)
+    assert f.token_ids == solo(local_model, reqs[0]) and unit.status()["unit"] != st["unit"]
+    with capsys.disabled():
+        print(f"\nexpert rank killed: request failed UNAVAILABLE after {took:.2f}s; the unit served again "
+              f"{time.monotonic() - t0:.1f}s later")
 
 
 def test_two_attention_ranks_serve_requests_on_both(deploy, local_model):
