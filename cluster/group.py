@@ -117,70 +117,56 @@ def follow(local: Executor, group, rank: int, stopped: threading.Event, store=No
            experts: bool = False) -> None:
     """A follower attention rank's loop: run rank 0's plans until told to stop (publishing its progress to `store`;
     `experts`: the group has expert ranks)."""
-    left = threading.Event()
-    if store is not None:
-        publish(store, rank, local.progress, period_s, left, stopped)
-    try:
-        _follow(local, group, rank, stopped, experts)
-    finally:
-        left.set()
-
-
-def _follow(local: Executor, group, rank: int, stopped: threading.Event, experts: bool) -> None:
     ownership = Ownership(rank, experts)
-    while not stopped.is_set():
-        box = [None]
-        try:
-            dist.broadcast_object_list(box, src=0, group=group)
-        except Exception as e:
-            log.error("rank %d: receiving the plan failed (%s); leaving", rank, e)
-            return
-        plan = box[0]
-        if plan == STOP:
-            return
-        try:
-            out = local.run(ownership.part(plan))
-            ownership.finished(out)
-        except Exception as e:
-            log.exception("rank %d failed iteration %d", rank, plan.iteration)
-            out = f"{type(e).__name__}: {e}"
-        try:
-            dist.gather_object(out, None, dst=0, group=group)
-        except Exception as e:
-            log.error("rank %d: sending the outcome failed (%s); leaving", rank, e)
-            return
+
+    def step(plan: StepPlan) -> StepOutcome:
+        out = local.run(ownership.part(plan))
+        ownership.finished(out)
+        return out
+
+    _follow(step, group, rank, stopped, local.progress, store, period_s)
 
 
 def follow_experts(server: ExpertServer, group, rank: int, stopped: threading.Event, layers: int, hidden: int,
                    dtype, store=None, period_s: float = 1.0) -> None:
     """An expert rank's loop: for every plan with items, join each layer's exchange (it runs no attention code and
     holds no request state); an empty outcome goes back so that rank 0's gather completes."""
-    progress, left = Progress(), threading.Event()
+    progress = Progress()
+
+    def step(plan: StepPlan) -> StepOutcome:
+        for layer in range(layers if plan.items else 0):
+            server.serve_layer(layer, hidden, dtype)
+            progress.beat()
+        return StepOutcome(plan.iteration, ())
+
+    _follow(step, group, rank, stopped, lambda: progress.count, store, period_s)
+
+
+def _follow(step, group, rank: int, stopped: threading.Event, progress, store, period_s: float) -> None:
+    """Receive rank 0's plans until STOP, run `step(plan)` on each and send its outcome (or its error) back."""
+    left = threading.Event()
     if store is not None:
-        publish(store, rank, lambda: progress.count, period_s, left, stopped)
+        publish(store, rank, progress, period_s, left, stopped)
     try:
         while not stopped.is_set():
             box = [None]
             try:
                 dist.broadcast_object_list(box, src=0, group=group)
             except Exception as e:
-                log.error("expert rank %d: receiving the plan failed (%s); leaving", rank, e)
+                log.error("rank %d: receiving the plan failed (%s); leaving", rank, e)
                 return
             plan = box[0]
             if plan == STOP:
                 return
-            out: StepOutcome | str = StepOutcome(plan.iteration, ())
             try:
-                for layer in range(layers if plan.items else 0):
-                    server.serve_layer(layer, hidden, dtype)
-                    progress.beat()
-            except Exception as e:  # the exchange broke: the attention ranks see it too
-                log.exception("expert rank %d failed iteration %d", rank, plan.iteration)
+                out: StepOutcome | str = step(plan)
+            except Exception as e:
+                log.exception("rank %d failed iteration %d", rank, plan.iteration)
                 out = f"{type(e).__name__}: {e}"
             try:
                 dist.gather_object(out, None, dst=0, group=group)
             except Exception as e:
-                log.error("expert rank %d: sending the outcome failed (%s); leaving", rank, e)
+                log.error("rank %d: sending the outcome failed (%s); leaving", rank, e)
                 return
     finally:
         left.set()
