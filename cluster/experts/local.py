@@ -79,6 +79,7 @@ def _rank_main(rank: int, world: int, attention: int, folder: str, dtype: str, s
     from .partition import ExpertPartition
 
     torch.set_num_threads(1)
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # the ranks' gloo pairs listen on loopback only
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         cfg = load_model_config(Path(folder))

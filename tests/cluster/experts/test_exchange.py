@@ -5,6 +5,8 @@ ranks that receive nothing."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -55,6 +57,7 @@ def worker(rank: int, world: int, attention: int, store: str, ranks_holding: dic
     from dgserve.model.moe import ExpertWeights, LocalExperts
 
     torch.set_num_threads(1)
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback only
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     roles = Roles(attention, world - attention)
     part = (ExpertPartition.explicit(NUM_EXPERTS, ranks_holding) if ranks_holding
