@@ -58,7 +58,18 @@ def merge(iteration: int, outcomes: list[StepOutcome]) -> StepOutcome:
     return StepOutcome(iteration, tuple(c for o in outcomes for c in o.canvases), rows,
                        max(o.forward_s for o in outcomes), max(o.sampling_s for o in outcomes),
                        sum(o.kv_bytes for o in outcomes), tuple(f for o in outcomes for f in o.failed),
-                       max(o.passes for o in outcomes))
+                       max(o.passes for o in outcomes), max(o.exchange_s for o in outcomes),
+                       _add_rows([o.expert_rows for o in outcomes]))
+
+
+def _add_rows(per_rank: list[tuple[tuple[int, ...], ...]]) -> tuple[tuple[int, ...], ...]:
+    """Rows per layer and expert rank, summed over the attention ranks that sent them."""
+    layers = max((len(r) for r in per_rank), default=0)
+    out = []
+    for layer in range(layers):
+        parts = [r[layer] for r in per_rank if len(r) > layer]
+        out.append(tuple(sum(col) for col in zip(*parts, strict=True)))
+    return tuple(out)
 
 
 class GroupExecutor:

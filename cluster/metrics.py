@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from ray.util import metrics
 
+from .engine.metrics import imbalance
+
 LATENCY_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
 
 
@@ -27,8 +29,15 @@ class UnitMetrics:
         self.rejections = metrics.Counter("dgserve_rejections_total", "Requests refused at admission",
                                           ("unit", "reason"))
         self.errors = metrics.Counter("dgserve_errors_total", "Requests ended with an error", ("unit", "code"))
+        self.exchange = metrics.Histogram("dgserve_expert_exchange_seconds",
+                                          "Seconds per iteration in the expert all-to-all (expert compute included)",
+                                          LATENCY_BUCKETS, keys)
+        self.imbalance = metrics.Gauge("dgserve_expert_imbalance",
+                                       "Max / mean rows per expert rank, averaged over layers (last iteration)", keys)
+        self.expert_rows = metrics.Counter("dgserve_expert_rows_total", "Rows sent to each expert rank",
+                                           ("unit", "expert_rank"))
         for m in (self.queue, self.running, self.kv_used, self.budget_used, self.budget, self.canvases, self.step,
-                  self.steps_per_block, self.tokens_per_forward):
+                  self.steps_per_block, self.tokens_per_forward, self.exchange, self.imbalance):
             m.set_default_tags(tags)
         self.unit = unit
         self._seen_rejections: dict[str, int] = {}
@@ -46,6 +55,13 @@ class UnitMetrics:
         for c in outcome.canvases:
             if c.block_done:
                 self.steps_per_block.observe(c.step)
+        if any(any(layer) for layer in outcome.expert_rows):
+            self.exchange.observe(outcome.exchange_s)
+            self.imbalance.set(imbalance(outcome.expert_rows))
+            for j in range(len(outcome.expert_rows[0])):
+                n = sum(layer[j] for layer in outcome.expert_rows)
+                if n:
+                    self.expert_rows.inc(n, {"unit": self.unit, "expert_rank": str(j)})
         self.count(engine)
 
     def finished(self, tokens_per_forward: float) -> None:

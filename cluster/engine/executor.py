@@ -177,8 +177,10 @@ class Executor:
         canvases = tuple(c for c in canvases if c.rid not in failed)
         for rid in done:
             self.slots.pop(rid, None)
+        take = getattr(self.model.experts, "take_stats", None)  # expert ranks: what the exchanges carried
+        exchange_s, expert_rows = take() if take is not None else (0.0, ())
         return StepOutcome(plan.iteration, canvases, rows, forward_s, sampling_s, self.kv_bytes(),
-                           tuple(failed.values()), passes)
+                           tuple(failed.values()), passes, exchange_s, expert_rows)
 
     def _isolated(self, rid: int, what: str, failed: dict[int, ItemFailure], fn, *args):
         """fn(*args); an exception fails request `rid` only (recorded in `failed`). A UnitFailure still ends the

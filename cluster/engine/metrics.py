@@ -22,6 +22,12 @@ def percentile(values: Sequence[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
+def imbalance(rows: tuple[tuple[int, ...], ...]) -> float:
+    """The mean over layers (that sent rows) of max / mean rows per expert rank: 1.0 is perfectly even."""
+    ratios = [max(layer) * len(layer) / sum(layer) for layer in rows if sum(layer)]
+    return sum(ratios) / len(ratios) if ratios else 1.0
+
+
 @dataclass
 class EngineMetrics:
     iterations: int = 0
@@ -43,6 +49,10 @@ class EngineMetrics:
     # (iteration seconds, seconds of it outside the forward and the sampling: planning, applying, events, and
     # with several ranks the plan broadcast and outcome gather) for the latest iterations
     recent_steps: deque = field(default_factory=lambda: deque(maxlen=4096))
+    # With expert ranks: (exchange seconds, imbalance: the mean over layers of max / mean rows per expert rank)
+    # for the latest iterations that exchanged rows, and rows sent to each expert rank in all
+    recent_exchanges: deque = field(default_factory=lambda: deque(maxlen=4096))
+    expert_rows: Counter = field(default_factory=Counter)
 
     def record(self, out: StepOutcome, step_s: float) -> None:
         """One iteration: its latency, its control share, and the forward time split by row kind."""
@@ -56,11 +66,22 @@ class EngineMetrics:
             self.time_s[kind] += out.forward_s * n / total_rows
         self.time_s["sampling"] += out.sampling_s
         self.kv_bytes = out.kv_bytes
+        if any(any(layer) for layer in out.expert_rows):
+            self.recent_exchanges.append((out.exchange_s, imbalance(out.expert_rows)))
+            for layer in out.expert_rows:
+                for j, n in enumerate(layer):
+                    self.expert_rows[j] += n
 
     def step_summary(self) -> dict:
         steps = [s for s, _ in self.recent_steps]
         if not steps:
             return {"steps": 0}
-        return {"steps": len(steps), "step_s_p50": percentile(steps, 0.5), "step_s_p99": percentile(steps, 0.99),
-                "control_s_mean": sum(c for _, c in self.recent_steps) / len(steps),
-                "step_s_mean": sum(steps) / len(steps)}
+        out = {"steps": len(steps), "step_s_p50": percentile(steps, 0.5), "step_s_p99": percentile(steps, 0.99),
+               "control_s_mean": sum(c for _, c in self.recent_steps) / len(steps),
+               "step_s_mean": sum(steps) / len(steps)}
+        if self.recent_exchanges:
+            n = len(self.recent_exchanges)
+            out |= {"exchange_s_mean": sum(e for e, _ in self.recent_exchanges) / n,
+                    "expert_imbalance_mean": sum(i for _, i in self.recent_exchanges) / n,
+                    "expert_rows": dict(self.expert_rows)}
+        return out

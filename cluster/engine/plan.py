@@ -91,3 +91,7 @@ class StepOutcome:
     kv_bytes: int = 0  # bytes held by the executor's caches after the step
     failed: tuple[ItemFailure, ...] = ()
     passes: int = 1  # forward passes run (more than one when a failed pass was split to find its culprit)
+    # With expert ranks: seconds in the exchanges (the expert ranks' compute included), and the rows sent to each
+    # expert rank, per layer
+    exchange_s: float = 0.0
+    expert_rows: tuple[tuple[int, ...], ...] = ()

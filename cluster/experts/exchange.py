@@ -18,6 +18,7 @@ by the expert rank in a GEMM of its own, as `LocalExperts` does co-located. So t
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -97,6 +98,14 @@ class AllToAllExperts:
         self.partition, self.roles, self.group = partition, roles, group
         self.owner = torch.tensor([roles.expert_group_rank(j) for j in partition.owners], dtype=torch.long)
         self.local = torch.tensor(partition.local_index(), dtype=torch.long)
+        self._exchange_s = 0.0  # since the last take_stats: seconds in the collectives
+        self._rows: dict[int, list[int]] = {}  # layer -> rows sent to each expert rank
+
+    def take_stats(self) -> tuple[float, tuple[tuple[int, ...], ...]]:
+        """(seconds spent exchanging, rows sent to each expert rank per layer) since the last call."""
+        rows = tuple(tuple(self._rows[layer]) for layer in sorted(self._rows))
+        out, self._exchange_s, self._rows = (self._exchange_s, rows), 0.0, {}
+        return out
 
     def __call__(self, layer: int, rows_TD: torch.Tensor, expert_ids_TK: torch.Tensor,
                  weights_TK: torch.Tensor, layout: RowLayout | None = None) -> torch.Tensor:
@@ -108,11 +117,16 @@ class AllToAllExperts:
         by_dest = torch.sort(dest, stable=True).indices  # each group stays contiguous and in its order
         sent, tags = order[by_dest], tags[by_dest]
         send = torch.bincount(dest, minlength=self.roles.world)
+        t0 = time.perf_counter()
         recv = exchange_counts(send, self.group).tolist()
         send = send.tolist()
         exchange(rows_TD[sent // K], send, recv, self.group)
         exchange(torch.stack([self.local[flat[sent]], tags], dim=-1), send, recv, self.group)
         back = exchange(torch.empty(0, D, dtype=rows_TD.dtype), recv, send, self.group)  # expert outputs
+        self._exchange_s += time.perf_counter() - t0  # with the expert ranks' compute: they answer inside it
+        rows = self._rows.setdefault(layer, [0] * self.roles.experts)
+        for j, n in enumerate(send[self.roles.attention:]):
+            rows[j] += n
         y_PD = torch.empty(T * K, D, dtype=rows_TD.dtype)
         y_PD[sent] = back
         y_PD = y_PD * weights_TK.reshape(-1).unsqueeze(-1)

@@ -50,3 +50,15 @@ def test_rank_0_reports_queue_canvases_latency_kv_and_errors(confident, monkeypa
     assert max(by["dgserve_kv_bytes"].values) > 0 and by["dgserve_budget_bytes"].values[-1] == 4 << 30
     assert by["dgserve_errors_total"].values == [(1, {"unit": "u1", "code": "CANCELLED"})]
     assert by["dgserve_queue_depth"].tags == {"unit": "u1"}
+
+
+def test_expert_imbalance_is_max_over_mean_rows_averaged_over_layers():
+    from dgserve.cluster.engine.metrics import EngineMetrics, imbalance
+    from dgserve.cluster.engine.plan import StepOutcome
+
+    assert imbalance(((5, 5), (8, 0))) == 1.5 and imbalance(((0, 0),)) == 1.0
+    m = EngineMetrics()
+    m.record(StepOutcome(1, (), exchange_s=0.25, expert_rows=((3, 1), (2, 2))), 0.5)
+    m.record(StepOutcome(2, ()), 0.1)  # no exchange: not counted
+    s = m.step_summary()
+    assert s["exchange_s_mean"] == 0.25 and s["expert_imbalance_mean"] == 1.25 and s["expert_rows"] == {0: 5, 1: 3}

@@ -72,6 +72,10 @@ def worker(rank: int, world: int, attention: int, store: str, ranks_holding: dic
                     got = backend(layer, rows, ids, w, layout)
                     want = alone(layer, rows, ids, w, layout)
                     assert torch.equal(got, want), (kind, layer, rank, (got - want).abs().max())
+                    seconds, sent = backend.take_stats()  # what the metrics see: rows per expert rank, per layer
+                    owners = torch.tensor(part.owners)[ids.reshape(-1)]
+                    assert sent == (tuple(torch.bincount(owners, minlength=roles.experts).tolist()),), (kind, sent)
+                    assert seconds > 0
         else:
             mine = list(part.experts_of(rank - attention))
             server = ExpertServer([ExpertWeights(lw.gate_up[mine].clone(), lw.down[mine].clone()) for lw in every],

@@ -218,6 +218,8 @@ def test_a_packed_unit_with_expert_ranks_gives_the_single_process_tokens_and_sur
     st = unit.status()
     assert all(s["healthy"] for s in st["ranks"])
     assert [i["role"] for i in st["started"]] == ["attention", "experts", "experts"]
+    steps = st["ranks"][0]["steps"]  # the exchange in the step statistics: time, rows per expert rank, imbalance
+    assert steps["exchange_s_mean"] > 0 and set(steps["expert_rows"]) == {0, 1} and steps["expert_imbalance_mean"] >= 1
 
     async def run():
         stream = unit.stream(GenerateRequest((5, 6, 7), sampler={"max_new_tokens": 32 * 30, "max_denoising_steps": 48}))
