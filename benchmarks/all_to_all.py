@@ -21,21 +21,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import common  # noqa: E402
+from dgserve.cluster.experts.selftest import ELEMENT, bandwidths  # noqa: E402,F401 (bandwidths: tests)
 
 QUICK = {"min_bytes": 1024, "max_bytes": 1 << 20, "iters": 10, "warmup": 3}
 FULL = {"min_bytes": 1024, "max_bytes": 64 << 20, "iters": 30, "warmup": 5}
-ELEMENT = 4  # float32
 
 
 def sizes(lo: int, hi: int, ranks: int) -> list[int]:
@@ -46,12 +44,6 @@ def sizes(lo: int, hi: int, ranks: int) -> list[int]:
         out.append(per_peer * ELEMENT * ranks)
         s *= 2
     return sorted(set(out))
-
-
-def bandwidths(size: int, seconds: float, ranks: int) -> tuple[float, float]:
-    """(algbw, busbw) in GB/s."""
-    alg = size / seconds / 1e9
-    return alg, alg * (ranks - 1) / ranks
 
 
 def parse_nccl_tests(text: str) -> list[dict]:
@@ -71,33 +63,13 @@ def _rank_main(rank: int, world: int, backend: str, store: str, plan: list[int],
     import torch
     import torch.distributed as dist
 
+    from dgserve.cluster.experts.selftest import sweep
+
     torch.set_num_threads(1)
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     dist.init_process_group(backend, init_method=f"file://{store}", rank=rank, world_size=world)
-    device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
-    rows = []
     try:
-        for size in plan:
-            n = size // (ELEMENT * world)  # elements to each peer
-            send = (torch.arange(world, device=device).repeat_interleave(n) + 1000 * rank).float()
-            recv = torch.empty_like(send)
-            times = []
-            for i in range(warmup + iters):
-                dist.barrier()
-                t0 = time.perf_counter()
-                dist.all_to_all_single(recv, send)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                if i >= warmup:
-                    times.append(time.perf_counter() - t0)
-            expect = (torch.arange(world, device=device).repeat_interleave(n) * 1000 + rank).float()
-            wrong = int((recv != expect).sum())
-            everyone = [None] * world if rank == 0 else None
-            dist.gather_object((times, wrong), everyone, dst=0)
-            if rank == 0:
-                slowest = [max(t[i] for t, _ in everyone) for i in range(iters)]
-                rows.append({"bytes": size, "count": size // ELEMENT, "seconds": statistics.median(slowest),
-                             "wrong": sum(w for _, w in everyone)})
+        rows = sweep(plan, iters, warmup, device=torch.device("cuda", rank) if backend == "nccl" else None)
         if rank == 0:
             results.put(rows)
     finally:
@@ -118,13 +90,8 @@ def measure(ranks: int, backend: str, plan: list[int], iters: int, warmup: int) 
             p.join()
         if any(p.exitcode != 0 for p in procs) or results.empty():
             raise RuntimeError(f"a rank failed: exit codes {[p.exitcode for p in procs]}")
-        raw = results.get()
-    out = []
-    for r in raw:
-        alg, bus = bandwidths(r["bytes"], r["seconds"], ranks)
-        out.append({"source": f"torch.distributed ({backend})", "bytes": r["bytes"], "count": r["count"],
-                    "time_us": r["seconds"] * 1e6, "algbw_gbs": alg, "busbw_gbs": bus, "wrong": r["wrong"]})
-    return out
+        rows = results.get()
+    return [{"source": f"torch.distributed ({backend})", **r} for r in rows]
 
 
 def run_nccl_tests(path: Path, ranks: int, lo: int, hi: int) -> list[dict]:

@@ -64,6 +64,14 @@ class UnitMetrics:
                     self.expert_rows.inc(n, {"unit": self.unit, "expert_rank": str(j)})
         self.count(engine)
 
+    def all_to_all(self, rows: list[dict]) -> None:
+        """The start-up sweep's bus bandwidth per message size (nothing without expert ranks)."""
+        if rows:
+            gauge = metrics.Gauge("dgserve_all_to_all_busbw_gbs", "All-to-all bus bandwidth measured at start",
+                                  ("unit", "bytes"))
+            for r in rows:
+                gauge.set(r["busbw_gbs"], {"unit": self.unit, "bytes": str(r["bytes"])})
+
     def finished(self, tokens_per_forward: float) -> None:
         self.tokens_per_forward.observe(tokens_per_forward)
 

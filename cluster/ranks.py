@@ -37,6 +37,7 @@ class RankActor:
         self._follower: threading.Thread | None = None
         self._calls: dict[str, RequestStream] = {}  # rank 0: the unit's key of each running call -> its stream
         self._early: OrderedDict[str, None] = OrderedDict()  # keys cancelled before their call started
+        self.all_to_all: list[dict] = []  # rank 0: the start-up all-to-all sweep (with expert ranks)
 
     # -- set-up ----------------------------------------------------------------------------------------------
     _store_socket: socket.socket | None = None  # rank 0: the TCP store's listening socket, from endpoint to start
@@ -65,6 +66,12 @@ class RankActor:
             store = dist.TCPStore(address, port, self.world, is_master=False, timeout=GROUP_TIMEOUT)
         dist.init_process_group(backend, store=store, rank=self.rank, world_size=self.world, timeout=GROUP_TIMEOUT)
         control = dist.new_group(backend="gloo", timeout=GROUP_TIMEOUT) if backend == "nccl" else dist.group.WORLD
+        if self.topo.expert_ranks:  # what the exchange can carry here: measured once, reported in the metrics
+            import torch
+
+            from .experts.selftest import STARTUP_SIZES, sweep
+
+            self.all_to_all = sweep(list(STARTUP_SIZES), device=torch.device("cuda") if backend == "nccl" else None)
         if self.rank >= self.topo.attention_ranks:
             folder = self._start_expert_rank(control, store)
         else:
@@ -151,6 +158,7 @@ class RankActor:
         from .metrics import UnitMetrics
 
         self.metrics = UnitMetrics(self.unit)
+        self.metrics.all_to_all(self.all_to_all)
         executor = (GroupExecutor(self.local, control, self.world, StoreBoard(store, self.world),
                                   attention=self.topo.attention_ranks) if self.world > 1 else self.local)
         self.engine = Engine(ck.model, self.topo.engine, load_tokenizer(ck.folder), executor=executor,
@@ -209,7 +217,8 @@ class RankActor:
                     "budget_used_bytes": sum(b.used for b in self.engine.budgets), "budget_bytes": m.budget_bytes,
                     "rejections": dict(m.rejections), "errors": dict(m.errors),
                     "admitted_per_rank": dict(m.admitted_per_rank), "steps": m.step_summary(),
-                    "request_ids": [rid for rid, _ in placed], "ranks_of_requests": placed}
+                    "request_ids": [rid for rid, _ in placed], "ranks_of_requests": placed,
+                    "all_to_all": self.all_to_all}
         else:
             out["healthy"] = self._follower is not None and self._follower.is_alive()
         return out

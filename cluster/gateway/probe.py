@@ -22,6 +22,7 @@ log = logging.getLogger("dgserve.gateway")
 class Verdict:
     serving: bool
     why: str  # the unit that can serve, or why none can
+    all_to_all: tuple = ()  # the serving unit's start-up all-to-all sweep (rank 0's status), with expert ranks
 
 
 def units_of(app: str, named: list[dict]) -> dict[str, dict[int, tuple[str, str]]]:
@@ -49,23 +50,23 @@ class UnitProbe:
         self._handles = {k: h for k, h in self._handles.items() if any(k in u.values() for u in units.values())}
         whys = []
         for unit, ranks in sorted(units.items()):
-            why = await self._unit(ranks)
+            why, rank0 = await self._unit(ranks)
             if why is None:
-                return Verdict(True, unit)
+                return Verdict(True, unit, tuple(rank0.get("all_to_all", ())))
             whys.append(f"{unit}: {why}")
         return Verdict(False, "; ".join(whys) or "no engine unit is up")
 
-    async def _unit(self, ranks: dict[int, tuple[str, str]]) -> str | None:
-        """None when the unit can serve, else why not."""
+    async def _unit(self, ranks: dict[int, tuple[str, str]]) -> tuple[str | None, dict]:
+        """(None when the unit can serve, else why not; rank 0's status)."""
         if sorted(ranks) != list(range(self.ranks_per_unit)):
-            return f"ranks {sorted(ranks)} of {self.ranks_per_unit}"
+            return f"ranks {sorted(ranks)} of {self.ranks_per_unit}", {}
         try:
             handles = [await self._handle(ranks[k]) for k in range(self.ranks_per_unit)]
             states = await asyncio.gather(*(asyncio.wait_for(h.status.remote(), self.timeout_s) for h in handles))
         except Exception as e:  # dead (ActorDiedError), gone (ValueError), silent (TimeoutError)
-            return f"a rank does not answer ({type(e).__name__})"
+            return f"a rank does not answer ({type(e).__name__})", {}
         bad = [f"rank {s.get('rank')}: {s.get('failure') or 'not started'}" for s in states if not s.get("healthy")]
-        return "; ".join(bad) or None
+        return "; ".join(bad) or None, states[0]
 
     async def _handle(self, key: tuple[str, str]):
         if key not in self._handles:

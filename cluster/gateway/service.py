@@ -70,7 +70,15 @@ class DGServeService(pb_grpc.DGServeServicer):
 
     async def GetModelInfo(self, request, context):
         await self._begin(context)
-        return self.gw.info
+        verdict = getattr(self.gw, "last_verdict", None)
+        if verdict is None or not verdict.all_to_all:
+            return self.gw.info
+        info = pb.ModelInfo()
+        info.CopyFrom(self.gw.info)  # plus what the serving unit measured when it started
+        info.topology.all_to_all.extend(pb.AllToAllRow(bytes=r["bytes"], time_us=r["time_us"],
+                                                       algbw_gbs=r["algbw_gbs"], busbw_gbs=r["busbw_gbs"])
+                                        for r in verdict.all_to_all)
+        return info
 
     # -- plumbing --------------------------------------------------------------------------------------------
     async def _begin(self, context) -> str:

@@ -155,7 +155,7 @@ class Range(_message.Message):
     def __init__(self, name: _Optional[str] = ..., min: _Optional[float] = ..., max: _Optional[float] = ..., min_exclusive: _Optional[bool] = ..., note: _Optional[str] = ...) -> None: ...
 
 class Topology(_message.Message):
-    __slots__ = ("profile", "units_min", "units_max", "attention_ranks", "expert_ranks", "dtype", "device")
+    __slots__ = ("profile", "units_min", "units_max", "attention_ranks", "expert_ranks", "dtype", "device", "all_to_all")
     PROFILE_FIELD_NUMBER: _ClassVar[int]
     UNITS_MIN_FIELD_NUMBER: _ClassVar[int]
     UNITS_MAX_FIELD_NUMBER: _ClassVar[int]
@@ -163,6 +163,7 @@ class Topology(_message.Message):
     EXPERT_RANKS_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
+    ALL_TO_ALL_FIELD_NUMBER: _ClassVar[int]
     profile: str
     units_min: int
     units_max: int
@@ -170,7 +171,20 @@ class Topology(_message.Message):
     expert_ranks: int
     dtype: str
     device: str
-    def __init__(self, profile: _Optional[str] = ..., units_min: _Optional[int] = ..., units_max: _Optional[int] = ..., attention_ranks: _Optional[int] = ..., expert_ranks: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ...) -> None: ...
+    all_to_all: _containers.RepeatedCompositeFieldContainer[AllToAllRow]
+    def __init__(self, profile: _Optional[str] = ..., units_min: _Optional[int] = ..., units_max: _Optional[int] = ..., attention_ranks: _Optional[int] = ..., expert_ranks: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., all_to_all: _Optional[_Iterable[_Union[AllToAllRow, _Mapping]]] = ...) -> None: ...
+
+class AllToAllRow(_message.Message):
+    __slots__ = ("bytes", "time_us", "algbw_gbs", "busbw_gbs")
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    TIME_US_FIELD_NUMBER: _ClassVar[int]
+    ALGBW_GBS_FIELD_NUMBER: _ClassVar[int]
+    BUSBW_GBS_FIELD_NUMBER: _ClassVar[int]
+    bytes: int
+    time_us: float
+    algbw_gbs: float
+    busbw_gbs: float
+    def __init__(self, bytes: _Optional[int] = ..., time_us: _Optional[float] = ..., algbw_gbs: _Optional[float] = ..., busbw_gbs: _Optional[float] = ...) -> None: ...
 
 class Limits(_message.Message):
     __slots__ = ("max_prompt_tokens", "context_length", "canvas_length", "max_request_bytes", "max_running_per_unit", "max_queued_per_unit", "max_request_s", "max_text_bytes", "max_step_rows")

@@ -193,7 +193,7 @@ class StandInResponse:  # a streaming DeploymentResponse
         pass
 
 
-def serve_stand_in(tiny_dir, unit: StandInUnit, calls, **topology):
+def serve_stand_in(tiny_dir, unit: StandInUnit, calls, gw_extra: dict | None = None, **topology):
     """Run the real servicer on a real grpc.aio server in front of `unit`; `calls(stub)` is awaited."""
     from dgserve.cluster.config import parse_topology
     from dgserve.cluster.gateway.convert import Limits
@@ -204,7 +204,7 @@ def serve_stand_in(tiny_dir, unit: StandInUnit, calls, **topology):
     topo = parse_topology({"gateway": {"port": 0}, **topology})
     gw = SimpleNamespace(topo=topo, unit=unit, tokenizer=None, limits=Limits(512, 32768, 32, 1024, 4096),
                          defaults=load_generation_defaults(tiny_dir), pad=0, draining=False, inflight=Counter(),
-                         caller=None)
+                         caller=None, **(gw_extra or {}))
 
     async def main():
         gw.hard_stop = asyncio.Event()
@@ -246,6 +246,24 @@ def test_the_grpc_deadline_becomes_the_engine_requests_timeout(tiny_dir):
     assert 2 < streamed < 3.1  # grpc-timeout rounds up a little
     defaults = load_generation_defaults(tiny_dir)
     assert [r.to_engine(defaults, {}).timeout_s for r in sent] == [with_deadline, without, streamed]  # on rank 0
+
+
+def test_model_info_carries_the_serving_units_all_to_all_sweep(tiny_dir):
+    from dgserve.cluster.gateway.probe import Verdict
+
+    row = {"bytes": 1 << 20, "count": 1 << 18, "time_us": 500.0, "algbw_gbs": 2.1, "busbw_gbs": 1.4, "wrong": 0}
+    info = pb.ModelInfo(api_version="1.0", topology=pb.Topology(profile="packed", expert_ranks=2))
+    seen = []
+
+    async def calls(stub):
+        seen.append(await stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=5))
+
+    serve_stand_in(tiny_dir, StandInUnit(finished_block), calls,
+                   {"info": info, "last_verdict": Verdict(True, "u1", (row,))})
+    [got] = seen
+    assert got.topology.profile == "packed" and len(got.topology.all_to_all) == 1
+    assert got.topology.all_to_all[0].bytes == 1 << 20 and got.topology.all_to_all[0].busbw_gbs == 1.4
+    assert not info.topology.all_to_all  # the gateway's own copy is left as it was
 
 
 def test_overload_is_refused_at_once_with_a_retry_hint_and_never_fit_is_out_of_range(tiny_dir):

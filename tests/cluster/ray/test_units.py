@@ -218,6 +218,11 @@ def test_a_packed_unit_with_expert_ranks_gives_the_single_process_tokens_and_sur
     st = unit.status()
     assert all(s["healthy"] for s in st["ranks"])
     assert [i["role"] for i in st["started"]] == ["attention", "experts", "experts"]
+    sweep = st["ranks"][0]["all_to_all"]  # measured when the unit started
+    assert len(sweep) == 3 and all(0 <= s - r["bytes"] < 12 for r, s in zip(sweep, (64 << 10, 1 << 20, 4 << 20),
+                                                                           strict=True))  # whole elements per peer
+    assert all(r["busbw_gbs"] > 0 for r in sweep)
+    assert all(r["wrong"] == 0 for r in sweep)
     steps = st["ranks"][0]["steps"]  # the exchange in the step statistics: time, rows per expert rank, imbalance
     assert steps["exchange_s_mean"] > 0 and set(steps["expert_rows"]) == {0, 1} and steps["expert_imbalance_mean"] >= 1
 
