@@ -114,6 +114,9 @@ class Topology:
     units: Units = field(default_factory=Units)
     attention_ranks: int = 1
     expert_ranks: int = 0
+    # Which expert rank holds which routed experts: {expert rank: [expert ids]}, every expert exactly once (checked
+    # against the checkpoint when the unit starts). None: balanced contiguous blocks.
+    expert_map: dict[int, list[int]] | None = None
     resources: dict[str, RankResources] = field(default_factory=lambda: {"attention": RankResources(),
                                                                         "experts": RankResources()})
     node_labels: dict[str, dict[str, str]] = field(default_factory=lambda: {"attention": {}, "experts": {}})
@@ -180,6 +183,8 @@ def parse_topology(raw: dict | None) -> Topology:
             _need(key, top[key], is_int(top[key]) and lo <= top[key] <= 1024, f"an integer in {lo}..1024")
             kw[key] = top[key]
     _profile_ranks(kw.get("profile", "replicated"), kw.get("expert_ranks", 0))
+    if top.get("expert_map") is not None:
+        kw["expert_map"] = _expert_map(top["expert_map"], kw.get("expert_ranks", 0))
     kw["resources"] = _resources(top.get("resources"))
     kw["node_labels"] = _labels(top.get("node_labels"))
     engine = _section(top.get("engine"), "engine", {f.name for f in fields(EngineConfig)})
@@ -249,6 +254,15 @@ def _profile_ranks(profile: str, experts: int) -> None:
     else:
         _need("expert_ranks", experts, experts >= 1,
               f">= 1 with profile {profile} (the routed experts live on expert ranks)")
+
+
+def _expert_map(raw, experts: int) -> dict[int, list[int]]:
+    _need("expert_map", raw, isinstance(raw, dict) and sorted(raw) == list(range(experts)) and experts > 0,
+          f"a mapping with one key per expert rank 0..{experts - 1} (expert_ranks: {experts})")
+    for rank, ids in raw.items():
+        _need(f"expert_map.{rank}", ids, isinstance(ids, list) and ids != [] and all(
+            is_int(e) and e >= 0 for e in ids), "a non-empty list of expert ids")
+    return {int(rank): [int(e) for e in ids] for rank, ids in raw.items()}
 
 
 def _resources(raw) -> dict[str, RankResources]:

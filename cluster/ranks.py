@@ -88,8 +88,13 @@ class RankActor:
 
         folder = resolve_checkpoint(self.topo.model or default_model_dir(), self.topo.revision)
         roles = Roles(self.topo.attention_ranks, self.topo.expert_ranks)
-        part = ExpertPartition.balanced(load_model_config(folder).text.num_experts, roles.experts) \
-            if roles.experts else None
+        num_experts = load_model_config(folder).text.num_experts
+        if not roles.experts:
+            part = None
+        elif self.topo.expert_map is not None:
+            part = ExpertPartition.explicit(num_experts, self.topo.expert_map)
+        else:
+            part = ExpertPartition.balanced(num_experts, roles.experts)
         return folder, roles, part
 
     def _start_attention_rank(self, control, store):

@@ -153,8 +153,23 @@ def actor_exists(namespace: str, name: str) -> bool:
     return True
 
 
+def check_expert_map(topo: Topology) -> None:
+    """An explicit expert map must name each of the checkpoint's experts exactly once: checked before deploying,
+    so a wrong map is a clear error here instead of units that fail to start."""
+    if topo.expert_map is None:
+        return
+    from dgserve.model.config import load_model_config
+    from dgserve.model.hub import TOKENIZER_PATTERNS, default_model_dir, resolve_checkpoint
+
+    from .experts.partition import ExpertPartition
+
+    folder = resolve_checkpoint(topo.model or default_model_dir(), topo.revision, patterns=TOKENIZER_PATTERNS)
+    ExpertPartition.explicit(load_model_config(folder).text.num_experts, topo.expert_map)
+
+
 def unit_deployment(topo: Topology):
     """The Serve deployment of an engine unit, sized from the topology."""
+    check_expert_map(topo)
     roles = ["attention"] * topo.attention_ranks + ["experts"] * topo.expert_ranks
     bundles = [{"CPU": topo.resources[r].cpus} | ({"GPU": topo.resources[r].gpus} if topo.resources[r].gpus else {})
                for r in roles]

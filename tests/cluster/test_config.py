@@ -87,6 +87,8 @@ def test_the_wait_queue_bound_is_configurable():
     ({"serve": {"max_queued_requests": 0}}, "serve.max_queued_requests", "1..1000000"),
     ({"gateway": {"retry_pushback_ms": 1.5}}, "gateway.retry_pushback_ms", "0..3600000"),
     ({"gateway": {"probe_period_s": 0}}, "gateway.probe_period_s", "0.1..60"),
+    ({"profile": "packed", "expert_ranks": 2, "expert_map": {0: [1]}}, "expert_map", "one key per expert rank"),
+    ({"profile": "packed", "expert_ranks": 1, "expert_map": {0: []}}, "expert_map.0", "non-empty list"),
     ({"modle": "x"}, "modle", "a key in"),
     ([1, 2], "", "a mapping"),
 ])
@@ -129,3 +131,12 @@ def test_a_packed_unit_reserves_a_bundle_per_attention_and_expert_rank():
     assert rc.placement_group_strategy == "SPREAD"
     packed = unit_deployment(parse_topology({"profile": "packed", "expert_ranks": 2}))._replica_config
     assert packed.placement_group_strategy == "STRICT_PACK" and len(packed.placement_group_bundles) == 4
+
+
+def test_an_explicit_expert_map_is_checked_against_the_checkpoint_before_deploying():
+    """The tiny model has 8 experts: a map must name each once (the unit's ranks then hold those)."""
+    ok = parse_topology({"profile": "packed", "expert_ranks": 2, "expert_map": {0: [7], 1: [0, 1, 2, 3, 4, 5, 6]}})
+    assert unit_deployment(ok)._replica_config.placement_group_strategy == "STRICT_PACK"
+    bad = parse_topology({"profile": "packed", "expert_ranks": 2, "expert_map": {0: [0, 1], 1: [2, 3]}})
+    with pytest.raises(ConfigError, match="on none"):
+        unit_deployment(bad)

@@ -210,6 +210,7 @@ def test_a_packed_unit_with_expert_ranks_gives_the_single_process_tokens_and_sur
     """1 attention rank + 2 expert ranks in one placement group: concurrent requests get exactly their solo tokens;
     then a killed expert rank fails the request in flight as retriable and Serve rebuilds the unit."""
     unit = deploy(profile="packed", attention_ranks=1, expert_ranks=2, engine={"max_running": 4}, watchdog_s=3,
+                  expert_map={0: [7], 1: [0, 1, 2, 3, 4, 5, 6]},  # uneven, explicit: expert 7 alone on rank 0
                   serve={"health_check_period_s": 1.0, "health_check_timeout_s": 5.0})
     reqs = requests(5, seed=6)
     finals = asyncio.run(gather(unit, reqs))
@@ -225,6 +226,7 @@ def test_a_packed_unit_with_expert_ranks_gives_the_single_process_tokens_and_sur
     assert all(r["wrong"] == 0 for r in sweep)
     steps = st["ranks"][0]["steps"]  # the exchange in the step statistics: time, rows per expert rank, imbalance
     assert steps["exchange_s_mean"] > 0 and set(steps["expert_rows"]) == {0, 1} and steps["expert_imbalance_mean"] >= 1
+    assert steps["expert_rows"][0] < steps["expert_rows"][1] / 2  # the explicit map: 1 of 8 experts on rank 0
 
     async def run():
         stream = unit.stream(GenerateRequest((5, 6, 7), sampler={"max_new_tokens": 32 * 30, "max_denoising_steps": 48}))
