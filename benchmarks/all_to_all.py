@@ -65,15 +65,22 @@ def _rank_main(rank: int, world: int, backend: str, store: str, plan: list[int],
 
     from dgserve.cluster.experts.selftest import sweep
 
-    torch.set_num_threads(1)
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    dist.init_process_group(backend, init_method=f"file://{store}", rank=rank, world_size=world)
-    try:
-        rows = sweep(plan, iters, warmup, device=torch.device("cuda", rank) if backend == "nccl" else None)
+    if backend == "nccl":  # a GPU per rank; the gloo helper below is for CPU groups
+        torch.set_num_threads(1)
+        dist.init_process_group(backend, init_method=f"file://{store}", rank=rank, world_size=world)
+        try:
+            rows = sweep(plan, iters, warmup, device=torch.device("cuda", rank))
+            if rank == 0:
+                results.put(rows)
+        finally:
+            dist.destroy_process_group()
+        return
+    from dgserve.cluster.experts.local import process_group
+
+    with process_group(rank, world, store):
+        rows = sweep(plan, iters, warmup)
         if rank == 0:
             results.put(rows)
-    finally:
-        dist.destroy_process_group()
 
 
 def measure(ranks: int, backend: str, plan: list[int], iters: int, warmup: int) -> list[dict]:

@@ -10,10 +10,14 @@ queue.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 import tempfile
 import threading
+import traceback
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -68,6 +72,33 @@ def generate_split(folder: str | Path, requests: list[SplitRequest], attention: 
     return out
 
 
+@contextlib.contextmanager
+def process_group(rank: int, world: int, store: str):
+    """This process's place in a gloo group over a FileStore, listening on loopback only. The process ends on the
+    way out (exit code 1 after an exception): every rank first waits for the others at a barrier (at most 60 s)
+    and then leaves with os._exit, because tearing gloo down while peers are closing their pairs can abort in C++
+    ("terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    code = 0
+    try:
+        yield
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    try:
+        dist.monitored_barrier(timeout=timedelta(seconds=60))
+    except Exception as e:
+        print(f"rank {rank}: the closing barrier failed: {e}", file=sys.stderr)
+        code = code or 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def _rank_main(rank: int, world: int, attention: int, folder: str, dtype: str, store: str,
                requests: list[SplitRequest], engine: dict, results) -> None:
     import torch.distributed as dist
@@ -78,10 +109,7 @@ def _rank_main(rank: int, world: int, attention: int, folder: str, dtype: str, s
     from .exchange import Roles
     from .partition import ExpertPartition
 
-    torch.set_num_threads(1)
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # the ranks' gloo pairs listen on loopback only
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    try:
+    with process_group(rank, world, store):
         cfg = load_model_config(Path(folder))
         roles = Roles(attention, world - attention)
         part = ExpertPartition.balanced(cfg.text.num_experts, roles.experts) if roles.experts else None
@@ -99,8 +127,6 @@ def _rank_main(rank: int, world: int, attention: int, folder: str, dtype: str, s
             _drive(local, model, defaults, requests, engine, world, attention, results)
         else:
             follow(local, dist.group.WORLD, rank, threading.Event(), experts=part is not None)
-    finally:
-        dist.destroy_process_group()
 
 
 def _attention_rank(folder: str, dtype: str, part, roles, engine: dict):

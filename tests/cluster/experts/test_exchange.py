@@ -5,8 +5,6 @@ ranks that receive nothing."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -51,19 +49,15 @@ CASES = ("mixed", "empty", "one-expert", "first-rank-only", "single", "single-la
 
 
 def worker(rank: int, world: int, attention: int, store: str, ranks_holding: dict | None) -> None:
-    import torch.distributed as dist
-
     from dgserve.cluster.experts.exchange import AllToAllExperts, ExpertServer, Roles
+    from dgserve.cluster.experts.local import process_group
     from dgserve.model.moe import ExpertWeights, LocalExperts
 
-    torch.set_num_threads(1)
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback only
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    roles = Roles(attention, world - attention)
-    part = (ExpertPartition.explicit(NUM_EXPERTS, ranks_holding) if ranks_holding
-            else ExpertPartition.balanced(NUM_EXPERTS, roles.experts))
-    every = weights()
-    try:
+    with process_group(rank, world, store):
+        roles = Roles(attention, world - attention)
+        part = (ExpertPartition.explicit(NUM_EXPERTS, ranks_holding) if ranks_holding
+                else ExpertPartition.balanced(NUM_EXPERTS, roles.experts))
+        every = weights()
         if rank < attention:
             backend, alone = AllToAllExperts(part, roles), LocalExperts(every)
             for kind in CASES:
@@ -83,8 +77,6 @@ def worker(rank: int, world: int, attention: int, store: str, ranks_holding: dic
             for _ in CASES:
                 for layer in range(LAYERS):
                     server.serve_layer(layer, D, torch.float32)
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize(("attention", "experts", "holding"), [(1, 1, None), (1, 2, None), (2, 2, None),
