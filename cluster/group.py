@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import Counter
 from dataclasses import replace
 
 import torch.distributed as dist
 
 from .engine.errors import UnitFailure
 from .engine.executor import Executor
-from .engine.plan import StepOutcome, StepPlan
+from .engine.plan import ItemKind, StepOutcome, StepPlan
 from .engine.progress import Progress, StoreBoard, publish
 from .experts.exchange import ExpertServer
 
@@ -44,10 +45,26 @@ class Ownership:
             self.owner.pop(rid, None)
         return part
 
+    def rows(self, plan: StepPlan, canvas_length: int) -> dict[int, int]:
+        """Token rows each attention rank runs in `plan`'s pass (a denoise item is one canvas)."""
+        owner = self.owner | {a.rid: a.rank for a in plan.admit}
+        rows: dict[int, int] = {}
+        for it in plan.items:
+            k = owner.get(it.rid, 0)
+            rows[k] = rows.get(k, 0) + (canvas_length if it.kind is ItemKind.DENOISE else it.stop - it.start)
+        return rows
+
     def finished(self, outcome: StepOutcome) -> None:
         for c in outcome.canvases:
             if c.finished:
                 self.owner.pop(c.rid, None)
+
+
+def capacity(rows: int, canvas_length: int) -> int:
+    """A fixed-capacity pass's row bound: `rows` rounded up to a power-of-two number of canvases, so passes take
+    a few shapes only (1, 2, 4, ... canvases)."""
+    canvases = max(1, -(-rows // canvas_length))
+    return canvas_length * (1 << (canvases - 1).bit_length())
 
 
 def merge(iteration: int, outcomes: list[StepOutcome]) -> StepOutcome:
@@ -77,15 +94,22 @@ class GroupExecutor:
     ranks' progress (their publishers write it to the unit's store)."""
 
     def __init__(self, local: Executor, group, world: int, board: StoreBoard | None = None,
-                 attention: int | None = None):
-        """`world` ranks in `group`: `attention` attention ranks (default: all), then expert ranks."""
+                 attention: int | None = None, fixed_canvas: int = 0):
+        """`world` ranks in `group`: `attention` attention ranks (default: all), then expert ranks. `fixed_canvas`:
+        the canvas length, when the expert exchange has fixed capacity (0: variable)."""
         self.local, self.group, self.world, self.board = local, group, world, board
         self.ownership = Ownership(0, experts=attention is not None and attention < world)
+        self.fixed_canvas = fixed_canvas if self.ownership.experts else 0
+        self.capacities: Counter[int] = Counter()  # fixed-capacity passes run, by row bound
 
     def progress(self) -> int:
         return self.local.progress() + (self.board.total() if self.board is not None else 0)
 
     def run(self, plan: StepPlan) -> StepOutcome:
+        if self.fixed_canvas and plan.items:
+            rows = max(self.ownership.rows(plan, self.fixed_canvas).values())
+            plan = replace(plan, capacity=capacity(rows, self.fixed_canvas))
+            self.capacities[plan.capacity] += 1
         try:
             dist.broadcast_object_list([plan], src=0, group=self.group)
         except Exception as e:
@@ -146,7 +170,7 @@ def follow_experts(server: ExpertServer, group, rank: int, stopped: threading.Ev
 
     def step(plan: StepPlan) -> StepOutcome:
         for layer in range(layers if plan.items else 0):
-            server.serve_layer(layer, hidden, dtype)
+            server.serve_layer(layer, hidden, dtype, plan.capacity)
             progress.beat()
         return StepOutcome(plan.iteration, ())
 

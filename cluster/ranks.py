@@ -147,8 +147,8 @@ class RankActor:
         text = shard.config.text
         period = min(1.0, self.topo.watchdog_s / 4)
         self._follower = threading.Thread(
-            target=follow_experts, args=(ExpertServer(shard.layers, roles, control), control, self.rank,
-                                         self._stopped, text.num_layers, text.hidden_size,
+            target=follow_experts, args=(ExpertServer(shard.layers, roles, control, text.top_k_experts), control,
+                                         self.rank, self._stopped, text.num_layers, text.hidden_size,
                                          parse_dtype(self.topo.dtype), store, period),
             name=f"dgserve-experts{self.rank}", daemon=True)
         self._follower.start()
@@ -164,8 +164,10 @@ class RankActor:
 
         self.metrics = UnitMetrics(self.unit)
         self.metrics.all_to_all(self.all_to_all)
+        fixed = ck.config.canvas_length if self.topo.engine.expert_exchange == "fixed" else 0
         executor = (GroupExecutor(self.local, control, self.world, StoreBoard(store, self.world),
-                                  attention=self.topo.attention_ranks) if self.world > 1 else self.local)
+                                  attention=self.topo.attention_ranks, fixed_canvas=fixed)
+                    if self.world > 1 else self.local)
         self.engine = Engine(ck.model, self.topo.engine, load_tokenizer(ck.folder), executor=executor,
                              ranks=self.topo.attention_ranks, watchdog_s=self.topo.watchdog_s,
                              on_step=self.metrics.on_step)

@@ -52,6 +52,24 @@ def expert_ffn(x_PD: torch.Tensor, counts: list[int], w: ExpertWeights, first_ex
     return out
 
 
+def grouped_ffn(x_PD: torch.Tensor, offs_E: torch.Tensor, w: ExpertWeights) -> torch.Tensor:
+    """Rows sorted by local expert, `offs_E[e]` the end of expert e's rows (int32, on x's device) -> expert outputs
+    [P, D] (unweighted) in one grouped GEMM per projection; rows past `offs_E[-1]` (padding) are left unset.
+
+    The offsets are never read back to the host (`torch._grouped_mm` takes them on the device), so the call keeps
+    a CUDA graph possible; on CPU it is bitwise a GEMM per expert."""
+    gate, up = torch._grouped_mm(x_PD, w.gate_up.transpose(-2, -1), offs=offs_E).chunk(2, dim=-1)
+    return torch._grouped_mm(F.gelu(gate, approximate="tanh") * up, w.down.transpose(-2, -1), offs=offs_E)
+
+
+def counts_ffn(x_PD: torch.Tensor, counts: list[int], w: ExpertWeights) -> torch.Tensor:
+    """`expert_ffn` for rows sorted by expert with host-side `counts`: one grouped GEMM per projection in float32 on
+    CPU (bitwise the same as a GEMM per expert there), a GEMM per expert otherwise."""
+    if x_PD.device.type == "cpu" and x_PD.dtype == torch.float32:
+        return grouped_ffn(x_PD, torch.tensor(counts, dtype=torch.int32).cumsum(0, dtype=torch.int32), w)
+    return expert_ffn(x_PD, counts, w)
+
+
 class LocalExperts:
     """All experts of every layer in this process (the `replicated` profile, and the reference path)."""
 
@@ -97,7 +115,7 @@ class LocalExperts:
         ids_sorted, perm = torch.sort(ids_P)
         counts = torch.bincount(ids_sorted, minlength=len(self.expert_ids)).tolist()
         src = flat_P[perm]
-        out_PD[src] = self._ffn(rows_TD[src // K], counts, w)
+        out_PD[src] = counts_ffn(rows_TD[src // K], counts, w)
 
     def _small_groups(self, flat_ids: torch.Tensor, K: int,
                       layout: RowLayout | None) -> torch.Tensor | None:
@@ -136,13 +154,3 @@ class LocalExperts:
                 rows = src[start:start + n]
                 out_PD[rows] = expert_ffn(rows_TD[rows // K], [n], w, first_expert=e)
                 start += n
-
-    @staticmethod
-    def _ffn(x_PD: torch.Tensor, counts: list[int], w: ExpertWeights) -> torch.Tensor:
-        if x_PD.device.type == "cpu" and x_PD.dtype == torch.float32:
-            # One grouped GEMM per projection instead of a GEMM per expert (bitwise the same on CPU).
-            offs = torch.tensor(counts, dtype=torch.int32).cumsum(0, dtype=torch.int32)
-            gate, up = torch._grouped_mm(x_PD, w.gate_up.transpose(-2, -1), offs=offs).chunk(2, dim=-1)
-            return torch._grouped_mm(F.gelu(gate, approximate="tanh") * up, w.down.transpose(-2, -1), offs=offs)
-        return expert_ffn(x_PD, counts, w)
-

@@ -28,6 +28,10 @@ class EngineConfig:
     # Draw each canvas's sampler noise on a worker thread while its forward runs (CPU only; the same draws in the
     # same order either way). One thread more than cpu_threads + the sampler pool.
     noise_prefetch: bool = True
+    # With expert ranks: "variable" exchanges each layer's row counts first and sends exactly the rows (bitwise
+    # batch-invariant on CPU); "fixed" sends padded equal splits sized from the pass's row bound (a power-of-two
+    # number of canvases), with no count read back inside the pass, as CUDA graphs need, at the padding's cost.
+    expert_exchange: str = "variable"
 
     def __post_init__(self) -> None:
         def need(name: str, ok: bool, allowed: str) -> None:
@@ -51,6 +55,7 @@ class EngineConfig:
         need("sampler_threads", self.sampler_threads is None or (
             is_int(self.sampler_threads) and 1 <= self.sampler_threads <= 64), "null or an integer in 1..64")
         need("noise_prefetch", isinstance(self.noise_prefetch, bool), "true | false")
+        need("expert_exchange", self.expert_exchange in ("variable", "fixed"), "variable | fixed")
 
     def max_step_rows(self, canvas_length: int) -> int:
         """The most token rows one iteration runs on one attention rank: a denoise canvas and a fresh commit per

@@ -159,6 +159,8 @@ class Executor:
             self._isolated(a.rid, "admitting it", failed, self._admit, a)
             self._progress.beat()
         items = self._prepare([it for it in plan.items if it.rid not in failed], failed)
+        if plan.exchange and (fixed := getattr(self.model.experts, "set_capacity", None)) is not None:
+            fixed(plan.capacity)  # the pass's exchange: fixed capacity from the plan, or variable (0)
         if not items:
             if plan.exchange:  # the expert ranks wait for this rank at every layer: join with zero rows
                 self._join_exchange()

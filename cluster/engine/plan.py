@@ -50,6 +50,9 @@ class StepPlan:
     # With expert ranks: this iteration runs one pass whose every MoE layer is an exchange with the expert ranks,
     # so an attention rank joins it even with no items of its own (zero rows). Set per rank by the group.
     exchange: bool = False
+    # With a fixed-capacity exchange: the most token rows any attention rank runs in this pass, rounded up to a
+    # power-of-two number of canvases; every layer's split sizes follow from it (0: variable splits).
+    capacity: int = 0
 
     @property
     def empty(self) -> bool:

@@ -11,6 +11,14 @@ collectives, in the same order:
 Attention ranks send rows only to expert ranks and receive none; expert ranks send nothing in the dispatch; an
 attention rank with no rows (idle, or an empty batch) still joins every collective with zero rows.
 
+Fixed capacity (`capacity` rows > 0 for the pass, agreed through the step plan): step 1 is skipped and every split
+size is a function of the capacity alone. An attention rank sends expert rank j `capacity * min(K, n_j)` row slots
+(n_j: the experts j holds; no token sends more rows there), real rows first and padding (expert -1) after; the
+expert rank sorts by expert on the device and runs one grouped GEMM per projection with device offsets. Nothing
+is read back to the host inside the pass, so the shapes are fixed and a CUDA graph can hold the layer; the price
+is the padding's bytes. This mode cannot single out small (item, expert) groups: it is bitwise only for groups of
+at least `RowLayout.min_rows` rows (float32 on CPU) and meant for the GPU, where the variable mode's rule is off.
+
 Exactness (float32 on CPU): a row in an (item, expert) group of at least `RowLayout.min_rows` rows gets the same
 bits in any GEMM; a smaller group is tagged, sent contiguous in the order the item alone would sort it, and run
 by the expert rank in a GEMM of its own, as `LocalExperts` does co-located. So the split never changes a result.
@@ -25,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from dgserve.model.layers import RowLayout
-from dgserve.model.moe import ExpertWeights, LocalExperts, expert_ffn
+from dgserve.model.moe import ExpertWeights, counts_ffn, expert_ffn, grouped_ffn
 
 from .partition import ExpertPartition
 
@@ -77,6 +85,12 @@ def send_order(flat_ids: torch.Tensor, K: int, layout: RowLayout | None,
     return torch.cat(order), torch.cat(tags)
 
 
+def fixed_slots(capacity: int, top_k: int, held: int) -> int:
+    """Row slots an attention rank sends an expert rank holding `held` experts in a fixed-capacity pass of at most
+    `capacity` rows per attention rank: each row sends at most min(K, held) of its K assignments there."""
+    return capacity * min(top_k, held)
+
+
 def exchange_counts(send: torch.Tensor, group) -> torch.Tensor:
     """send[i]: rows this rank sends group rank i -> recv[i]: rows group rank i sends this rank (int64 [world])."""
     recv = torch.empty_like(send)
@@ -98,22 +112,36 @@ class AllToAllExperts:
         self.partition, self.roles, self.group = partition, roles, group
         self.owner = torch.tensor([roles.expert_group_rank(j) for j in partition.owners], dtype=torch.long)
         self.local = torch.tensor(partition.local_index(), dtype=torch.long)
+        self.held = [len(partition.experts_of(j)) for j in range(roles.experts)]
+        self.capacity = 0  # rows per attention rank of a fixed-capacity pass; 0: variable splits
         self._exchange_s = 0.0  # since the last take_stats: seconds in the collectives
         self._rows: dict[int, list[int]] = {}  # layer -> rows sent to each expert rank
+        self._fixed_rows: dict[int, torch.Tensor] = {}  # the same for fixed passes, kept on the device until read
+
+    def set_capacity(self, rows: int) -> None:
+        """The exchange of the coming passes: fixed capacity of `rows` rows per attention rank, or (0) variable."""
+        self.capacity = rows
 
     def take_stats(self) -> tuple[float, tuple[tuple[int, ...], ...]]:
-        """(seconds spent exchanging, rows sent to each expert rank per layer) since the last call."""
+        """(seconds spent exchanging, rows sent to each expert rank per layer) since the last call. Reads the fixed
+        passes' counts back here, after the pass."""
+        for layer, n in self._fixed_rows.items():
+            rows = self._rows.setdefault(layer, [0] * self.roles.experts)
+            for j, k in enumerate(n.tolist()):
+                rows[j] += k
         rows = tuple(tuple(self._rows[layer]) for layer in sorted(self._rows))
-        out, self._exchange_s, self._rows = (self._exchange_s, rows), 0.0, {}
+        out, self._exchange_s, self._rows, self._fixed_rows = (self._exchange_s, rows), 0.0, {}, {}
         return out
 
     def __call__(self, layer: int, rows_TD: torch.Tensor, expert_ids_TK: torch.Tensor,
                  weights_TK: torch.Tensor, layout: RowLayout | None = None) -> torch.Tensor:
+        if self.capacity:
+            return self._fixed(layer, rows_TD, expert_ids_TK, weights_TK)
         T, K = expert_ids_TK.shape
         D = rows_TD.shape[-1]
         flat = expert_ids_TK.reshape(-1)
         order, tags = send_order(flat, K, layout, self.partition.num_experts)
-        dest = self.owner[flat[order]]
+        dest = self.owner.to(flat.device)[flat[order]]
         by_dest = torch.sort(dest, stable=True).indices  # each group stays contiguous and in its order
         sent, tags = order[by_dest], tags[by_dest]
         send = torch.bincount(dest, minlength=self.roles.world)
@@ -121,32 +149,92 @@ class AllToAllExperts:
         recv = exchange_counts(send, self.group).tolist()
         send = send.tolist()
         exchange(rows_TD[sent // K], send, recv, self.group)
-        exchange(torch.stack([self.local[flat[sent]], tags], dim=-1), send, recv, self.group)
-        back = exchange(torch.empty(0, D, dtype=rows_TD.dtype), recv, send, self.group)  # expert outputs
+        exchange(torch.stack([self.local.to(flat.device)[flat[sent]], tags], dim=-1), send, recv, self.group)
+        back = exchange(rows_TD.new_empty(0, D), recv, send, self.group)  # expert outputs
         self._exchange_s += time.perf_counter() - t0  # with the expert ranks' compute: they answer inside it
         rows = self._rows.setdefault(layer, [0] * self.roles.experts)
         for j, n in enumerate(send[self.roles.attention:]):
             rows[j] += n
-        y_PD = torch.empty(T * K, D, dtype=rows_TD.dtype)
+        y_PD = rows_TD.new_empty(T * K, D)
         y_PD[sent] = back
-        y_PD = y_PD * weights_TK.reshape(-1).unsqueeze(-1)
-        return y_PD.view(T, K, D).sum(dim=1).to(rows_TD.dtype)
+        return combine(y_PD, weights_TK)
+
+    def _fixed(self, layer: int, rows_TD: torch.Tensor, expert_ids_TK: torch.Tensor,
+               weights_TK: torch.Tensor) -> torch.Tensor:
+        """A fixed-capacity exchange: split sizes from the capacity alone; nothing read back inside the pass."""
+        T, K = expert_ids_TK.shape
+        D, dev = rows_TD.shape[-1], rows_TD.device
+        if self.capacity < T:  # shapes only: both are known on the host before the pass
+            raise RuntimeError(f"layer {layer}: {T} rows exceed the pass's exchange capacity of {self.capacity} rows")
+        slots = [fixed_slots(self.capacity, K, n) for n in self.held]
+        flat = expert_ids_TK.reshape(-1)
+        dest = self.owner.to(dev)[flat] - self.roles.attention  # expert rank of each assignment [P]
+        order = torch.sort(dest, stable=True).indices
+        counts = torch.bincount(dest, minlength=self.roles.experts)  # on the device; read only by take_stats
+        first = torch.cumsum(counts, 0) - counts
+        start = torch.tensor([sum(slots[:j]) for j in range(len(slots))], device=dev)
+        d = dest[order]
+        slot = start[d] + torch.arange(order.shape[0], device=dev) - first[d]  # each assignment's place [P]
+        x = rows_TD.new_zeros(sum(slots), D)
+        x[slot] = rows_TD[order // K]
+        meta = torch.full((sum(slots),), -1, dtype=torch.long, device=dev)  # the expert's row, -1: padding
+        meta[slot] = self.local.to(dev)[flat[order]]
+        send, none = [0] * self.roles.attention + slots, [0] * self.roles.world
+        t0 = time.perf_counter()
+        exchange(x, send, none, self.group)
+        exchange(meta, send, none, self.group)
+        back = exchange(rows_TD.new_empty(0, D), none, send, self.group)
+        self._exchange_s += time.perf_counter() - t0
+        self._fixed_rows[layer] = self._fixed_rows.get(layer, 0) + counts
+        y_PD = rows_TD.new_empty(T * K, D)
+        y_PD[order] = back[slot]
+        return combine(y_PD, weights_TK)
+
+
+def combine(y_PD: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
+    """Expert outputs [T*K, D] -> each token's weighted sum over its K experts [T, D]."""
+    T, K = weights_TK.shape
+    weighted = y_PD * weights_TK.reshape(-1).unsqueeze(-1)
+    return weighted.view(T, K, y_PD.shape[-1]).sum(dim=1).to(y_PD.dtype)
 
 
 class ExpertServer:
     """An expert rank's side of every layer's exchange: it holds only its experts' weights."""
 
-    def __init__(self, layers: list[ExpertWeights], roles: Roles, group=None):
-        self.layers, self.roles, self.group = layers, roles, group
+    def __init__(self, layers: list[ExpertWeights], roles: Roles, group=None, top_k: int | None = None):
+        """`top_k`: the router's K (needed by fixed-capacity passes)."""
+        self.layers, self.roles, self.group, self.top_k = layers, roles, group, top_k
         self.experts = layers[0].gate_up.shape[0] if layers else 0
+        self.device = layers[0].gate_up.device if layers else torch.device("cpu")
 
-    def serve_layer(self, layer: int, D: int, dtype: torch.dtype) -> int:
-        """Join one layer's exchange: receive rows, run them, send the outputs back. Returns the rows run."""
+    def serve_layer(self, layer: int, D: int, dtype: torch.dtype, capacity: int = 0) -> int:
+        """Join one layer's exchange: receive rows, run them, send the outputs back. Returns the row slots received
+        (`capacity` > 0: a fixed-capacity pass)."""
+        if capacity:
+            return self._serve_fixed(layer, D, dtype, capacity)
         none = [0] * self.roles.world
-        recv = exchange_counts(torch.zeros(self.roles.world, dtype=torch.long), self.group).tolist()
-        x = exchange(torch.empty(0, D, dtype=dtype), none, recv, self.group)
-        meta = exchange(torch.empty(0, 2, dtype=torch.long), none, recv, self.group)
+        zeros = torch.zeros(self.roles.world, dtype=torch.long, device=self.device)
+        recv = exchange_counts(zeros, self.group).tolist()
+        x = exchange(torch.empty(0, D, dtype=dtype, device=self.device), none, recv, self.group)
+        meta = exchange(torch.empty(0, 2, dtype=torch.long, device=self.device), none, recv, self.group)
         y = self.run(layer, x, meta, recv)
+        exchange(y, recv, none, self.group)
+        return x.shape[0]
+
+    def _serve_fixed(self, layer: int, D: int, dtype: torch.dtype, capacity: int) -> int:
+        """A fixed-capacity pass: every attention rank's slots, sorted by expert on the device (padding last), one
+        grouped GEMM per projection with device offsets; nothing read back to the host."""
+        if self.top_k is None:
+            raise RuntimeError("a fixed-capacity exchange needs the expert server's top_k")
+        slots = fixed_slots(capacity, self.top_k, self.experts)
+        recv, none = [slots] * self.roles.attention + [0] * self.roles.experts, [0] * self.roles.world
+        x = exchange(torch.empty(0, D, dtype=dtype, device=self.device), none, recv, self.group)
+        meta = exchange(torch.empty(0, dtype=torch.long, device=self.device), none, recv, self.group)
+        key = torch.where(meta < 0, self.experts, meta)  # padding sorts after every expert
+        perm = torch.sort(key, stable=True).indices
+        offs = torch.cumsum(torch.bincount(key, minlength=self.experts + 1)[:self.experts], 0, dtype=torch.int32)
+        y = torch.empty_like(x)
+        y[perm] = grouped_ffn(x[perm], offs, self.layers[layer])
         exchange(y, recv, none, self.group)
         return x.shape[0]
 
@@ -160,10 +248,11 @@ class ExpertServer:
             ids_sorted, perm = torch.sort(local[big])
             counts = torch.bincount(ids_sorted, minlength=self.experts).tolist()
             src = big[perm]
-            out[src] = LocalExperts._ffn(x_ND[src], counts, w)
+            out[src] = counts_ffn(x_ND[src], counts, w)
         small = (tags != BIG).nonzero().squeeze(-1)
         if small.numel():
-            sender = torch.repeat_interleave(torch.arange(len(recv)), torch.tensor(recv))[small]
+            sender = torch.repeat_interleave(torch.arange(len(recv), device=x_ND.device),
+                                             torch.tensor(recv, device=x_ND.device))[small]
             group_key = sender * (int(tags.max()) + 1) + tags[small]
             _, sizes = torch.unique_consecutive(group_key, return_counts=True)
             start = 0
