@@ -76,8 +76,11 @@ class RankActor:
             folder = self._start_expert_rank(control, store)
         else:
             folder = self._start_attention_rank(control, store)
+        import ray
+
         return {"rank": self.rank, "pid": os.getpid(), "backend": backend, "load_s": time.perf_counter() - t0,
-                "model": str(folder), "role": "experts" if self.rank >= self.topo.attention_ranks else "attention"}
+                "model": str(folder), "role": "experts" if self.rank >= self.topo.attention_ranks else "attention",
+                "node": ray.get_runtime_context().get_node_id()}
 
     def _partition(self):
         from dgserve.model.config import load_model_config

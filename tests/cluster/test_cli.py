@@ -1,4 +1,5 @@
-"""`dgserve generate` and `dgserve make-tiny` as a user runs them (subprocesses)."""
+"""`dgserve generate` and `dgserve make-tiny` as a user runs them (subprocesses; bad inputs by `main` in this
+process, and two of them as subprocesses too)."""
 
 from __future__ import annotations
 
@@ -82,10 +83,37 @@ def test_default_model_with_a_text_prompt(tmp_path):
     (["--prompt-ids", "2,5", "--attention-ranks", "0", "--expert-ranks", "1"], "attention_ranks"),
     (["--prompt-ids", "2,5,999999", "--expert-ranks", "1"], "outside the vocabulary"),
 ])
-def test_bad_input_is_a_clear_error(tiny_dir, args, message):
-    r = dgserve("generate", "--model", str(tiny_dir), *args)
-    assert r.returncode == 2
-    assert message in r.stderr and "Traceback" not in r.stderr
+def test_bad_input_is_a_clear_error(tiny_dir, capsys, args, message):
+    code, _, err = in_process(capsys, "generate", "--model", str(tiny_dir), *args)
+    assert code == 2
+    assert message in err and "Traceback" not in err
+
+
+def test_bad_input_exits_2_with_the_message_and_no_traceback_as_a_user_runs_it(tiny_dir, tmp_path):
+    """The cases above run `main` in this process (a subprocess each costs seconds); the command itself too."""
+    r = dgserve("generate", "--model", str(tiny_dir), "--prompt-ids", "2,5,999999")
+    assert r.returncode == 2 and "outside the vocabulary" in r.stderr and "Traceback" not in r.stderr
+    (tmp_path / "bad.jsonl").write_text('{"prompt_ids": [2, 5], "temperature": 1}')
+    r = dgserve("generate", "--model", str(tiny_dir), "--prompts-file", str(tmp_path / "bad.jsonl"))
+    assert r.returncode == 2 and "line 1: temperature: unknown field" in r.stderr and "Traceback" not in r.stderr
+
+
+def in_process(capsys, *args: str) -> tuple[int, str, str]:
+    """`dgserve ARGS` as `main(ARGS)` here: (exit code, stdout, stderr); torch's thread count is restored after."""
+    import torch
+
+    from dgserve.cluster.cli import main
+
+    capsys.readouterr()
+    threads = torch.get_num_threads()
+    try:
+        code = main(list(args))
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr()
+    return code, out.out, out.err
 
 
 def test_make_tiny_command(tmp_path):
@@ -96,7 +124,7 @@ def test_make_tiny_command(tmp_path):
     assert bad.returncode == 2 and "preset" in bad.stderr
 
 
-def test_prompts_file_runs_through_the_engine_and_matches_single_runs(tiny_dir, tmp_path):
+def test_prompts_file_runs_through_the_engine_and_matches_single_runs(tiny_dir, tmp_path, capsys):
     lines = [{"prompt_ids": [2, 5, 6, 7], "seed": 3},
              {"prompt": "Hello there", "seed": 1, "max_new_tokens": 64, "max_denoising_steps": 6},
              {"prompt_ids": [2, 9, 10], "t_max": 1.0, "request_id": "mine", "seed": 4}]
@@ -117,11 +145,11 @@ def test_prompts_file_runs_through_the_engine_and_matches_single_runs(tiny_dir, 
                ["--prompt", "Hello there", "--seed", "1", "--max-new-tokens", "64", "--max-denoising-steps", "6"],
                ["--prompt-ids", "2,9,10", "--seed", "4", "--t-max", "1.0", "--max-new-tokens", "32",
                 "--max-denoising-steps", "8"]]
-    for o, args in zip(out, singles, strict=True):
-        one = dgserve("generate", "--model", str(tiny_dir), *args, "--json")
-        assert one.returncode == 0, one.stderr
-        assert o["token_ids"] == last_json(one.stdout)["token_ids"]
-        assert o["steps_per_block"] == last_json(one.stdout)["steps_per_block"]
+    for o, args in zip(out, singles, strict=True):  # single runs by `main` here: a subprocess each costs seconds
+        code, stdout, err = in_process(capsys, "generate", "--model", str(tiny_dir), *args, "--json")
+        assert code == 0, err
+        one = last_json(stdout)
+        assert o["token_ids"] == one["token_ids"] and o["steps_per_block"] == one["steps_per_block"]
 
 
 @pytest.mark.parametrize(("content", "message"), [
@@ -133,9 +161,9 @@ def test_prompts_file_runs_through_the_engine_and_matches_single_runs(tiny_dir, 
     ('{"prompt_ids": [2, 5], "seed": -3}', "seed"),
     ("\n\n", "holds no requests"),
 ])
-def test_prompts_file_errors_name_the_line_and_field(tiny_dir, tmp_path, content, message):
+def test_prompts_file_errors_name_the_line_and_field(tiny_dir, tmp_path, capsys, content, message):
     f = tmp_path / "bad.jsonl"
     f.write_text(content)
-    r = dgserve("generate", "--model", str(tiny_dir), "--prompts-file", str(f))
-    assert r.returncode == 2, r.stdout
-    assert message in r.stderr and "Traceback" not in r.stderr
+    code, _, err = in_process(capsys, "generate", "--model", str(tiny_dir), "--prompts-file", str(f))
+    assert code == 2, err
+    assert message in err and "Traceback" not in err

@@ -205,50 +205,7 @@ def test_a_dead_or_hung_rank_fails_its_requests_as_retriable_and_the_unit_comes_
     assert len(after["names"]) == ranks + experts and all(s["healthy"] for s in after["ranks"])
 
 
-def test_a_packed_unit_with_expert_ranks_gives_the_single_process_tokens_and_survives_an_expert_rank(
-        deploy, local_model, capsys):
-    """1 attention rank + 2 expert ranks in one placement group: concurrent requests get exactly their solo tokens;
-    then a killed expert rank fails the request in flight as retriable and Serve rebuilds the unit."""
-    unit = deploy(profile="packed", attention_ranks=1, expert_ranks=2, engine={"max_running": 4}, watchdog_s=3,
-                  expert_map={0: [7], 1: [0, 1, 2, 3, 4, 5, 6]},  # uneven, explicit: expert 7 alone on rank 0
-                  serve={"health_check_period_s": 1.0, "health_check_timeout_s": 5.0})
-    reqs = requests(5, seed=6)
-    finals = asyncio.run(gather(unit, reqs))
-    for r, f in zip(reqs, finals, strict=True):
-        assert f.token_ids == solo(local_model, r), r.request_id
-    st = unit.status()
-    assert all(s["healthy"] for s in st["ranks"])
-    assert [i["role"] for i in st["started"]] == ["attention", "experts", "experts"]
-    sweep = st["ranks"][0]["all_to_all"]  # measured when the unit started
-    assert len(sweep) == 3 and all(0 <= s - r["bytes"] < 12 for r, s in zip(sweep, (64 << 10, 1 << 20, 4 << 20),
-                                                                           strict=True))  # whole elements per peer
-    assert all(r["busbw_gbs"] > 0 for r in sweep)
-    assert all(r["wrong"] == 0 for r in sweep)
-    steps = st["ranks"][0]["steps"]  # the exchange in the step statistics: time, rows per expert rank, imbalance
-    assert steps["exchange_s_mean"] > 0 and set(steps["expert_rows"]) == {0, 1} and steps["expert_imbalance_mean"] >= 1
-    assert steps["expert_rows"][0] < steps["expert_rows"][1] / 2  # the explicit map: 1 of 8 experts on rank 0
-
-    async def run():
-        stream = unit.stream(GenerateRequest((5, 6, 7), sampler={"max_new_tokens": 32 * 30, "max_denoising_steps": 48}))
-        await stream.__anext__()
-        ray.kill(ray.get_actor(st["names"][2]))
-        hit = time.monotonic()
-        return [e async for e in stream][-1], time.monotonic() - hit
-
-    last, took = asyncio.run(run())
-    assert isinstance(last, Failed) and last.code is Code.UNAVAILABLE and took < 5, (last, took)
-    t0 = time.monotonic()
-    while True:
-        try:
-            f = unit.generate_sync(reqs[0])
-            break
-        except Exception:
-            assert time.monotonic() - t0 < 60, "the unit did not come back within 60 s"
-            time.sleep(1)
-    assert f.token_ids == solo(local_model, reqs[0]) and unit.status()["unit"] != st["unit"]
-    with capsys.disabled():
-        print(f"\nexpert rank killed: request failed UNAVAILABLE after {took:.2f}s; the unit served again "
-              f"{time.monotonic() - t0:.1f}s later")
+# Units with expert ranks (packed and disaggregated, through the gateway): test_multinode.py.
 
 
 def test_two_attention_ranks_serve_requests_on_both(deploy, local_model):
