@@ -30,7 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import common  # noqa: E402
-from dgserve.cluster.experts.selftest import ELEMENT, bandwidths  # noqa: E402,F401 (bandwidths: tests)
+from dgserve.cluster.experts.selftest import ELEMENT  # noqa: E402
 
 QUICK = {"min_bytes": 1024, "max_bytes": 1 << 20, "iters": 10, "warmup": 3}
 FULL = {"min_bytes": 1024, "max_bytes": 64 << 20, "iters": 30, "warmup": 5}

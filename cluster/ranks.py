@@ -25,6 +25,14 @@ GROUP_TIMEOUT = timedelta(hours=1)  # idle ranks are kept alive by heartbeats; h
 EARLY_CANCELS = 4096  # cancelled calls remembered until they start (an async actor may start tasks out of order)
 
 
+def exchange_group():
+    """The group the expert exchange's rows go over: the unit's default group (nccl on GPU, device tensors; gloo on
+    CPU). Plans, outcomes and progress go over the gloo control group."""
+    import torch.distributed as dist
+
+    return dist.group.WORLD
+
+
 class RankActor:
     def __init__(self, rank: int, world: int, topology: dict, unit: str):
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -112,7 +120,7 @@ class RankActor:
         ck = load_checkpoint(folder, dtype=self.topo.dtype, device=self.topo.device,
                              experts=[] if part is not None else None)  # no expert tensor is read here
         if part is not None:
-            ck.model.experts = AllToAllExperts(part, roles, control)
+            ck.model.experts = AllToAllExperts(part, roles, exchange_group())
         self.defaults = ck.generation
         cfg = self.topo.engine
         if ck.model.device.type == "cpu":
@@ -149,9 +157,9 @@ class RankActor:
         self.shard = shard
         text = shard.config.text
         period = min(1.0, self.topo.watchdog_s / 4)
+        server = ExpertServer(shard.layers, roles, exchange_group(), text.top_k_experts)
         self._follower = threading.Thread(
-            target=follow_experts, args=(ExpertServer(shard.layers, roles, control, text.top_k_experts), control,
-                                         self.rank, self._stopped, text.num_layers, text.hidden_size,
+            target=follow_experts, args=(server, control, self.rank, self._stopped, text.num_layers, text.hidden_size,
                                          parse_dtype(self.topo.dtype), store, period),
             name=f"dgserve-experts{self.rank}", daemon=True)
         self._follower.start()

@@ -110,13 +110,20 @@ class AllToAllExperts:
 
     def __init__(self, partition: ExpertPartition, roles: Roles, group=None):
         self.partition, self.roles, self.group = partition, roles, group
-        self.owner = torch.tensor([roles.expert_group_rank(j) for j in partition.owners], dtype=torch.long)
-        self.local = torch.tensor(partition.local_index(), dtype=torch.long)
+        self._owner = torch.tensor([roles.expert_group_rank(j) for j in partition.owners], dtype=torch.long)
+        self._local = torch.tensor(partition.local_index(), dtype=torch.long)
         self.held = [len(partition.experts_of(j)) for j in range(roles.experts)]
         self.capacity = 0  # rows per attention rank of a fixed-capacity pass; 0: variable splits
         self._exchange_s = 0.0  # since the last take_stats: seconds in the collectives
         self._rows: dict[int, list[int]] = {}  # layer -> rows sent to each expert rank
         self._fixed_rows: dict[int, torch.Tensor] = {}  # the same for fixed passes, kept on the device until read
+
+    def maps(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(group rank holding each expert [E], the expert's row in its holder's weights [E]) on `device` (copied
+        there once)."""
+        if self._owner.device != device:
+            self._owner, self._local = self._owner.to(device), self._local.to(device)
+        return self._owner, self._local
 
     def set_capacity(self, rows: int) -> None:
         """The exchange of the coming passes: fixed capacity of `rows` rows per attention rank, or (0) variable."""
@@ -141,7 +148,8 @@ class AllToAllExperts:
         D = rows_TD.shape[-1]
         flat = expert_ids_TK.reshape(-1)
         order, tags = send_order(flat, K, layout, self.partition.num_experts)
-        dest = self.owner.to(flat.device)[flat[order]]
+        owner, local = self.maps(flat.device)
+        dest = owner[flat[order]]
         by_dest = torch.sort(dest, stable=True).indices  # each group stays contiguous and in its order
         sent, tags = order[by_dest], tags[by_dest]
         send = torch.bincount(dest, minlength=self.roles.world)
@@ -149,7 +157,7 @@ class AllToAllExperts:
         recv = exchange_counts(send, self.group).tolist()
         send = send.tolist()
         exchange(rows_TD[sent // K], send, recv, self.group)
-        exchange(torch.stack([self.local.to(flat.device)[flat[sent]], tags], dim=-1), send, recv, self.group)
+        exchange(torch.stack([local[flat[sent]], tags], dim=-1), send, recv, self.group)
         back = exchange(rows_TD.new_empty(0, D), recv, send, self.group)  # expert outputs
         self._exchange_s += time.perf_counter() - t0  # with the expert ranks' compute: they answer inside it
         rows = self._rows.setdefault(layer, [0] * self.roles.experts)
@@ -168,7 +176,8 @@ class AllToAllExperts:
             raise RuntimeError(f"layer {layer}: {T} rows exceed the pass's exchange capacity of {self.capacity} rows")
         slots = [fixed_slots(self.capacity, K, n) for n in self.held]
         flat = expert_ids_TK.reshape(-1)
-        dest = self.owner.to(dev)[flat] - self.roles.attention  # expert rank of each assignment [P]
+        owner, local = self.maps(dev)
+        dest = owner[flat] - self.roles.attention  # expert rank of each assignment [P]
         order = torch.sort(dest, stable=True).indices
         counts = torch.bincount(dest, minlength=self.roles.experts)  # on the device; read only by take_stats
         first = torch.cumsum(counts, 0) - counts
@@ -178,7 +187,7 @@ class AllToAllExperts:
         x = rows_TD.new_zeros(sum(slots), D)
         x[slot] = rows_TD[order // K]
         meta = torch.full((sum(slots),), -1, dtype=torch.long, device=dev)  # the expert's row, -1: padding
-        meta[slot] = self.local.to(dev)[flat[order]]
+        meta[slot] = local[flat[order]]
         send, none = [0] * self.roles.attention + slots, [0] * self.roles.world
         t0 = time.perf_counter()
         exchange(x, send, none, self.group)

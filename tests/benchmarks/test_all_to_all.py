@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from benchmarks.all_to_all import bandwidths, main, parse_nccl_tests, sizes
+from benchmarks.all_to_all import main, parse_nccl_tests, sizes
+from dgserve.cluster.experts.selftest import bandwidths
 
 NCCL_TESTS_OUTPUT = """#  Rank  0 Group  0 Pid  123 on host device  0 [0x18] NVIDIA H100 80GB HBM3
 #       size         count      type   redop    root     time   algbw   busbw #wrong     time   algbw   busbw #wrong
