@@ -28,7 +28,7 @@ test: install
 	OMP_NUM_THREADS=1 $(PY) -m pytest
 
 lint: install
-	$(VENV)/bin/ruff check model cluster tests benchmarks client protos
+	$(VENV)/bin/ruff check model cluster kernels tests benchmarks client protos
 
 bench: install
 	$(PY) benchmarks/generate.py --quick
