@@ -127,7 +127,7 @@ class RankActor:
             torch.set_num_threads(cfg.cpu_threads)
         page = cfg.page_size or ck.config.canvas_length
         threads = cfg.sampler_threads_for(ck.model.device.type, int(self.topo.resources["attention"].cpus))
-        self.local = Executor(ck.model, page, cfg.noise_prefetch, threads)
+        self.local = Executor(ck.model, page, cfg.noise_prefetch, threads, cfg.fused_sampler(ck.model.device.type))
         if self.rank == 0:
             self._start_driver(ck, control, store)
         else:

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dgserve.kernels.vocab import VocabOut, row_keys
+
 from .settings import KNOBS, MAX_DENOISING_STEPS, MAX_SEED, SamplerSettings
 
 __all__ = ["KNOBS", "MAX_DENOISING_STEPS", "MAX_SEED", "BlockDenoiser", "NoiseStream", "SamplerSettings", "entropy",
@@ -38,10 +40,13 @@ class NoiseStream:
     asynchronous already) and sampling calls torch.multinomial itself.
     """
 
-    def __init__(self, generator: torch.Generator, canvas_length: int, vocab_size: int, prefetch: bool = True):
-        self.generator, self.C, self.V = generator, canvas_length, vocab_size
+    def __init__(self, generator: torch.Generator, canvas_length: int, vocab_size: int, prefetch: bool = True,
+                 fused: bool = False):
+        """`fused`: the fused vocabulary pass samples (kernels.vocab): per step the generator draws one 31-bit
+        seed for the canvas's counter-based Gumbel noise, then the renoise canvas; no [C, V] noise exists."""
+        self.generator, self.C, self.V, self.fused = generator, canvas_length, vocab_size, fused
         self.on_cpu = generator.device.type == "cpu"
-        self.prefetch = prefetch and self.on_cpu
+        self.prefetch = prefetch and self.on_cpu and not fused
         self._pending: Future | None = None
 
     def canvas(self) -> torch.Tensor:
@@ -56,6 +61,12 @@ class NoiseStream:
     def _step_draws(self) -> tuple[torch.Tensor, torch.Tensor]:
         q = torch.empty(self.C, self.V, device=self.generator.device).exponential_(1, generator=self.generator)
         return q, self._randint()
+
+    def step_keys(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """A fused step's draws: the canvas rows' noise keys [C] and the renoise canvas [C] (on the generator's
+        device; nothing read back)."""
+        seed = torch.randint(0, 2**31 - 1, (1,), generator=self.generator, device=self.generator.device)
+        return row_keys(seed, self.C), self._randint()
 
     def request_step(self) -> None:
         if self.prefetch:
@@ -106,13 +117,30 @@ class BlockDenoiser:
         """The reference's step index n, counting down from N to 1."""
         return self.settings.max_denoising_steps - self.steps
 
+    @property
+    def temperature(self) -> torch.Tensor:
+        """This step's temperature (a 0-d float32 tensor)."""
+        return self.temps[self.remaining]
+
     def step(self, logits_CV: torch.Tensor, sc_dtype: torch.dtype) -> StepResult:
-        s = self.settings
-        z = logits_CV / self.temps[self.remaining].to(logits_CV.device)
+        z = logits_CV / self.temperature.to(logits_CV.device)
         probs = torch.softmax(z, dim=-1, dtype=torch.float32)
         sampled, renoise = self.noise.sample(probs)
-        argmax = torch.argmax(z, dim=-1)
-        h = entropy(z)
+        # Next step's self-conditioning: softmax of the tempered logits cast to the embedding dtype. In float32
+        # that cast is the identity, so the sampling probabilities are reused.
+        self.soft_source_CV = probs if sc_dtype == torch.float32 else torch.softmax(
+            z.to(sc_dtype), dim=-1, dtype=torch.float32)
+        return self._advance(sampled, renoise, torch.argmax(z, dim=-1), entropy(z))
+
+    def step_fused(self, out: VocabOut, renoise_C: torch.Tensor) -> StepResult:
+        """A step from the fused vocabulary pass's results (its sample, argmax and entropy of the tempered logits;
+        its self-conditioning input is the caller's to keep)."""
+        return self._advance(out.sample_C, renoise_C, out.argmax_C, out.entropy_C)
+
+    def _advance(self, sampled: torch.Tensor, renoise: torch.Tensor, argmax: torch.Tensor,
+                 h: torch.Tensor) -> StepResult:
+        """Accept the lowest-entropy positions within the bound, renoise the rest, and decide whether to stop."""
+        s = self.settings
         sorted_h, order = torch.sort(h, dim=-1, descending=False)
         keep_sorted = torch.cumsum(sorted_h, dim=-1) - sorted_h <= s.entropy_bound
         accept = torch.scatter(torch.zeros_like(keep_sorted), -1, order, keep_sorted)
@@ -123,10 +151,6 @@ class BlockDenoiser:
         mean_h = float(h.mean())
         confident = mean_h < s.confidence_threshold
         self.argmax_C = argmax
-        # Next step's self-conditioning: softmax of the tempered logits cast to the embedding dtype. In float32
-        # that cast is the identity, so the sampling probabilities are reused.
-        self.soft_source_CV = probs if sc_dtype == torch.float32 else torch.softmax(
-            z.to(sc_dtype), dim=-1, dtype=torch.float32)
         self.steps += 1
         self.done = (stable and confident) or self.steps >= s.max_denoising_steps
         if not self.done:

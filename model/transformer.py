@@ -58,6 +58,11 @@ class DiffusionGemma:
         """Self-conditioning input from the previous step's softmax: (p @ E) * scale  [C, D]."""
         return torch.matmul(probs_CV.to(self.dtype), self.weights.embed) * self.embed_scale
 
+    def soft_from_mean(self, mean_CD: torch.Tensor) -> torch.Tensor:
+        """The self-conditioning input from the fused vocabulary pass's softmax(Z) @ E (float32) [C, D]: scaled
+        as `soft_embedding` scales p @ E."""
+        return mean_CD.to(self.dtype) * self.embed_scale
+
     def decoder_input(self, ids_C: torch.Tensor, soft_CD: torch.Tensor | None) -> torch.Tensor:
         w, eps = self.weights, self.cfg.rms_norm_eps
         e = self.embed(ids_C)

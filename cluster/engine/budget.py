@@ -2,9 +2,11 @@
 
 A request's reservation is `request_bytes(positions)`: the KV cache after `positions` encoded positions (full
 layers in whole pages, sliding layers capped at W-1: model.cache.kv_bytes) plus the sampler's per-canvas
-workspace. The workspace is what a canvas keeps between steps: its step's exponential noise [C, V] float32
-(drawn ahead on CPU), its self-conditioning embedding [C, D] and small vectors. Reservations are made before
-the memory is used, so the executor never holds more than the budget.
+workspace. With the exact sampler the workspace is what a canvas keeps between steps: its step's exponential
+noise [C, V] float32 (drawn ahead on CPU), its self-conditioning embedding [C, D] and small vectors. With the
+fused vocabulary pass it is the self-conditioning embedding, the small vectors and the pass's own scratch for the
+canvas's rows (kernels.vocab.workspace_bytes): no [C, V] tensor. Reservations are made before the memory is used,
+so the executor never holds more than the budget.
 """
 
 from __future__ import annotations
@@ -13,15 +15,22 @@ import threading
 
 import torch
 
+from dgserve.kernels.vocab import workspace_bytes
 from dgserve.model.cache import kv_bytes
 from dgserve.model.config import ModelConfig
 
 
 class MemorySizes:
-    def __init__(self, config: ModelConfig, dtype: torch.dtype, page_size: int):
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, page_size: int, fused: bool = False,
+                 device: torch.device | str = "cpu"):
+        """`fused`: canvases use the fused vocabulary pass on `device`."""
         self.config, self.dtype, self.page_size = config, dtype, page_size
         C, V, D = config.canvas_length, config.text.vocab_size, config.text.hidden_size
-        self.canvas_bytes = C * V * 4 + C * D * 4 + 8 * C * 8
+        small = 8 * C * 8
+        if fused:
+            self.canvas_bytes = C * D * dtype.itemsize + small + workspace_bytes(C, D, V, torch.device(device))
+        else:
+            self.canvas_bytes = C * V * 4 + C * D * 4 + small
 
     def kv(self, positions: int) -> int:
         return kv_bytes(self.config.text, positions, self.dtype, self.page_size)

@@ -32,6 +32,12 @@ class EngineConfig:
     # batch-invariant on CPU); "fixed" sends padded equal splits sized from the pass's row bound (a power-of-two
     # number of canvases), with no count read back inside the pass, as CUDA graphs need, at the padding's cost.
     expert_exchange: str = "variable"
+    # The sampler after the layers. "exact": logits [C, V], probabilities and (on CPU) the reference's exponential
+    # noise per canvas: token-exact with the reference, at about C x V x 4 bytes a canvas (268 MB on the real
+    # model). "fused": the fused vocabulary pass (kernels/vocab): entropy, argmax, a counter-based Gumbel-max
+    # draw and the self-conditioning input in one pass, no [C, V] tensor (about 13 MB a canvas); the same
+    # distribution, other draws. "auto": fused on CUDA, exact on CPU.
+    sampler: str = "auto"
 
     def __post_init__(self) -> None:
         def need(name: str, ok: bool, allowed: str) -> None:
@@ -56,12 +62,17 @@ class EngineConfig:
             is_int(self.sampler_threads) and 1 <= self.sampler_threads <= 64), "null or an integer in 1..64")
         need("noise_prefetch", isinstance(self.noise_prefetch, bool), "true | false")
         need("expert_exchange", self.expert_exchange in ("variable", "fixed"), "variable | fixed")
+        need("sampler", self.sampler in ("auto", "exact", "fused"), "auto | exact | fused")
 
     def max_step_rows(self, canvas_length: int) -> int:
         """The most token rows one iteration runs on one attention rank: a denoise canvas and a fresh commit per
         running request, plus the encode budget (prompt chunks and replays; one replayed commit may exceed a budget
         smaller than a canvas). An iteration's time is bounded by this, whatever the requests ask."""
         return 2 * self.max_running * canvas_length + max(self.max_prefill_tokens, canvas_length)
+
+    def fused_sampler(self, device_type: str) -> bool:
+        """Whether canvases on `device_type` use the fused vocabulary pass."""
+        return self.sampler == "fused" or (self.sampler == "auto" and device_type == "cuda")
 
     def sampler_threads_for(self, device_type: str, cpus: int | None) -> int:
         """The sampler threads to run with: the configured number, or by default the CPUs given (at most 8) on

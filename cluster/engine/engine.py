@@ -66,11 +66,12 @@ class Engine:
         if model.device.type == "cpu":
             self._use_cpu_threads()
         page = self.config.page_size or model.config.canvas_length
-        self.sizes = MemorySizes(model.config, model.dtype, page)
+        fused = self.config.fused_sampler(model.device.type)
+        self.sizes = MemorySizes(model.config, model.dtype, page, fused, model.device)
         self.budgets = [MemoryBudget(self.config.memory_budget_bytes) for _ in range(ranks)]
         self.budget = self.budgets[0]  # rank 0's (the only one in a single-process engine)
         threads = self.config.sampler_threads_for(model.device.type, os.cpu_count())
-        self.executor: StepExecutor = executor or Executor(model, page, self.config.noise_prefetch, threads)
+        self.executor: StepExecutor = executor or Executor(model, page, self.config.noise_prefetch, threads, fused)
         self.driver = Driver(model.config, self.config, self.sizes, self.budgets, clock)
         self.metrics = EngineMetrics(budget_bytes=self.config.memory_budget_bytes * ranks)
         self.on_step = on_step

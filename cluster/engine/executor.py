@@ -17,8 +17,9 @@ from typing import Protocol
 
 import torch
 
+from dgserve.kernels.vocab import VocabOut, vocab_pass
 from dgserve.model.config import num_blocks
-from dgserve.model.sampler import BlockDenoiser, NoiseStream, finalize_block
+from dgserve.model.sampler import BlockDenoiser, NoiseStream, StepResult, finalize_block
 from dgserve.model.transformer import DiffusionGemma, WorkItem
 
 from .errors import Code, UnitFailure
@@ -114,8 +115,9 @@ class Executor:
     one canvas alone has nothing to overlap."""
 
     def __init__(self, model: DiffusionGemma, page_size: int, prefetch_noise: bool = True,
-                 sampler_threads: int = 1):
-        self.model, self.page_size, self.prefetch_noise = model, page_size, prefetch_noise
+                 sampler_threads: int = 1, fused: bool = False):
+        """`fused`: canvases step through the fused vocabulary pass (EngineConfig.sampler)."""
+        self.model, self.page_size, self.prefetch_noise, self.fused = model, page_size, prefetch_noise, fused
         self.slots: dict[int, Slot] = {}
         self.sampler_threads = sampler_threads
         self._progress = Progress()
@@ -139,7 +141,8 @@ class Executor:
         cfg = self.model.config
         gen = torch.Generator(device=self.model.device).manual_seed(a.seed)
         self.slots[a.rid] = Slot(a, list(a.prompt_ids),
-                                 NoiseStream(gen, cfg.canvas_length, cfg.text.vocab_size, self.prefetch_noise),
+                                 NoiseStream(gen, cfg.canvas_length, cfg.text.vocab_size, self.prefetch_noise,
+                                             self.fused),
                                  a.settings.temperatures(), num_blocks(a.settings.max_new_tokens, cfg.canvas_length))
 
     def progress(self) -> int:
@@ -304,6 +307,9 @@ class Executor:
         """The per-canvas work of some canvases; one canvas's failure fails its request only."""
         out = SampledGroup()
         with torch.inference_mode():
+            if self.fused:
+                self._sample_fused(canvases, out)
+                return out
             for rid, hidden in canvases:
                 t0 = time.perf_counter()
                 try:
@@ -320,15 +326,72 @@ class Executor:
                 self._progress.beat()
         return out
 
+    def _sample_fused(self, canvases: list[tuple[int, torch.Tensor]], out: SampledGroup) -> None:
+        """One fused vocabulary pass over all the group's canvas rows, then each canvas's step. If the shared pass
+        fails, each canvas runs alone, so a failure stays with its request (its draws are not made again)."""
+        t0 = time.perf_counter()
+        draws: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for rid, _ in canvases:
+            try:
+                draws[rid] = self.slots[rid].noise.step_keys()
+            except Exception as e:
+                out.failed[rid] = item_failure(rid, "drawing its step's noise", e)
+        ready = [(rid, h) for rid, h in canvases if rid in draws]
+        try:
+            passes = [(ready, self._vocab_pass(ready, draws))] if ready else []
+        except Exception as e:
+            log.warning("a fused vocabulary pass over %d canvases failed (%s); running them one by one",
+                        len(ready), e)
+            passes = []
+            for one in ready:
+                try:
+                    passes.append(([one], self._vocab_pass([one], draws)))
+                except Exception as err:
+                    out.failed[one[0]] = item_failure(one[0], "its vocabulary pass", err)
+        t1 = time.perf_counter()
+        out.logits_s += t1 - t0
+        C = self.model.config.canvas_length
+        for group, res in passes:
+            for i, (rid, _) in enumerate(group):
+                try:
+                    out.results.append(self._step_fused(rid, _rows(res, slice(i * C, (i + 1) * C)), draws[rid][1]))
+                except UnitFailure:
+                    raise
+                except Exception as e:
+                    out.failed[rid] = item_failure(rid, "sampling its step", e)
+                self._progress.beat()
+        out.sampling_s += time.perf_counter() - t1
+
+    def _vocab_pass(self, canvases: list[tuple[int, torch.Tensor]],
+                    draws: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> VocabOut:
+        C = self.model.config.canvas_length
+        hidden = torch.cat([h for _, h in canvases])
+        temps = torch.cat([self.slots[rid].denoiser.temperature.to(hidden.device).float().expand(C)
+                           for rid, _ in canvases])
+        keys = torch.cat([draws[rid][0] for rid, _ in canvases])
+        return vocab_pass(hidden, self.model.weights.embed, self.model.cfg.final_logit_softcapping, temps, keys)
+
+    def _step_fused(self, rid: int, res: VocabOut, renoise_C: torch.Tensor) -> CanvasResult:
+        block = self.slots[rid].denoiser
+        return self._after_step(rid, block.step_fused(res, renoise_C), lambda: self.model.soft_from_mean(res.soft_CD))
+
     def _step(self, rid: int, logits_CV: torch.Tensor) -> CanvasResult:
+        block = self.slots[rid].denoiser
+        res = block.step(logits_CV, self.model.dtype)
+
+        def soft() -> torch.Tensor:  # the [C, D] embedding the next step needs, not the [C, V] probabilities
+            source, block.soft_source_CV = block.soft_source_CV, None
+            return self.model.soft_embedding(source)
+
+        return self._after_step(rid, res, soft)
+
+    def _after_step(self, rid: int, res: StepResult, soft) -> CanvasResult:
+        """The canvas's result; the next step's self-conditioning input (`soft()`), or the block committed."""
         slot = self.slots[rid]
         block, s = slot.denoiser, slot.admit.settings
-        res = block.step(logits_CV, self.model.dtype)
         draft = tuple(res.argmax_C.tolist()) if slot.admit.drafts else None
         if not block.done:
-            # Keep the [C, D] embedding the next step needs, not the [C, V] probabilities.
-            slot.soft_CD = self.model.soft_embedding(block.soft_source_CV)
-            block.soft_source_CV = None
+            slot.soft_CD = soft()
             return CanvasResult(rid, slot.block, block.steps, res.accepted, res.mean_entropy, False, False,
                                 draft=draft)
         argmax = block.argmax_C.tolist()
@@ -340,3 +403,9 @@ class Executor:
             slot.context.extend(argmax)  # the next block's commit pass encodes the raw argmax, as the reference
             slot.block, slot.denoiser, slot.soft_CD = slot.block + 1, None, None
         return result
+
+
+def _rows(out: VocabOut, rows: slice) -> VocabOut:
+    """One canvas's rows of a fused pass over several."""
+    return VocabOut(out.lse_C[rows], out.entropy_C[rows], out.argmax_C[rows], out.sample_C[rows],
+                    out.soft_CD[rows] if out.soft_CD is not None else None)

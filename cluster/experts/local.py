@@ -197,7 +197,8 @@ def _attention_rank(folder: str, dtype: str, part, roles, engine: dict):
     if part is not None:
         ck.model.experts = AllToAllExperts(part, roles)
     cfg = EngineConfig(**engine)
-    return (Executor(ck.model, cfg.page_size or ck.config.canvas_length, cfg.noise_prefetch, 1), ck.model,
+    return (Executor(ck.model, cfg.page_size or ck.config.canvas_length, cfg.noise_prefetch, 1,
+                     cfg.fused_sampler(ck.model.device.type)), ck.model,
             ck.generation)
 
 

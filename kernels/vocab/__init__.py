@@ -22,8 +22,8 @@ def vocab_pass(h_RD: torch.Tensor, embed_VD: torch.Tensor, softcap: float, tempe
     return vocab_pass_reference(h_RD, embed_VD, softcap, temperature_R, keys_R, soft, REFERENCE_CHUNK)
 
 
-def workspace_bytes(rows: int, hidden: int, device: torch.device, soft: bool = True) -> int:
+def workspace_bytes(rows: int, hidden: int, vocab: int, device: torch.device, soft: bool = True) -> int:
     """Scratch bytes of one `vocab_pass` over `rows` rows on `device` (Triton's or the torch path's)."""
     if use_triton(device):
         return triton_workspace_bytes(rows, hidden, soft)
-    return reference_workspace_bytes(rows, hidden, soft)
+    return reference_workspace_bytes(rows, hidden, vocab, soft)

@@ -35,7 +35,9 @@ def gumbel(key_R: torch.Tensor, cols_V: torch.Tensor) -> torch.Tensor:
     return -torch.log(-torch.log(uniform(key_R, cols_V)))
 
 
-def row_keys(seed: int, rows: int, device: torch.device | None = None) -> torch.Tensor:
-    """Distinct 32-bit keys for `rows` rows from one 32-bit seed (a canvas step's draw)."""
-    r = torch.arange(rows, dtype=torch.int64, device=device)
-    return fmix32((r * GOLDEN + fmix32(torch.tensor(seed & MASK, dtype=torch.int64))) & MASK)
+def row_keys(seed: int | torch.Tensor, rows: int, device: torch.device | None = None) -> torch.Tensor:
+    """Distinct 32-bit keys for `rows` rows from one 32-bit seed (a canvas step's draw; a tensor seed stays on its
+    device, so nothing is read back)."""
+    seed = seed if isinstance(seed, torch.Tensor) else torch.tensor(seed, device=device)
+    r = torch.arange(rows, dtype=torch.int64, device=seed.device)
+    return fmix32((r * GOLDEN + fmix32(seed.to(torch.int64).reshape(()) & MASK)) & MASK)

@@ -12,6 +12,7 @@ def triton_workspace_bytes(rows: int, hidden: int, soft: bool = True, splits: in
     return splits * rows * (STATS * 4 + (hidden * 4 if soft else 0))
 
 
-def reference_workspace_bytes(rows: int, hidden: int, soft: bool = True, chunk: int = REFERENCE_CHUNK) -> int:
+def reference_workspace_bytes(rows: int, hidden: int, vocab: int, soft: bool = True,
+                              chunk: int = REFERENCE_CHUNK) -> int:
     """A chunk's logits and its temporaries (about four [rows, chunk] float32 tensors) and the soft accumulator."""
-    return rows * (4 * chunk * 4 + (hidden * 4 if soft else 0))
+    return rows * (4 * min(chunk, vocab) * 4 + (hidden * 4 if soft else 0))

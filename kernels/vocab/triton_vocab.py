@@ -116,10 +116,12 @@ def vocab_pass_triton(h_RD: torch.Tensor, embed_VD: torch.Tensor, softcap: float
     idx = torch.empty(2, splits, R, dtype=torch.int32, device=dev)
     parts = torch.zeros(splits if soft else 1, R if soft else 1, D if soft else 1, dtype=torch.float32, device=dev)
     grid = (triton.cdiv(R, bm), splits)
+    keys = keys_R.to(torch.int64) & 0xFFFFFFFF
+    keys = torch.where(keys >= 2**31, keys - 2**32, keys).to(torch.int32)  # the same 32 bits, as int32
+    ieee = h_RD.dtype == torch.float32 or interpreting()
     _vocab_kernel[grid](h_RD.contiguous(), embed_VD.contiguous(), temperature_R.float().contiguous(),
-                        (keys_R.to(torch.int64) & 0xFFFFFFFF).to(torch.int32).contiguous(), stats, idx, parts,
-                        R, V, D, per_split, float(softcap), SOFT=soft, IEEE=h_RD.dtype == torch.float32 or interpreting(),
-                        BLOCK_M=bm, BLOCK_V=bv, BLOCK_K=bk, BLOCK_D=bd)
+                        keys.contiguous(), stats, idx, parts, R, V, D, per_split, float(softcap), SOFT=soft,
+                        IEEE=ieee, BLOCK_M=bm, BLOCK_V=bv, BLOCK_K=bk, BLOCK_D=bd)
     return merge(stats, idx, parts if soft else None)
 
 

@@ -79,6 +79,7 @@ def test_the_wait_queue_bound_is_configurable():
     ({"engine": {"max_running": 0}}, "engine.max_running", "1..4096"),
     ({"engine": {"bogus": 1}}, "engine.bogus", "a key in"),
     ({"engine": {"expert_exchange": "padded"}}, "engine.expert_exchange", "variable | fixed"),
+    ({"engine": {"sampler": "fast"}}, "engine.sampler", "auto | exact | fused"),
     ({"resources": {"attention": {"gpus": -1}}}, "resources.attention.gpus", "0..16"),
     ({"node_labels": {"attention": {"role": 3}}}, "node_labels.attention", "strings"),
     ({"sampler": {"temperature": 1}}, "sampler.temperature", "a key in"),

@@ -70,3 +70,34 @@ def test_a_stability_threshold_beyond_the_step_cap_is_the_step_cap_and_allocates
     assert runs[1].steps_per_block != runs[6].steps_per_block  # the threshold matters on this model
     for k in (7, 2**32 - 1):
         assert runs[k].token_ids == runs[6].token_ids and runs[k].steps_per_block == runs[6].steps_per_block
+
+
+def test_a_fused_step_decides_as_the_exact_step_on_the_same_logits(tiny_dir):
+    """The same hidden states through the exact step (logits, softmax, entropy) and through the fused vocabulary
+    pass: the same argmax, entropies within float32 rounding, so the same accepted positions and stop decision;
+    the self-conditioning input matches the exact path's soft embedding."""
+    from dgserve.kernels.vocab import vocab_pass
+    from dgserve.model.loader import load_checkpoint
+    from dgserve.model.sampler import BlockDenoiser, NoiseStream
+
+    ck = load_checkpoint(tiny_dir, dtype="float32")
+    m, C = ck.model, ck.config.canvas_length
+    s = SamplerSettings.from_defaults(ck.generation, entropy_bound=2.0)
+    h = m.final_norm(torch.randn(C, ck.config.text.hidden_size, generator=torch.Generator().manual_seed(4)))
+
+    def block(fused: bool) -> BlockDenoiser:
+        noise = NoiseStream(torch.Generator().manual_seed(1), C, ck.config.text.vocab_size, False, fused)
+        return BlockDenoiser(s, noise, s.temperatures())
+
+    exact, fused = block(False), block(True)
+    assert torch.equal(exact.canvas_C, fused.canvas_C)  # each block's first canvas is drawn the same way
+    want = exact.step(m.logits(h), m.dtype)
+    keys, renoise = fused.noise.step_keys()
+    out = vocab_pass(h, m.weights.embed, ck.config.text.final_logit_softcapping,
+                     fused.temperature.expand(C), keys)
+    got = fused.step_fused(out, renoise)
+    assert torch.equal(got.argmax_C, want.argmax_C)
+    assert got.accepted == want.accepted and 0 < got.accepted < C and got.stop == want.stop
+    assert abs(got.mean_entropy - want.mean_entropy) < 1e-5
+    torch.testing.assert_close(m.soft_from_mean(out.soft_CD), m.soft_embedding(exact.soft_source_CV),
+                               rtol=1e-5, atol=1e-5)
