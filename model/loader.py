@@ -39,8 +39,10 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
 class CheckpointReader:
     """Lazy access to the tensors of a (possibly sharded) safetensors checkpoint by their stored names."""
 
-    def __init__(self, folder: Path):
-        self.folder = folder
+    def __init__(self, folder: Path, device: str | torch.device = "cpu"):
+        """Tensors go to `device` one at a time as they are read: host memory holds at most one tensor (its
+        converted copy) beside the memory-mapped shards, never the whole model."""
+        self.folder, self.device = folder, torch.device(device)
         index = folder / "model.safetensors.index.json"
         if index.is_file():
             weight_map = json.loads(index.read_text()).get("weight_map")
@@ -56,6 +58,7 @@ class CheckpointReader:
             raise CheckpointError(f"{folder}: shard(s) named in the index are missing: {', '.join(missing)}")
         self.weight_map: dict[str, str] = weight_map
         self.bytes_read = 0  # bytes of tensor data read from the shards so far (as stored)
+        self.largest_read = 0  # the most bytes of one tensor read into host memory at once (as stored)
         self._stack = ExitStack()
         self._files: dict[str, object] = {}
 
@@ -83,8 +86,10 @@ class CheckpointReader:
         if shape != spec.shape:
             raise CheckpointError(f"tensor {name}: expected shape {list(spec.shape)}, found {list(shape)}")
         parts = [sl[:]] if rows is None else [sl[a:b] for a, b in _runs(rows)]
-        self.bytes_read += sum(t.numel() * t.element_size() for t in parts)
-        parts = [t.to(dtype) for t in parts]
+        n = sum(t.numel() * t.element_size() for t in parts)
+        self.bytes_read += n
+        self.largest_read = max(self.largest_read, n)
+        parts = [t.to(device=self.device, dtype=dtype) for t in parts]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
@@ -107,6 +112,7 @@ class LoadedCheckpoint:
     model: DiffusionGemma
     expert_ids: tuple[int, ...]
     bytes_read: int = 0  # tensor data read from the shards (as stored)
+    largest_read: int = 0  # the most of it in host memory at once (one tensor, as stored)
 
 
 @dataclass
@@ -166,17 +172,15 @@ def load_checkpoint(model: str | os.PathLike, dtype: str | torch.dtype = "float3
     cfg = load_model_config(folder)
     dt = parse_dtype(dtype)
     ids = _expert_selection(experts, cfg.text.num_experts)
-    reader = CheckpointReader(folder)
+    reader = CheckpointReader(folder, device)
     try:
         weights = read_text_weights(reader, cfg, dt)
         expert_weights = read_experts(reader, cfg, dt, ids) if ids else []
     finally:
         reader.close()
-    if str(device) != "cpu":
-        weights = _to_device(weights, device)
-        expert_weights = [ExpertWeights(w.gate_up.to(device), w.down.to(device)) for w in expert_weights]
     model_ = DiffusionGemma(cfg, weights, LocalExperts(expert_weights, ids, cfg.text.num_experts))
-    return LoadedCheckpoint(folder, cfg, load_generation_defaults(folder), model_, ids, reader.bytes_read)
+    return LoadedCheckpoint(folder, cfg, load_generation_defaults(folder), model_, ids, reader.bytes_read,
+                            reader.largest_read)
 
 
 def load_expert_shard(model: str | os.PathLike, experts: Sequence[int], dtype: str | torch.dtype = "float32",
@@ -187,20 +191,10 @@ def load_expert_shard(model: str | os.PathLike, experts: Sequence[int], dtype: s
     ids = _expert_selection(experts, cfg.text.num_experts)
     if not ids:
         raise ConfigError("experts", list(experts), "at least one expert id (an expert rank holds some experts)")
-    reader = CheckpointReader(folder)
+    reader = CheckpointReader(folder, device)
     try:
         layers = read_experts(reader, cfg, parse_dtype(dtype), ids)
     finally:
         reader.close()
-    if str(device) != "cpu":
-        layers = [ExpertWeights(w.gate_up.to(device), w.down.to(device)) for w in layers]
     return ExpertShard(cfg, ids, layers, reader.bytes_read)
 
-
-def _to_device(w: TextWeights, device) -> TextWeights:
-    from dataclasses import fields, replace
-
-    layers = [replace(lw, **{f.name: getattr(lw, f.name).to(device) for f in fields(lw)
-                             if getattr(lw, f.name) is not None}) for lw in w.layers]
-    return replace(w, layers=layers, **{f.name: getattr(w, f.name).to(device) for f in fields(w)
-                                        if f.name != "layers"})

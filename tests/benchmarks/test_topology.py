@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from benchmarks import topology as t
+from dgserve.cluster.experts.selftest import bandwidths
 
 DIMS = t.ModelDims()
 H100 = t.Gpu()
@@ -22,7 +23,7 @@ def sweep_rows(latency_s: float, bytes_per_s: float, ranks: int) -> list[dict]:
     for size in (4096 << i for i in range(8)):
         crossing = size * (ranks - 1) / ranks
         sec = latency_s + crossing / bytes_per_s
-        alg, bus = t.all_to_all.bandwidths(size, sec, ranks)
+        alg, bus = bandwidths(size, sec, ranks)
         rows.append({"bytes": size, "time_us": sec * 1e6, "algbw_gbs": alg, "busbw_gbs": bus, "wrong": 0})
     return rows
 

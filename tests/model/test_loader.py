@@ -143,3 +143,14 @@ def test_an_attention_rank_reads_no_expert_tensor_and_an_expert_rank_only_its_ex
     held = sum(s.nbytes() for s in shards)
     assert held == sum(t.numel() * 4 for w in full.model.experts.layers for t in (w.gate_up, w.down))
     assert torch.equal(shards[1].layers[2].down[0], full.model.experts.layers[2].down[part.experts_of(1)[0]])
+
+
+def test_weights_stream_to_their_device_one_tensor_at_a_time(tiny_dir):
+    """Loaded onto the meta device: every tensor is there, and host memory held at most one tensor at a time."""
+    from dgserve.model.loader import load_checkpoint
+
+    ck = load_checkpoint(tiny_dir, dtype="float32", device="meta")
+    assert ck.model.weights.embed.device.type == "meta"
+    assert all(w.gate_up.device.type == "meta" for w in ck.model.experts.layers)
+    embed = ck.model.weights.embed
+    assert 0 < ck.largest_read <= embed.numel() * 4 and ck.largest_read < ck.bytes_read / 4  # a tensor, not the model
