@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="JSON Lines of requests run together through the engine; one JSON line out per request")
     gen.add_argument("--thinking", action="store_true", help="chat template in thinking mode")
     gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--dtype", default="float32", help="float32 | bfloat16")
+    gen.add_argument("--dtype", default="auto", help="auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16")
     gen.add_argument("--device", default="cpu", help="cpu | cuda")
     gen.add_argument("--threads", type=int, default=1,
                      help="torch CPU threads (default 1, as the engine: the same thread count gives the same tokens)")

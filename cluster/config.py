@@ -12,6 +12,7 @@ from pathlib import Path
 
 import yaml
 
+from dgserve.model.dtypes import resolve_dtype
 from dgserve.model.errors import ConfigError
 from dgserve.model.settings import KNOBS
 from dgserve.model.validate import is_int, is_number, require
@@ -19,7 +20,7 @@ from dgserve.model.validate import is_int, is_number, require
 from .engine.config import EngineConfig
 
 PROFILES = ("replicated", "packed", "disaggregated")
-DTYPES = ("float32", "bfloat16")
+DTYPES = ("auto", "float32", "bfloat16")
 
 
 def _need(path: str, value, ok: bool, allowed: str) -> None:
@@ -108,7 +109,7 @@ class GatewaySettings:
 class Topology:
     model: str | None = None  # folder or hub id; None: the embedded tiny model
     revision: str | None = None
-    dtype: str = "float32"
+    dtype: str = "auto"  # bfloat16 on CUDA, float32 on CPU (weights_dtype)
     device: str = "cpu"
     profile: str = "replicated"
     units: Units = field(default_factory=Units)
@@ -126,6 +127,11 @@ class Topology:
     serve: ServeSettings = field(default_factory=ServeSettings)
     gateway: GatewaySettings = field(default_factory=GatewaySettings)
     name: str = "dgserve"
+
+    @property
+    def weights_dtype(self) -> str:
+        """The dtype the weights load in (`auto` resolved for the device)."""
+        return resolve_dtype(self.dtype, self.device)
 
     @property
     def graceful_shutdown_s(self) -> float:

@@ -46,6 +46,7 @@ class RankActor:
         self._calls: dict[str, RequestStream] = {}  # rank 0: the unit's key of each running call -> its stream
         self._early: OrderedDict[str, None] = OrderedDict()  # keys cancelled before their call started
         self.all_to_all: list[dict] = []  # rank 0: the start-up all-to-all sweep (with expert ranks)
+        self.fit: str | None = None  # on CUDA: the start-up check's verdict
 
     # -- set-up ----------------------------------------------------------------------------------------------
     _store_socket: socket.socket | None = None  # rank 0: the TCP store's listening socket, from endpoint to start
@@ -117,7 +118,8 @@ class RankActor:
         from .experts.exchange import AllToAllExperts
 
         folder, roles, part = self._partition()
-        ck = load_checkpoint(folder, dtype=self.topo.dtype, device=self.topo.device,
+        self._check_device(folder, experts=[] if part is not None else None)
+        ck = load_checkpoint(folder, dtype=self.topo.weights_dtype, device=self.topo.device,
                              experts=[] if part is not None else None)  # no expert tensor is read here
         if part is not None:
             ck.model.experts = AllToAllExperts(part, roles, exchange_group())
@@ -140,6 +142,24 @@ class RankActor:
             self._follower.start()
         return ck.folder
 
+    def _check_device(self, folder, experts) -> None:
+        """On CUDA, before loading: will the weights and a useful budget fit this GPU? Refuses to start with the
+        verdict if not (cluster/engine/fit.py); the verdict is in the rank's status either way."""
+        if self.topo.device != "cuda":
+            return
+        import torch
+
+        from dgserve.model.config import load_model_config
+        from dgserve.model.loader import parse_dtype
+
+        from .engine.fit import check_device
+
+        total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+        plan = check_device(load_model_config(folder), parse_dtype(self.topo.weights_dtype), total, self.topo.engine,
+                            fused=self.topo.engine.fused_sampler("cuda"), experts=experts)
+        self.fit = plan.verdict()
+        log.info("rank %d: %s", self.rank, self.fit)
+
     def _start_expert_rank(self, control, store):
         """An expert rank: only its experts' weights; no KV cache, embeddings or sampler."""
         import torch
@@ -150,7 +170,7 @@ class RankActor:
         from .group import follow_experts
 
         folder, roles, part = self._partition()
-        shard = load_expert_shard(folder, part.experts_of(self.rank - roles.attention), self.topo.dtype,
+        shard = load_expert_shard(folder, part.experts_of(self.rank - roles.attention), self.topo.weights_dtype,
                                   device=self.topo.device)
         if self.topo.device == "cpu":
             torch.set_num_threads(self.topo.engine.cpu_threads)
@@ -160,7 +180,7 @@ class RankActor:
         server = ExpertServer(shard.layers, roles, exchange_group(), text.top_k_experts)
         self._follower = threading.Thread(
             target=follow_experts, args=(server, control, self.rank, self._stopped, text.num_layers, text.hidden_size,
-                                         parse_dtype(self.topo.dtype), store, period),
+                                         parse_dtype(self.topo.weights_dtype), store, period),
             name=f"dgserve-experts{self.rank}", daemon=True)
         self._follower.start()
         return folder
@@ -236,7 +256,7 @@ class RankActor:
                     "rejections": dict(m.rejections), "errors": dict(m.errors),
                     "admitted_per_rank": dict(m.admitted_per_rank), "steps": m.step_summary(),
                     "request_ids": [rid for rid, _ in placed], "ranks_of_requests": placed,
-                    "all_to_all": self.all_to_all}
+                    "all_to_all": self.all_to_all, "fit": self.fit}
         else:
             out["healthy"] = self._follower is not None and self._follower.is_alive()
         return out

@@ -17,6 +17,7 @@ import torch
 from safetensors import safe_open
 
 from .config import ModelConfig, load_generation_defaults, load_model_config
+from .dtypes import AUTO, resolve_dtype
 from .errors import CheckpointError, ConfigError
 from .hub import resolve_checkpoint
 from .moe import ExpertWeights, LocalExperts
@@ -28,11 +29,13 @@ from .weights import LayerWeights, TensorSpec, TextWeights, expert_specs, global
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
-def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+def parse_dtype(name: str | torch.dtype, device: str | torch.device = "cpu") -> torch.dtype:
+    """A dtype name (or `auto`: bfloat16 on CUDA, float32 on CPU; see dtypes.resolve_dtype) -> torch dtype."""
     if isinstance(name, torch.dtype) and name in DTYPES.values():
         return name
+    name = resolve_dtype(name, str(device)) if isinstance(name, str) else name
     if name not in DTYPES:
-        raise ConfigError("dtype", name, " | ".join(DTYPES))
+        raise ConfigError("dtype", name, " | ".join((AUTO, *DTYPES)))
     return DTYPES[name]
 
 
@@ -160,7 +163,7 @@ def _expert_selection(experts: Sequence[int] | None, num_experts: int) -> tuple[
     return ids
 
 
-def load_checkpoint(model: str | os.PathLike, dtype: str | torch.dtype = "float32",
+def load_checkpoint(model: str | os.PathLike, dtype: str | torch.dtype = AUTO,
                     experts: Sequence[int] | None = None, revision: str | None = None,
                     device: str | torch.device = "cpu") -> LoadedCheckpoint:
     """Load config, generation defaults and weights. `experts`: None = all, [] = none, or the ids to hold.
@@ -170,7 +173,7 @@ def load_checkpoint(model: str | os.PathLike, dtype: str | torch.dtype = "float3
     """
     folder = resolve_checkpoint(model, revision)
     cfg = load_model_config(folder)
-    dt = parse_dtype(dtype)
+    dt = parse_dtype(dtype, device)
     ids = _expert_selection(experts, cfg.text.num_experts)
     reader = CheckpointReader(folder, device)
     try:
@@ -183,7 +186,7 @@ def load_checkpoint(model: str | os.PathLike, dtype: str | torch.dtype = "float3
                             reader.largest_read)
 
 
-def load_expert_shard(model: str | os.PathLike, experts: Sequence[int], dtype: str | torch.dtype = "float32",
+def load_expert_shard(model: str | os.PathLike, experts: Sequence[int], dtype: str | torch.dtype = AUTO,
                       revision: str | None = None, device: str | torch.device = "cpu") -> ExpertShard:
     """An expert rank's weights: only the given experts' tensors of every layer are read."""
     folder = resolve_checkpoint(model, revision)
@@ -193,7 +196,7 @@ def load_expert_shard(model: str | os.PathLike, experts: Sequence[int], dtype: s
         raise ConfigError("experts", list(experts), "at least one expert id (an expert rank holds some experts)")
     reader = CheckpointReader(folder, device)
     try:
-        layers = read_experts(reader, cfg, parse_dtype(dtype), ids)
+        layers = read_experts(reader, cfg, parse_dtype(dtype, device), ids)
     finally:
         reader.close()
     return ExpertShard(cfg, ids, layers, reader.bytes_read)

@@ -82,6 +82,23 @@ PRESETS = {
 }
 
 
+# The real google/diffusiongemma-26B-A4B-it text shapes (MODEL_SPEC section 1), for planning memory and speed from
+# the config alone (`real_config`). Not a make-tiny preset: its random weights would be 50 GB.
+REAL_SHAPES = TinyPreset(vocab_size=262_144, hidden_size=2816, intermediate_size=2112, moe_intermediate_size=704,
+                         num_experts=128, top_k_experts=8, num_hidden_layers=30, full_every=6,
+                         num_attention_heads=16, num_key_value_heads=8, head_dim=256, global_head_dim=512,
+                         num_global_key_value_heads=2, sliding_window=1024, canvas_length=256,
+                         max_position_embeddings=262_144)
+REAL_MEDIA_IDS = {"<|image>": 255_999, "<|image|>": 258_880, "<image|>": 258_882, "<|video|>": 258_884}
+
+
+def real_config():
+    """The real checkpoint's ModelConfig, without its files."""
+    from .config import model_config_from_dict
+
+    return model_config_from_dict(_config_json(REAL_SHAPES, REAL_MEDIA_IDS))
+
+
 def _layer_types(p: TinyPreset) -> list[str]:
     return ["full_attention" if (i + 1) % p.full_every == 0 else "sliding_attention"
             for i in range(p.num_hidden_layers - 1)] + ["full_attention"]

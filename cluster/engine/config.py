@@ -16,7 +16,11 @@ class EngineConfig:
     max_queued: int = 64  # requests waiting for a canvas; beyond it a submit is refused (RESOURCE_EXHAUSTED)
     prefill_chunk: int = 512  # prompt tokens per prefill work item
     max_prefill_tokens: int = 2048  # encode rows per iteration for prompt chunks and replays (oldest first)
-    memory_budget_bytes: int = 4 * GiB  # KV cache + per-canvas sampler workspace of all admitted requests
+    # KV cache + per-canvas sampler workspace of all admitted requests (per attention rank). None: derived when
+    # the engine starts, after the weights are loaded: memory_fraction of the device's memory less what is already
+    # in use and a reserve (cluster/engine/fit.py); on CPU, where the host's memory is everyone's, 4 GiB.
+    memory_budget_bytes: int | None = None
+    memory_fraction: float = 0.9
     page_size: int | None = None  # KV page (positions) on full-attention layers; default: the canvas length
     default_timeout_s: float | None = None  # deadline for requests that set none; None: no deadline
     # torch intra-op threads on CPU. 1 keeps GEMM row blocking fixed (batching stays bitwise invisible at the
@@ -50,8 +54,11 @@ class EngineConfig:
              "an integer in 1..1048576")
         need("max_prefill_tokens", is_int(self.max_prefill_tokens) and self.max_prefill_tokens >= self.prefill_chunk,
              f"an integer >= prefill_chunk ({self.prefill_chunk})")
-        need("memory_budget_bytes", is_int(self.memory_budget_bytes) and self.memory_budget_bytes > 0,
-             "an integer number of bytes > 0")
+        budget = self.memory_budget_bytes
+        need("memory_budget_bytes", budget is None or (is_int(budget) and budget > 0),
+             "null or an integer number of bytes > 0")
+        need("memory_fraction", is_number(self.memory_fraction) and 0 < self.memory_fraction <= 1,
+             "a number in (0, 1]")
         need("page_size", self.page_size is None or (is_int(self.page_size) and 1 <= self.page_size <= 1 << 16),
              "null or an integer in 1..65536")
         need("default_timeout_s", self.default_timeout_s is None or (

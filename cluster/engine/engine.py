@@ -35,6 +35,7 @@ from .driver import Driver, Request
 from .errors import Code, ResourceExhausted, TooLarge, Unavailable
 from .executor import Executor, StepExecutor
 from .failures import FailurePolicy
+from .fit import resolve_budget
 from .loop import DriverLoop
 from .metrics import EngineMetrics
 from .output import Detokenizer
@@ -68,12 +69,13 @@ class Engine:
         page = self.config.page_size or model.config.canvas_length
         fused = self.config.fused_sampler(model.device.type)
         self.sizes = MemorySizes(model.config, model.dtype, page, fused, model.device)
-        self.budgets = [MemoryBudget(self.config.memory_budget_bytes) for _ in range(ranks)]
+        self.budget_bytes = resolve_budget(self.config.memory_budget_bytes, self.config.memory_fraction, model.device)
+        self.budgets = [MemoryBudget(self.budget_bytes) for _ in range(ranks)]
         self.budget = self.budgets[0]  # rank 0's (the only one in a single-process engine)
         threads = self.config.sampler_threads_for(model.device.type, os.cpu_count())
         self.executor: StepExecutor = executor or Executor(model, page, self.config.noise_prefetch, threads, fused)
         self.driver = Driver(model.config, self.config, self.sizes, self.budgets, clock)
-        self.metrics = EngineMetrics(budget_bytes=self.config.memory_budget_bytes * ranks)
+        self.metrics = EngineMetrics(budget_bytes=self.budget_bytes * ranks)
         self.on_step = on_step
         self.failures = FailurePolicy(watchdog_s, self._fail_unit, self._progress)
         self._wake = threading.Condition()  # guards the inbox, the cancels, the streams and the stop flags
@@ -228,12 +230,12 @@ class Engine:
             raise InputError("request_id", "must be a string of 1..128 characters")
         prompt = validate_prompt(req.prompt_ids, self.model.config, req.settings.max_new_tokens)
         need = self.driver.max_bytes(prompt.numel(), req.settings)
-        if need > self.config.memory_budget_bytes:
+        if need > self.budget_bytes:
             self.metrics.rejections["over_budget"] += 1
             raise TooLarge(
                 f"the request can never fit: {prompt.numel()} prompt tokens + {req.settings.max_new_tokens} new "
                 f"tokens need {need} bytes of KV cache and canvas workspace, more than the engine's memory "
-                f"budget (memory_budget_bytes={self.config.memory_budget_bytes})")
+                f"budget (memory_budget_bytes={self.budget_bytes})")
         now = self.clock()
         blocks = num_blocks(req.settings.max_new_tokens, self.model.config.canvas_length)
         output = None if self.tokenizer is None else Detokenizer(self.tokenizer, req.settings.pad_token_id)

@@ -17,14 +17,33 @@ from dataclasses import dataclass
 import torch
 
 from dgserve.model.config import ModelConfig
+from dgserve.model.errors import ConfigError
 from dgserve.model.weights import expert_specs, global_specs, layer_specs
 
 from .budget import MemorySizes
+from .config import EngineConfig
 
 GB = 10**9
 GiB = 1 << 30
 DEFAULT_FRACTION = 0.9  # of the device's memory, as serving engines size their caches
 DEFAULT_RESERVE = 2 * GiB
+CPU_BUDGET = 4 * GiB  # the budget on CPU when none is set
+
+
+def derived_budget(free: int, total: int, fraction: float, reserve: int = DEFAULT_RESERVE) -> int:
+    """The engine's budget on a device whose weights are loaded: `fraction` of its memory, less what is in use
+    already (weights, CUDA context, other processes) and the reserve; never negative."""
+    return max(0, int(fraction * total) - (total - free) - reserve)
+
+
+def resolve_budget(memory_budget_bytes: int | None, fraction: float, device: torch.device) -> int:
+    """The configured budget, or one derived from the device's free memory now (CUDA), or CPU_BUDGET."""
+    if memory_budget_bytes is not None:
+        return memory_budget_bytes
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        return derived_budget(free, total, fraction)
+    return CPU_BUDGET
 
 
 def weight_bytes(config: ModelConfig, dtype: torch.dtype, experts: Sequence[int] | None = None,
@@ -88,3 +107,20 @@ def plan_fit(config: ModelConfig, dtype: torch.dtype, device_bytes: int, *, runn
     sizes = MemorySizes(config, dtype, page_size or config.canvas_length, fused, device)
     request = sizes.request(prompt_tokens + new_tokens)
     return FitPlan(device_bytes, weights, budget, request, max(budget, 0) // request, running)
+
+
+PLANNED_PROMPT, PLANNED_NEW = 4096, 256  # the request size the start-up verdict is phrased in
+
+
+def check_device(config: ModelConfig, dtype: torch.dtype, device_bytes: int, engine: EngineConfig, *,
+                 fused: bool, experts: Sequence[int] | None = None) -> FitPlan:
+    """Before a rank loads anything: its plan for `engine.max_running` requests of 4,096 + 256 positions. Raises a
+    ConfigError with the verdict when the weights leave no budget (the rank could serve nothing); otherwise the
+    caller logs and reports the verdict (fewer requests than max_running only means a fuller queue)."""
+    plan = plan_fit(config, dtype, device_bytes, running=engine.max_running, prompt_tokens=PLANNED_PROMPT,
+                    new_tokens=PLANNED_NEW, fused=fused, page_size=engine.page_size, experts=experts,
+                    fraction=engine.memory_fraction)
+    if plan.budget_bytes <= 0 or plan.canvases < 1:
+        raise ConfigError("device", f"{device_bytes / GB:.1f} GB", plan.verdict(), "start-up check")
+    return plan
+

@@ -148,7 +148,7 @@ def model_info(topo, config: ModelConfig, defaults: SamplerSettings, limits: Lim
         model_revision=topo.revision or "", vocab_size=limits.vocab_size,
         topology=pb.Topology(profile=topo.profile, units_min=topo.units.min, units_max=topo.units.max,
                              attention_ranks=topo.attention_ranks, expert_ranks=topo.expert_ranks,
-                             dtype=topo.dtype, device=topo.device),
+                             dtype=topo.weights_dtype, device=topo.device),
         limits=pb.Limits(max_prompt_tokens=limits.max_prompt_tokens, context_length=limits.context_length,
                          canvas_length=limits.canvas_length, max_request_bytes=limits.max_request_bytes,
                          max_text_bytes=limits.max_text_bytes,

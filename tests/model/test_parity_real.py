@@ -102,3 +102,40 @@ def test_generate_is_token_exact_at_two_threads(pair, seed, n, blocks):
         torch.set_num_threads(1)
     assert got.token_ids == expected
     assert got.decoder_passes == len(drafts)
+
+
+@torch.inference_mode()
+def test_bfloat16_teacher_forced_logits_are_as_close_to_the_reference_as_bf16_itself(pair, capsys):
+    """Both sides in bfloat16 (the real checkpoint's dtype): our logits are no farther from transformers' bf16
+    logits than those are from its float32 logits, with and without self-conditioning (the embed scale cast to
+    bf16, the self-conditioning softmax rounded to bf16, the router and the expert combine in bf16)."""
+    from transformers import DiffusionGemmaForBlockDiffusion, DynamicCache
+
+    folder, ref32, _ = pair
+    ref16 = DiffusionGemmaForBlockDiffusion.from_pretrained(folder, dtype=torch.bfloat16,
+                                                            attn_implementation="sdpa").eval()
+    ours = load_checkpoint(folder, dtype="bfloat16").model
+    prompt, canvas = prompt_ids(W + 77, V, seed=7), prompt_ids(C, V, seed=98)
+    sc = torch.randn(1, C, V, generator=torch.Generator().manual_seed(6))
+
+    def reference(ref, dtype):
+        cache = DynamicCache(config=ref.config.get_text_config(decoder=True))
+        ref.model.encoder(input_ids=prompt[None], past_key_values=cache)
+        plain = ref(past_key_values=cache, decoder_input_ids=canvas[None]).logits[0].float()
+        cond = ref(past_key_values=cache, decoder_input_ids=canvas[None],
+                   self_conditioning_logits=sc.to(dtype)).logits[0].float()
+        return plain, cond
+
+    r16, r32 = reference(ref16, torch.bfloat16), reference(ref32, torch.float32)
+    kv = ours.new_cache()
+    ours.encode(kv, prompt)
+    soft = ours.soft_embedding(torch.softmax(sc[0].to(torch.bfloat16), dim=-1, dtype=torch.float32))
+    mine = ours.denoise(kv, canvas, None).float(), ours.denoise(kv, canvas, soft).float()
+    lines = []
+    for what, m, a, b in zip(("no self-conditioning", "self-conditioning"), mine, r16, r32, strict=True):
+        ours_err, floor = float((m - a).abs().max()), float((a - b).abs().max())
+        lines.append(f"{what}: max |ours - ref bf16| {ours_err:.3e}, max |ref bf16 - ref fp32| {floor:.3e}, "
+                     f"argmax agreement {float((m.argmax(-1) == a.argmax(-1)).float().mean()):.3f}")
+        assert ours_err <= floor, lines[-1]
+    with capsys.disabled():
+        print("\nbf16 teacher-forced: " + "; ".join(lines))

@@ -8,7 +8,7 @@ import torch
 
 from dgserve.cluster.engine.budget import MemorySizes
 from dgserve.cluster.engine.fit import plan_fit, weight_bytes
-from tests.real_config import real_config
+from dgserve.model.tiny import real_config
 
 GiB = 1 << 30
 H100 = 81_559 * 2**20  # what an 80 GB H100 reports
@@ -52,3 +52,42 @@ def test_a_device_the_weights_fill_gets_a_verdict_that_says_what_to_change(real)
     split = plan_fit(real, torch.bfloat16, 48 * GiB, running=8, prompt_tokens=4096, new_tokens=256, fused=True,
                      experts=[])  # an attention rank of a packed unit holds no expert
     assert split.fits
+
+
+def test_the_budget_is_derived_from_the_devices_free_memory_unless_set(monkeypatch, tiny):
+    from dgserve.cluster.engine import Engine, EngineConfig
+    from dgserve.cluster.engine.fit import CPU_BUDGET, derived_budget, resolve_budget
+
+    # 80 GiB device, 52 GiB in use after loading: 0.9 x 80 - 52 - 2 (reserve) = 18 GiB
+    assert derived_budget(28 * GiB, 80 * GiB, 0.9) == int(0.9 * 80 * GiB) - 52 * GiB - 2 * GiB
+    assert derived_budget(1 * GiB, 80 * GiB, 0.9) == 0  # never negative: every request is then refused
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (28 * GiB, 80 * GiB))
+    assert resolve_budget(None, 0.9, torch.device("cuda")) == derived_budget(28 * GiB, 80 * GiB, 0.9)
+    assert resolve_budget(None, 0.5, torch.device("cuda")) == derived_budget(28 * GiB, 80 * GiB, 0.5)
+    assert resolve_budget(5 * GiB, 0.9, torch.device("cuda")) == 5 * GiB  # set: as set
+    assert Engine(tiny.model, EngineConfig()).budget_bytes == CPU_BUDGET
+    assert Engine(tiny.model, EngineConfig(memory_budget_bytes=123_456)).budget_bytes == 123_456
+
+
+def test_a_hub_checkpoint_loads_in_bfloat16_on_cuda_and_float32_on_cpu_by_default():
+    from dgserve.cluster.config import parse_topology
+    from dgserve.model.loader import parse_dtype
+
+    assert parse_topology({"device": "cuda"}).weights_dtype == "bfloat16"
+    assert parse_topology({}).weights_dtype == "float32"
+    assert parse_topology({"device": "cuda", "dtype": "float32"}).weights_dtype == "float32"
+    assert parse_dtype("auto", "cuda") is torch.bfloat16 and parse_dtype("auto", "cpu") is torch.float32
+
+
+def test_the_start_up_check_refuses_a_gpu_the_weights_fill_and_reports_the_verdict_otherwise(real):
+    from dgserve.cluster.engine import EngineConfig
+    from dgserve.cluster.engine.fit import check_device
+    from dgserve.model.errors import ConfigError
+
+    engine = EngineConfig(max_running=32)
+    with pytest.raises(ConfigError, match="start-up check: invalid device=.*weights leave no room"):
+        check_device(real, torch.bfloat16, 48 * GiB, engine, fused=True)
+    with pytest.raises(ConfigError, match="does not fit"):  # float32 weights: 101 GB
+        check_device(real, torch.float32, H100, engine, fused=True)
+    assert check_device(real, torch.bfloat16, H200, engine, fused=True).verdict().startswith("fits")
+    assert check_device(real, torch.bfloat16, 48 * GiB, engine, fused=True, experts=[]).fits  # attention rank
