@@ -11,9 +11,10 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
-# the `dgserve` namespace without installing: dgserve/model -> model/, dgserve/cluster -> cluster/
+# the `dgserve` namespace without installing: dgserve/model -> model/, dgserve/cluster -> cluster/, kernels
 NS=/tmp/dgserve_ns; rm -rf "$NS"; mkdir -p "$NS/dgserve"
 ln -s "$PWD/model" "$NS/dgserve/model"; ln -s "$PWD/cluster" "$NS/dgserve/cluster"
+ln -s "$PWD/kernels" "$NS/dgserve/kernels"
 export PYTHONPATH="$NS:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 $PY -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
@@ -21,6 +22,8 @@ $PY -c "import torch, transformers; print('torch', torch.__version__, 'transform
 status=0
 timeout 240 $PY -m pytest -q -p no:cacheprovider tests/gpu tests/model/test_parity.py -x 2>&1 | tee "$OUT/tests.log" | tail -15
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
+timeout 60 $PY benchmarks/fit.py --json > "$OUT/fit.json" 2> "$OUT/fit.err" || status=1
+tail -4 "$OUT/fit.json" | head -3
 for dev in cuda; do
   timeout 240 $PY benchmarks/generate.py --device "$dev" --dtype bfloat16 --json --threads 8 \
     > "$OUT/bench_${dev}_bf16.json" 2> "$OUT/bench_${dev}_bf16.err" || status=1
