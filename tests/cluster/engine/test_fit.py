@@ -91,3 +91,34 @@ def test_the_start_up_check_refuses_a_gpu_the_weights_fill_and_reports_the_verdi
         check_device(real, torch.float32, H100, engine, fused=True)
     assert check_device(real, torch.bfloat16, H200, engine, fused=True).verdict().startswith("fits")
     assert check_device(real, torch.bfloat16, 48 * GiB, engine, fused=True, experts=[]).fits  # attention rank
+
+
+class MetaReader:
+    """A checkpoint reader that makes every tensor of its spec's shape on the meta device (no data)."""
+
+    def read(self, spec, dtype, rows=None):
+        shape = spec.shape if rows is None else (len(rows), *spec.shape[1:])
+        return torch.empty(shape, dtype=dtype, device="meta")
+
+
+def test_the_real_model_built_on_the_meta_device_holds_what_the_plan_counts(real):
+    """The real 26B-A4B model, built tensor by tensor on the meta device by the loader's own readers: the attention
+    rank of a packed 1 + 8 unit, and expert rank 0 (16 experts), hold exactly the planned bytes."""
+    from dgserve.cluster.experts.partition import ExpertPartition
+    from dgserve.model.loader import read_experts, read_text_weights
+    from dgserve.model.moe import LocalExperts
+    from dgserve.model.transformer import DiffusionGemma
+
+    def nbytes(tensors) -> int:
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    text = read_text_weights(MetaReader(), real, torch.bfloat16)
+    model = DiffusionGemma(real, text, LocalExperts([], (), real.text.num_experts))
+    assert model.device.type == "meta"
+    held = nbytes(t for t in vars(text).values() if isinstance(t, torch.Tensor)) + nbytes(
+        t for lw in text.layers for t in vars(lw).values() if isinstance(t, torch.Tensor))
+    assert held == weight_bytes(real, torch.bfloat16, experts=[])
+    mine = ExpertPartition.balanced(real.text.num_experts, 8).experts_of(0)
+    shard = read_experts(MetaReader(), real, torch.bfloat16, mine)
+    assert nbytes(t for w in shard for t in (w.gate_up, w.down)) == weight_bytes(
+        real, torch.bfloat16, experts=mine, attention=False)
