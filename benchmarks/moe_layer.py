@@ -117,9 +117,8 @@ def run(target, procs_args: list[tuple]) -> dict:
     return out
 
 
-def parse(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[-1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_layer_flags(p: argparse.ArgumentParser) -> None:
+    """The layer and workload flags (shared with benchmarks/topology.py); `quick_defaults` fills the workload."""
     p.add_argument("--quick", action="store_true", help=f"{QUICK['rows']} rows, {QUICK['iters']} timed calls")
     for k in QUICK:
         p.add_argument(f"--{k}", type=int, help=f"default {FULL[k]} (quick {QUICK[k]})")
@@ -129,11 +128,21 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--top-k", type=int, default=4)
     p.add_argument("--items", type=int, default=8, help="work items the rows belong to (canvases in a batch)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout")
-    args = p.parse_args(argv)
+
+
+def quick_defaults(args: argparse.Namespace) -> None:
     for k, v in (QUICK if args.quick else FULL).items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+
+
+def parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[-1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_layer_flags(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout")
+    args = p.parse_args(argv)
+    quick_defaults(args)
     if not (1 <= args.top_k <= args.experts and max(SPLITS) <= args.experts and 1 <= args.items <= args.rows):
         p.error("need 1 <= --top-k <= --experts, --experts >= 4 and 1 <= --items <= --rows")
     return args

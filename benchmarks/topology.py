@@ -673,22 +673,10 @@ def h100_header(dims: ModelDims, gpu: Gpu, profiles: Sequence[Profile], context:
 
 # ----------------------------------------------------------------------------------------------- main
 
-QUICK = {"rows": 512, "iters": 5, "warmup": 2}
-FULL = {"rows": 2048, "iters": 20, "warmup": 3}
-
-
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[-1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help=f"{QUICK['rows']} rows, {QUICK['iters']} timed calls")
-    for k in QUICK:
-        p.add_argument(f"--{k}", type=int, help=f"CPU check: default {FULL[k]} (quick {QUICK[k]})")
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--experts", type=int, default=32)
-    p.add_argument("--expert-width", type=int, default=256)
-    p.add_argument("--top-k", type=int, default=4)
-    p.add_argument("--items", type=int, default=8, help="work items the rows belong to (canvases in a batch)")
-    p.add_argument("--seed", type=int, default=0)
+    moe_layer.add_layer_flags(p)  # the CPU check's layer and workload
     p.add_argument("--splits", type=int, nargs="+", default=[2, 4], help="expert ranks of the CPU splits")
     p.add_argument("--cores", type=int, default=len(os.sched_getaffinity(0)),
                    help="cores the expert ranks can run on at once (default: this process's cpus)")
@@ -714,9 +702,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     g.add_argument("--batches", type=int, nargs="+", default=list(BATCHES))
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout")
     args = p.parse_args(argv)
-    for k, v in (QUICK if args.quick else FULL).items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
+    moe_layer.quick_defaults(args)
     if not (1 <= args.top_k <= args.experts and max(args.splits) <= args.experts and min(args.splits) >= 1
             and 1 <= args.items <= args.rows and args.cores >= 1):
         p.error("need 1 <= --top-k <= --experts, 1 <= --splits <= --experts, 1 <= --items <= --rows, --cores >= 1")
