@@ -122,6 +122,7 @@ class ModelDims:
     vision_params: float = 0.573e9
     weight_bytes: int = 2  # bf16 weights
     act_bytes: int = 2  # bf16 rows in the exchange and KV
+    sampler: str = "fused"  # engine.sampler on CUDA by default (the canvas workspace below)
 
     @property
     def full_layers(self) -> int:
@@ -172,8 +173,13 @@ class ModelDims:
 
     @property
     def canvas_workspace_bytes(self) -> float:
-        """What a canvas holds between and during steps (cluster/engine/budget.py's workspace, [C, V] float32 noise,
-        plus the step's [C, V] float32 logits)."""
+        """What a canvas holds between and during steps. Fused sampler: its bf16 self-conditioning input and the
+        fused vocabulary pass's split workspace (kernels/vocab, about 12 MB). Exact sampler: [C, V] float32 noise
+        (cluster/engine/budget.py) plus the step's [C, V] float32 logits."""
+        if self.sampler == "fused":
+            from dgserve.kernels.vocab.sizes import triton_workspace_bytes
+
+            return self.canvas * self.hidden * self.act_bytes + triton_workspace_bytes(self.canvas, self.hidden)
         return 2 * self.canvas * self.vocab * 4 + self.canvas * self.hidden * 4
 
 
@@ -700,6 +706,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     g.add_argument("--context", type=int, default=4096, help="positions in each request's KV cache")
     g.add_argument("--steps-per-block", type=int, default=16, help="denoise steps per block (+1 commit pass)")
     g.add_argument("--batches", type=int, nargs="+", default=list(BATCHES))
+    g.add_argument("--sampler", choices=("fused", "exact"), default="fused",
+                   help="engine.sampler, for each canvas's workspace (fused: the default on CUDA)")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout")
     args = p.parse_args(argv)
     moe_layer.quick_defaults(args)
@@ -735,7 +743,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     watch = common.LoadWatch()
     check = None if args.skip_cpu_check else cpu_check(args)
     load = watch.finish(own=1 + max(args.splits))
-    dims = ModelDims()
+    dims = ModelDims(sampler=args.sampler)
     gpu = Gpu(args.hbm_gbs * GB, args.tflops * 1e12, args.mfu, args.gpu_gib * GIB)
     nvlink, ib, measured_link = links(args)
     profiles = h100_profiles(nvlink, ib)

@@ -65,7 +65,11 @@ def test_infiniband_makes_the_disaggregated_exchange_larger():
 
 
 def test_h100_verdicts_batch_1_packed_per_request_replicated_per_gpu_and_64_does_not_fit_one_gpu():
-    preds = {b: {p.profile: p for p in (t.predict(DIMS, H100, prof, t.Workload(b))
+    """With the exact sampler ([C, V] workspace per canvas) 64 canvases do not fit one H100; with the fused one
+    they do."""
+    assert t.predict(DIMS, H100, REPLICATED, t.Workload(64)).fits
+    DIMS_EXACT = replace(DIMS, sampler="exact")
+    preds = {b: {p.profile: p for p in (t.predict(DIMS_EXACT, H100, prof, t.Workload(b))
                                          for prof in (REPLICATED, PACKED, DISAGG))} for b in (1, 16, 64)}
     one = preds[1]
     assert one["packed"].tokens_per_s_request > one["replicated"].tokens_per_s_request > one[
@@ -77,10 +81,10 @@ def test_h100_verdicts_batch_1_packed_per_request_replicated_per_gpu_and_64_does
     assert lines[0].startswith("per request: packed wins") and any(ln.startswith("per GPU: replicated wins")
                                                                    for ln in lines)
     assert "vs replicated" in "\n".join(lines) and "exchange" in "\n".join(lines)
-    fit = t.largest_fitting_batch(DIMS, H100, REPLICATED, 4096)
-    assert 16 <= fit < 64
+    fit = t.largest_fitting_batch(DIMS_EXACT, H100, REPLICATED, 4096)
+    assert 16 <= fit < 64 < t.largest_fitting_batch(DIMS, H100, REPLICATED, 4096)
     big = t.reasons(list(preds[64].values()),
-                    {"replicated": t.predict(DIMS, H100, REPLICATED, t.Workload(fit))})
+                    {"replicated": t.predict(DIMS_EXACT, H100, REPLICATED, t.Workload(fit))})
     assert big[0].startswith("replicated does not fit 64 canvases") and f"({fit})" in big[0]
 
 
@@ -145,7 +149,7 @@ def test_sweep_sizes_reach_the_largest_collective():
 
 
 def test_main_prints_the_h100_table_and_json(capsys):
-    assert t.main(["--skip-cpu-check", "--json", "--batches", "1", "64"]) == 0
+    assert t.main(["--skip-cpu-check", "--json", "--batches", "1", "64", "--sampler", "exact"]) == 0
     text = capsys.readouterr().out
     out = json.loads(text.strip().splitlines()[-1])
     assert set(out["h100"]["predictions"]) == {"1", "64"} and out["cpu_check"] is None
