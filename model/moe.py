@@ -57,9 +57,27 @@ def grouped_ffn(x_PD: torch.Tensor, offs_E: torch.Tensor, w: ExpertWeights) -> t
     [P, D] (unweighted) in one grouped GEMM per projection; rows past `offs_E[-1]` (padding) are left unset.
 
     The offsets are never read back to the host (`torch._grouped_mm` takes them on the device), so the call keeps
-    a CUDA graph possible; on CPU it is bitwise a GEMM per expert."""
+    a CUDA graph possible; on CPU it is bitwise a GEMM per expert. On a GPU `torch._grouped_mm` takes bfloat16
+    only: other dtypes there fall back to a GEMM per expert, which reads the counts back (not graph-safe)."""
+    if x_PD.device.type not in ("cpu", "meta") and x_PD.dtype != torch.bfloat16:
+        counts = torch.diff(offs_E, prepend=offs_E.new_zeros(1)).tolist()
+        return expert_ffn(x_PD, counts, w)
     gate, up = torch._grouped_mm(x_PD, w.gate_up.transpose(-2, -1), offs=offs_E).chunk(2, dim=-1)
     return torch._grouped_mm(F.gelu(gate, approximate="tanh") * up, w.down.transpose(-2, -1), offs=offs_E)
+
+
+def expert_counts(ids: torch.Tensor, n: int) -> torch.Tensor:
+    """Rows per expert [n] (int64) on the ids' device, without a read back: `torch.bincount` sizes its output from
+    the largest id, which on CUDA is a host synchronisation; a scatter-add into n slots is not."""
+    return torch.zeros(n, dtype=torch.long, device=ids.device).index_add_(0, ids, torch.ones_like(ids))
+
+
+def combine_experts(y_PD: torch.Tensor, weights_TK: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Expert outputs [T*K, D] -> each token's weighted sum over its K experts [T, D] in `dtype`: independent of
+    the other rows in the batch (T may be 0: an idle rank)."""
+    T, K = weights_TK.shape
+    weighted = y_PD * weights_TK.reshape(-1).unsqueeze(-1)
+    return weighted.view(T, K, y_PD.shape[-1]).sum(dim=1).to(dtype)
 
 
 def counts_ffn(x_PD: torch.Tensor, counts: list[int], w: ExpertWeights) -> torch.Tensor:
@@ -74,8 +92,11 @@ class LocalExperts:
     """All experts of every layer in this process (the `replicated` profile, and the reference path)."""
 
     def __init__(self, layers: list[ExpertWeights], expert_ids: tuple[int, ...] | None = None,
-                 num_experts: int | None = None):
-        self.layers = layers
+                 num_experts: int | None = None, graph_safe: bool | None = None):
+        """`graph_safe`: every layer in one grouped GEMM per projection with the group offsets on the device and
+        nothing read back to the host (the GPU path, which a CUDA graph can hold); None: on every device but the
+        CPU, where the exact path (bitwise the reference, batch-invariant by RowLayout) runs instead."""
+        self.layers, self.graph_safe = layers, graph_safe
         held = layers[0].gate_up.shape[0] if layers else 0
         self.expert_ids = tuple(range(held)) if expert_ids is None else tuple(expert_ids)
         self.num_experts = num_experts if num_experts is not None else held
@@ -94,6 +115,8 @@ class LocalExperts:
                 missing = sorted(set(expert_ids_TK.reshape(-1)[flat_ids < 0].tolist()))
                 raise RuntimeError(f"layer {layer}: experts {missing} are not held by this process")
         w = self.layers[layer]
+        if self.graph_safe if self.graph_safe is not None else rows_TD.device.type != "cpu":
+            return combine_experts(self._run_graph_safe(rows_TD, K, flat_ids, w), weights_TK, rows_TD.dtype)
         groups = self._small_groups(flat_ids, K, layout)
         y_PD = torch.empty(T * K, rows_TD.shape[-1], dtype=rows_TD.dtype, device=rows_TD.device)
         if groups is None:
@@ -103,9 +126,19 @@ class LocalExperts:
             if big.numel():
                 self._run(rows_TD, K, flat_ids[big], big, w, y_PD)
             self._run_small(rows_TD, K, flat_ids, groups, layout, w, y_PD)
-        y_PD = y_PD * weights_TK.reshape(-1).unsqueeze(-1)
-        # Per-token sum over its K experts: independent of the other rows in the batch.
-        return y_PD.view(T, K, rows_TD.shape[-1]).sum(dim=1).to(rows_TD.dtype)  # T may be 0 (an idle rank)
+        return combine_experts(y_PD, weights_TK, rows_TD.dtype)
+
+    def _run_graph_safe(self, rows_TD: torch.Tensor, K: int, flat_ids: torch.Tensor,
+                        w: ExpertWeights) -> torch.Tensor:
+        """Expert outputs [T*K, D] (unweighted): rows permuted by expert (a stable sort on the device), one grouped
+        GEMM per projection over offsets that stay on the device, outputs un-permuted by a scatter."""
+        y_PD = rows_TD.new_empty(flat_ids.shape[0], rows_TD.shape[-1])
+        if flat_ids.shape[0] == 0:
+            return y_PD
+        order = torch.sort(flat_ids, stable=True).indices
+        offs = torch.cumsum(expert_counts(flat_ids, len(self.expert_ids)), 0, dtype=torch.int32)
+        y_PD[order] = grouped_ffn(rows_TD[order // K], offs, w)
+        return y_PD
 
     def _run(self, rows_TD: torch.Tensor, K: int, ids_P: torch.Tensor, flat_P: torch.Tensor, w: ExpertWeights,
              out_PD: torch.Tensor) -> None:

@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from dgserve.model.layers import RowLayout
-from dgserve.model.moe import ExpertWeights, counts_ffn, expert_ffn, grouped_ffn
+from dgserve.model.moe import ExpertWeights, combine_experts, counts_ffn, expert_counts, expert_ffn, grouped_ffn
 
 from .partition import ExpertPartition
 
@@ -165,7 +165,7 @@ class AllToAllExperts:
             rows[j] += n
         y_PD = rows_TD.new_empty(T * K, D)
         y_PD[sent] = back
-        return combine(y_PD, weights_TK)
+        return combine_experts(y_PD, weights_TK, rows_TD.dtype)
 
     def _fixed(self, layer: int, rows_TD: torch.Tensor, expert_ids_TK: torch.Tensor,
                weights_TK: torch.Tensor) -> torch.Tensor:
@@ -179,7 +179,7 @@ class AllToAllExperts:
         owner, local = self.maps(dev)
         dest = owner[flat] - self.roles.attention  # expert rank of each assignment [P]
         order = torch.sort(dest, stable=True).indices
-        counts = torch.bincount(dest, minlength=self.roles.experts)  # on the device; read only by take_stats
+        counts = expert_counts(dest, self.roles.experts)  # on the device; read only by take_stats
         first = torch.cumsum(counts, 0) - counts
         start = torch.tensor([sum(slots[:j]) for j in range(len(slots))], device=dev)
         d = dest[order]
@@ -197,14 +197,7 @@ class AllToAllExperts:
         self._fixed_rows[layer] = self._fixed_rows.get(layer, 0) + counts
         y_PD = rows_TD.new_empty(T * K, D)
         y_PD[order] = back[slot]
-        return combine(y_PD, weights_TK)
-
-
-def combine(y_PD: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
-    """Expert outputs [T*K, D] -> each token's weighted sum over its K experts [T, D]."""
-    T, K = weights_TK.shape
-    weighted = y_PD * weights_TK.reshape(-1).unsqueeze(-1)
-    return weighted.view(T, K, y_PD.shape[-1]).sum(dim=1).to(y_PD.dtype)
+        return combine_experts(y_PD, weights_TK, rows_TD.dtype)
 
 
 class ExpertServer:
@@ -241,7 +234,7 @@ class ExpertServer:
         meta = exchange(torch.empty(0, dtype=torch.long, device=self.device), none, recv, self.group)
         key = torch.where(meta < 0, self.experts, meta)  # padding sorts after every expert
         perm = torch.sort(key, stable=True).indices
-        offs = torch.cumsum(torch.bincount(key, minlength=self.experts + 1)[:self.experts], 0, dtype=torch.int32)
+        offs = torch.cumsum(expert_counts(key, self.experts + 1)[:self.experts], 0, dtype=torch.int32)
         y = torch.empty_like(x)
         y[perm] = grouped_ffn(x[perm], offs, self.layers[layer])
         exchange(y, recv, none, self.group)

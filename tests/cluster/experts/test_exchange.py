@@ -10,11 +10,11 @@ import contextlib
 import pytest
 import torch
 import torch.multiprocessing as mp
-from torch.overrides import TorchFunctionMode
 
 from dgserve.cluster.experts import exchange
 from dgserve.cluster.experts.partition import ExpertPartition
 from dgserve.model.errors import ConfigError
+from tests.readback import NoReadBack
 
 NUM_EXPERTS, K, D, I, LAYERS = 8, 2, 64, 32, 2
 
@@ -60,18 +60,6 @@ def in_big_groups(ids, layout) -> torch.Tensor:
     item = torch.bucketize(torch.arange(ids.shape[0]), torch.tensor(layout.bounds[1:-1]), right=True)
     key = item.unsqueeze(-1) * NUM_EXPERTS + ids
     return (torch.bincount(key.reshape(-1))[key] >= layout.min_rows).all(dim=-1)
-
-
-class NoReadBack(TorchFunctionMode):
-    """Fails any call that brings a tensor's values to the host (what a CUDA graph cannot hold)."""
-
-    READS = {"tolist", "item", "__bool__", "__int__", "__float__", "__index__", "numpy", "nonzero", "unique",
-             "unique_consecutive", "equal"}
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        name = getattr(func, "__name__", "")
-        assert name not in self.READS, f"{name} reads a tensor back to the host"
-        return func(*args, **(kwargs or {}))
 
 
 def worker(rank: int, world: int, attention: int, store: str, ranks_holding: dict | None,

@@ -155,8 +155,8 @@ def test_rank_0_ends_only_the_call_the_unit_cancels_even_when_the_cancel_starts_
 
 
 @pytest.mark.parametrize(("ranks", "experts", "victim", "how"),
-                         [(1, 0, 0, "kill"), (2, 0, 1, "kill"), (2, 0, 1, "stop")],
-                         ids=["rank0-of-1-killed", "rank1-of-2-killed", "rank1-of-2-stopped"])
+                         [(1, 0, 0, "kill"), (2, 0, 1, "stop")],
+                         ids=["rank0-of-1-killed", "rank1-of-2-stopped"])  # a follower killed: test_multinode.py
 def test_a_dead_or_hung_rank_fails_its_requests_as_retriable_and_the_unit_comes_back(deploy, ranks, experts, victim,
                                                                                      how, capsys):
     """SIGKILL (ray.kill) or SIGSTOP of a rank (an attention or an expert rank): the request fails UNAVAILABLE
