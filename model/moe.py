@@ -72,6 +72,13 @@ def expert_counts(ids: torch.Tensor, n: int) -> torch.Tensor:
     return torch.zeros(n, dtype=torch.long, device=ids.device).index_add_(0, ids, torch.ones_like(ids))
 
 
+def group_rows(ids: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the permutation that groups rows by id, a stable sort [P]; each group's end in the sorted rows, int32 [n])
+    for ids in 0..n-1, all on the ids' device, nothing read back: the offsets `grouped_ffn` takes."""
+    order = torch.sort(ids, stable=True).indices
+    return order, torch.cumsum(expert_counts(ids, n), 0, dtype=torch.int32)
+
+
 def combine_experts(y_PD: torch.Tensor, weights_TK: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Expert outputs [T*K, D] -> each token's weighted sum over its K experts [T, D] in `dtype`: independent of
     the other rows in the batch (T may be 0: an idle rank)."""
@@ -135,8 +142,7 @@ class LocalExperts:
         y_PD = rows_TD.new_empty(flat_ids.shape[0], rows_TD.shape[-1])
         if flat_ids.shape[0] == 0:
             return y_PD
-        order = torch.sort(flat_ids, stable=True).indices
-        offs = torch.cumsum(expert_counts(flat_ids, len(self.expert_ids)), 0, dtype=torch.int32)
+        order, offs = group_rows(flat_ids, len(self.expert_ids))
         y_PD[order] = grouped_ffn(rows_TD[order // K], offs, w)
         return y_PD
 

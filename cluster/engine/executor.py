@@ -366,8 +366,8 @@ class Executor:
                     draws: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> VocabOut:
         C = self.model.config.canvas_length
         hidden = torch.cat([h for _, h in canvases])
-        temps = torch.cat([self.slots[rid].denoiser.temperature.to(hidden.device).float().expand(C)
-                           for rid, _ in canvases])
+        temps = torch.stack([self.slots[rid].denoiser.temperature for rid, _ in canvases]).float()
+        temps = temps.to(hidden.device).repeat_interleave(C)  # one copy for the group
         keys = torch.cat([draws[rid][0] for rid, _ in canvases])
         return vocab_pass(hidden, self.model.weights.embed, self.model.cfg.final_logit_softcapping, temps, keys)
 

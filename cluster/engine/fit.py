@@ -41,6 +41,7 @@ def resolve_budget(memory_budget_bytes: int | None, fraction: float, device: tor
     if memory_budget_bytes is not None:
         return memory_budget_bytes
     if device.type == "cuda":
+        torch.cuda.empty_cache()  # memory the allocator caches but no tensor holds counts as free
         free, total = torch.cuda.mem_get_info(device)
         return derived_budget(free, total, fraction)
     return CPU_BUDGET

@@ -33,7 +33,15 @@ import torch
 import torch.distributed as dist
 
 from dgserve.model.layers import RowLayout
-from dgserve.model.moe import ExpertWeights, combine_experts, counts_ffn, expert_counts, expert_ffn, grouped_ffn
+from dgserve.model.moe import (
+    ExpertWeights,
+    combine_experts,
+    counts_ffn,
+    expert_counts,
+    expert_ffn,
+    group_rows,
+    grouped_ffn,
+)
 
 from .partition import ExpertPartition
 
@@ -114,6 +122,7 @@ class AllToAllExperts:
         self._local = torch.tensor(partition.local_index(), dtype=torch.long)
         self.held = [len(partition.experts_of(j)) for j in range(roles.experts)]
         self.capacity = 0  # rows per attention rank of a fixed-capacity pass; 0: variable splits
+        self._starts: dict[tuple[int, str], torch.Tensor] = {}
         self._exchange_s = 0.0  # since the last take_stats: seconds in the collectives
         self._rows: dict[int, list[int]] = {}  # layer -> rows sent to each expert rank
         self._fixed_rows: dict[int, torch.Tensor] = {}  # the same for fixed passes, kept on the device until read
@@ -124,6 +133,15 @@ class AllToAllExperts:
         if self._owner.device != device:
             self._owner, self._local = self._owner.to(device), self._local.to(device)
         return self._owner, self._local
+
+    def _slot_starts(self, K: int, device: torch.device) -> torch.Tensor:
+        """Each expert rank's first slot per row of capacity: exclusive sums of min(K, experts held) [E], made on
+        `device` once per K (no host-to-device copy inside a pass)."""
+        key = (K, str(device))
+        if key not in self._starts:
+            per = [min(K, n) for n in self.held]
+            self._starts[key] = torch.tensor([sum(per[:j]) for j in range(len(per))], device=device)
+        return self._starts[key]
 
     def set_capacity(self, rows: int) -> None:
         """The exchange of the coming passes: fixed capacity of `rows` rows per attention rank, or (0) variable."""
@@ -181,7 +199,7 @@ class AllToAllExperts:
         order = torch.sort(dest, stable=True).indices
         counts = expert_counts(dest, self.roles.experts)  # on the device; read only by take_stats
         first = torch.cumsum(counts, 0) - counts
-        start = torch.tensor([sum(slots[:j]) for j in range(len(slots))], device=dev)
+        start = self._slot_starts(K, dev) * self.capacity  # where each expert rank's slots begin
         d = dest[order]
         slot = start[d] + torch.arange(order.shape[0], device=dev) - first[d]  # each assignment's place [P]
         x = rows_TD.new_zeros(sum(slots), D)
@@ -232,11 +250,10 @@ class ExpertServer:
         recv, none = [slots] * self.roles.attention + [0] * self.roles.experts, [0] * self.roles.world
         x = exchange(torch.empty(0, D, dtype=dtype, device=self.device), none, recv, self.group)
         meta = exchange(torch.empty(0, dtype=torch.long, device=self.device), none, recv, self.group)
-        key = torch.where(meta < 0, self.experts, meta)  # padding sorts after every expert
-        perm = torch.sort(key, stable=True).indices
-        offs = torch.cumsum(expert_counts(key, self.experts + 1)[:self.experts], 0, dtype=torch.int32)
+        key = torch.where(meta < 0, self.experts, meta)  # padding: a group of its own after every expert's
+        perm, offs = group_rows(key, self.experts + 1)
         y = torch.empty_like(x)
-        y[perm] = grouped_ffn(x[perm], offs, self.layers[layer])
+        y[perm] = grouped_ffn(x[perm], offs[:self.experts], self.layers[layer])
         exchange(y, recv, none, self.group)
         return x.shape[0]
 

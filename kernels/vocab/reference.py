@@ -55,8 +55,8 @@ def vocab_pass_reference(h_CD: torch.Tensor, embed_VD: torch.Tensor, softcap: fl
         e = torch.exp(z - m_new.unsqueeze(-1))
         s = s * alpha + e.sum(-1)
         sz = sz * alpha + (e * z).sum(-1)
-        if acc is not None:
-            acc = acc * alpha.unsqueeze(-1) + e @ e_chunk.float()
+        if acc is not None:  # e in the embedding's dtype, as soft_embedding rounds the probabilities
+            acc = acc * alpha.unsqueeze(-1) + e.to(e_chunk.dtype).float() @ e_chunk.float()
         m = m_new
     lse = m + torch.log(s)
     return VocabOut(lse, lse - sz / s, best_i, noisy_i, acc / s.unsqueeze(-1) if acc is not None else None)

@@ -8,8 +8,8 @@ REFERENCE_CHUNK = 2048  # vocabulary rows per chunk of the torch path
 
 
 def triton_workspace_bytes(rows: int, hidden: int, soft: bool = True, splits: int = SPLITS) -> int:
-    """float32/int32 statistics and float32 soft parts, per split and row."""
-    return splits * rows * (STATS * 4 + (hidden * 4 if soft else 0))
+    """float32/int32 statistics and float32 soft parts per split and row, and the merged float32 soft output."""
+    return splits * rows * STATS * 4 + ((splits + 1) * rows * hidden * 4 if soft else 0)
 
 
 def reference_workspace_bytes(rows: int, hidden: int, vocab: int, soft: bool = True,

@@ -25,6 +25,15 @@ def _fmix32(x):
 
 
 @triton.jit
+def _round_bf16(x):
+    """float32 -> the nearest bfloat16 (ties to even), kept in float32: by bits, because Triton's interpreter
+    truncates in `.to(tl.bfloat16)` where the GPU rounds to nearest."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _dot(a, b, IEEE: tl.constexpr):
     """a @ b in float32 accumulation; IEEE: exact float32 products (no TF32), and 16-bit inputs widened first
     (Triton's interpreter has no bfloat16 dot)."""
@@ -36,7 +45,8 @@ def _dot(a, b, IEEE: tl.constexpr):
 @triton.jit
 def _vocab_kernel(h_ptr, e_ptr, temp_ptr, key_ptr, stat_ptr, idx_ptr, soft_ptr,
                   R, V, D, per_split, softcap,
-                  SOFT: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
+                  SOFT: tl.constexpr, IEEE: tl.constexpr, ROUND: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_V: tl.constexpr,
                   BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     pid, split = tl.program_id(0), tl.program_id(1)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -62,6 +72,8 @@ def _vocab_kernel(h_ptr, e_ptr, temp_ptr, key_ptr, stat_ptr, idx_ptr, soft_ptr,
             h = tl.load(h_ptr + rows[:, None] * D + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
             e = tl.load(e_ptr + cols[:, None] * D + ks[None, :], mask=cmask[:, None] & kmask[None, :], other=0.0)
             logits += _dot(h, tl.trans(e), IEEE)
+        if ROUND:  # 16-bit weights: the logits in their dtype, as the LM head's GEMM returns them (reference.py)
+            logits = _round_bf16(logits)
         t = 1.0 - 2.0 / (tl.exp(2.0 * logits / softcap) + 1.0)  # tanh
         z = tl.where(cmask[None, :], t * softcap / temp[:, None], float("-inf"))
         cm = tl.max(z, axis=1)
@@ -89,8 +101,9 @@ def _vocab_kernel(h_ptr, e_ptr, temp_ptr, key_ptr, stat_ptr, idx_ptr, soft_ptr,
                 where = soft_ptr + (split * R + rows[:, None]) * D + ds[None, :]
                 part = tl.load(where, mask=rmask[:, None] & dmask[None, :], other=0.0)
                 ed = tl.load(e_ptr + cols[:, None] * D + ds[None, :], mask=cmask[:, None] & dmask[None, :],
-                             other=0.0).to(tl.float32)
-                part = part * alpha[:, None] + _dot(p, ed, True)
+                             other=0.0)
+                # p in the embedding's dtype, as soft_embedding rounds the probabilities: tensor cores for bf16
+                part = part * alpha[:, None] + _dot(p.to(ed.dtype), ed, IEEE)
                 tl.store(where, part, mask=rmask[:, None] & dmask[None, :])
         m = m_new
     at = split * R + rows
@@ -119,9 +132,12 @@ def vocab_pass_triton(h_RD: torch.Tensor, embed_VD: torch.Tensor, softcap: float
     keys = keys_R.to(torch.int64) & 0xFFFFFFFF
     keys = torch.where(keys >= 2**31, keys - 2**32, keys).to(torch.int32)  # the same 32 bits, as int32
     ieee = h_RD.dtype == torch.float32 or interpreting()
+    if embed_VD.dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"vocab_pass_triton: embedding dtype {embed_VD.dtype}; float32 or bfloat16 expected")
+    round16 = embed_VD.dtype == torch.bfloat16
     _vocab_kernel[grid](h_RD.contiguous(), embed_VD.contiguous(), temperature_R.float().contiguous(),
                         keys.contiguous(), stats, idx, parts, R, V, D, per_split, float(softcap), SOFT=soft,
-                        IEEE=ieee, BLOCK_M=bm, BLOCK_V=bv, BLOCK_K=bk, BLOCK_D=bd)
+                        IEEE=ieee, ROUND=round16, BLOCK_M=bm, BLOCK_V=bv, BLOCK_K=bk, BLOCK_D=bd)
     return merge(stats, idx, parts if soft else None)
 
 
@@ -136,5 +152,5 @@ def merge(stats: torch.Tensor, idx: torch.Tensor, parts: torch.Tensor | None) ->
     first = best.argmax(dim=0, keepdim=True)  # ties: the first split, so the first index overall
     argmax = idx[0].gather(0, first)[0].long()
     sample = idx[1].gather(0, noisy.argmax(dim=0, keepdim=True))[0].long()
-    soft = (parts * w.unsqueeze(-1)).sum(0) / total.unsqueeze(-1) if parts is not None else None
+    soft = torch.einsum("sr,srd->rd", w, parts) / total.unsqueeze(-1) if parts is not None else None
     return VocabOut(lse, entropy, argmax, sample, soft)

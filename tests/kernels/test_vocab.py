@@ -58,15 +58,22 @@ def test_the_triton_kernel_under_the_interpreter_equals_the_reference(monkeypatc
     check(vocab_pass(h, e, SOFTCAP, temp, keys), want, 2e-5)
 
 
-def test_in_bfloat16_the_kernel_stays_within_bf16_rounding_of_the_float32_definitions():
+def test_in_bfloat16_the_kernel_rounds_as_its_reference_does():
+    """16-bit weights: the logits rounded to bf16 as the LM head's GEMM returns them, the probabilities rounded to
+    bf16 for the self-conditioning product; both paths do it, so they agree closely, and both sit within bf16
+    rounding of the float32 definitions."""
     pytest.importorskip("triton")
     from dgserve.kernels.vocab.triton_vocab import vocab_pass_triton
 
     h, e, temp, keys = inputs(R=16, V=96, D=32, dtype=torch.bfloat16)
-    got, want = vocab_pass_triton(h, e, SOFTCAP, temp, keys), full(h.float(), e.float(), temp, keys)
-    torch.testing.assert_close(got.lse_C, want["lse"], rtol=1e-3, atol=1e-3)
-    torch.testing.assert_close(got.soft_CD, want["soft"], rtol=1e-2, atol=1e-2)
-    assert (got.argmax_C == want["argmax"]).float().mean() >= 0.9
+    got, ref = vocab_pass_triton(h, e, SOFTCAP, temp, keys), vocab_pass_reference(h, e, SOFTCAP, temp, keys, chunk=40)
+    torch.testing.assert_close(got.lse_C, ref.lse_C, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got.entropy_C, ref.entropy_C, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got.soft_CD, ref.soft_CD, rtol=5e-3, atol=5e-3)  # p rounded per chunk
+    assert torch.equal(got.argmax_C, ref.argmax_C) and torch.equal(got.sample_C, ref.sample_C)
+    want = full(h.float(), e.float(), temp, keys)
+    torch.testing.assert_close(got.lse_C, want["lse"], rtol=5e-2, atol=5e-2)
+    torch.testing.assert_close(got.soft_CD, want["soft"], rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.parametrize("impl", ["torch", "triton"])
