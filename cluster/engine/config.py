@@ -39,7 +39,7 @@ class EngineConfig:
     # The sampler after the layers. "exact": logits [C, V], probabilities and (on CPU) the reference's exponential
     # noise per canvas: token-exact with the reference, at about C x V x 4 bytes a canvas (268 MB on the real
     # model). "fused": the fused vocabulary pass (kernels/vocab): entropy, argmax, a counter-based Gumbel-max
-    # draw and the self-conditioning input in one pass, no [C, V] tensor (about 13 MB a canvas); the same
+    # draw and the self-conditioning input in one pass, no [C, V] tensor (about 15 MB a canvas); the same
     # distribution, other draws. "auto": fused on CUDA, exact on CPU.
     sampler: str = "auto"
 
