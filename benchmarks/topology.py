@@ -57,6 +57,7 @@ from unittest import mock
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import all_to_all, common, moe_layer  # noqa: E402
+from dgserve.model.tiny import REAL_SHAPES  # noqa: E402
 
 TARGET_ERROR = 0.25
 BATCHES = (1, 16, 64)
@@ -98,27 +99,29 @@ class Link:
 
 NVLINK = Link("NVLink", 450e9, 20e-6)
 INFINIBAND = Link("InfiniBand", 50e9, 40e-6)
+REAL = REAL_SHAPES
 
 
 @dataclass(frozen=True)
 class ModelDims:
-    """The real model (MODEL_SPEC section 2; parameter counts as SERVING_ANCHORS section 7 derives them)."""
+    """The real model (MODEL_SPEC section 2, as `model.tiny.REAL_SHAPES` holds it; parameter counts as
+    SERVING_ANCHORS section 7 derives them)."""
 
-    hidden: int = 2816
-    layers: int = 30
-    experts: int = 128
-    top_k: int = 8
-    expert_width: int = 704
-    dense_width: int = 2112
-    vocab: int = 262144
-    heads: int = 16
-    sliding_layers: int = 25
-    sliding_head_dim: int = 256
-    sliding_kv_heads: int = 8
-    full_head_dim: int = 512
-    full_kv_heads: int = 2
-    window: int = 1024
-    canvas: int = 256
+    hidden: int = REAL.hidden_size
+    layers: int = REAL.num_hidden_layers
+    experts: int = REAL.num_experts
+    top_k: int = REAL.top_k_experts
+    expert_width: int = REAL.moe_intermediate_size
+    dense_width: int = REAL.intermediate_size
+    vocab: int = REAL.vocab_size
+    heads: int = REAL.num_attention_heads
+    sliding_layers: int = REAL.num_hidden_layers - REAL.num_hidden_layers // REAL.full_every
+    sliding_head_dim: int = REAL.head_dim
+    sliding_kv_heads: int = REAL.num_key_value_heads
+    full_head_dim: int = REAL.global_head_dim
+    full_kv_heads: int = REAL.num_global_key_value_heads
+    window: int = REAL.sliding_window
+    canvas: int = REAL.canvas_length
     vision_params: float = 0.573e9
     weight_bytes: int = 2  # bf16 weights
     act_bytes: int = 2  # bf16 rows in the exchange and KV

@@ -195,7 +195,7 @@ class RankActor:
 
         self.metrics = UnitMetrics(self.unit)
         self.metrics.all_to_all(self.all_to_all)
-        fixed = ck.config.canvas_length if self.topo.engine.expert_exchange == "fixed" else 0
+        fixed = self.topo.engine.fixed_canvas(ck.config.canvas_length)
         executor = (GroupExecutor(self.local, control, self.world, StoreBoard(store, self.world),
                                   attention=self.topo.attention_ranks, fixed_canvas=fixed)
                     if self.world > 1 else self.local)

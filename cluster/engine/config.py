@@ -77,6 +77,10 @@ class EngineConfig:
         smaller than a canvas). An iteration's time is bounded by this, whatever the requests ask."""
         return 2 * self.max_running * canvas_length + max(self.max_prefill_tokens, canvas_length)
 
+    def fixed_canvas(self, canvas_length: int) -> int:
+        """The canvas length a fixed-capacity exchange rounds its row bound to; 0 with the variable exchange."""
+        return canvas_length if self.expert_exchange == "fixed" else 0
+
     def fused_sampler(self, device_type: str) -> bool:
         """Whether canvases on `device_type` use the fused vocabulary pass."""
         return self.sampler == "fused" or (self.sampler == "auto" and device_type == "cuda")

@@ -166,7 +166,7 @@ class Executor:
             fixed(plan.capacity)  # the pass's exchange: fixed capacity from the plan, or variable (0)
         if not items:
             if plan.exchange:  # the expert ranks wait for this rank at every layer: join with zero rows
-                self._join_exchange()
+                self.join_exchange()
             return self._outcome(plan, (), {}, 0.0, 0.0, failed, int(plan.exchange))
         t0 = time.perf_counter()
         passes = self._forward(_by_request(items), failed, lockstep=plan.exchange)
@@ -250,7 +250,7 @@ class Executor:
             half = len(groups) // 2
             return self._forward(groups[:half], failed) + self._forward(groups[half:], failed)
 
-    def _join_exchange(self) -> None:
+    def join_exchange(self) -> None:
         """A pass with no rows of this rank's own: each layer's exchange, with zero rows."""
         cfg = self.model.config.text
         empty = torch.empty(0, cfg.hidden_size, dtype=self.model.dtype, device=self.model.device)

@@ -208,7 +208,7 @@ def _forced_pass(local, model, cases: tuple[ForcedCase, ...]) -> list[torch.Tens
     from dgserve.model.transformer import WorkItem
 
     if not cases:
-        local._join_exchange()
+        local.join_exchange()
         return []
     items = []
     for c in cases:
@@ -236,7 +236,7 @@ def _drive(local, model, defaults, requests, engine, world, attention, alone, re
     from ..engine.events import Finished
     from ..group import GroupExecutor
 
-    fixed = model.config.canvas_length if EngineConfig(**engine).expert_exchange == "fixed" else 0
+    fixed = EngineConfig(**engine).fixed_canvas(model.config.canvas_length)
     executor = (GroupExecutor(local, dist.group.WORLD, world, attention=attention, fixed_canvas=fixed)
                 if world > 1 else local)
     eng = Engine(model, EngineConfig(**engine), executor=executor, ranks=attention)
