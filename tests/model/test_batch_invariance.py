@@ -33,9 +33,10 @@ def test_rows_from_small_m_on_do_not_depend_on_the_batch(tiny_dir, threads):
 
 def test_the_activation_is_row_invariant_where_the_engine_relies_on_it():
     """One thread always; two threads for widths that are multiples of 64, as the real checkpoint's (704 experts,
-    2112 dense); the measurement does see the split when it is off the vector step (width 32 at two threads)."""
+    2112 dense); the measurement does see the split when it is off the vector step at two threads (which widths
+    that hits depends on the CPU's vector kernels: 32 on one machine we measured, 16, 48 and 100 on another)."""
     from dgserve.model.layers import activation_rows_invariant
 
     assert all(activation_rows_invariant(1, w) for w in (32, 64, 704, 2112))
     assert all(activation_rows_invariant(2, w) for w in (64, 128, 704, 2112))
-    assert not activation_rows_invariant(2, 32)
+    assert not all(activation_rows_invariant(2, w) for w in (16, 32, 48, 100))

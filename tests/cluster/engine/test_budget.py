@@ -99,5 +99,11 @@ def test_a_request_paused_late_replays_its_context_within_the_step_cap(tiny):
     cap = engine.config.max_step_rows(C)
     assert max(sum(r.values()) for r in rows) <= cap, (cap, max(rows, key=lambda r: sum(r.values())))
     assert max(r["commit"] + r["prefill"] for r in rows) <= C + cfg["max_running"] * C
-    for r, st in zip(reqs, streams, strict=True):
-        assert list(st.result(0).token_ids) == generate(tiny.model, list(r.prompt_ids), s, seed=r.seed).token_ids
+    # Unchanged against the same engine that never pauses (the same prompt chunks: a 40-token prompt in chunks
+    # of 32 is not bitwise one 40-row pass on CPUs whose GEMMs of under 4 rows round differently, as this one's)
+    unpaused = make_engine(tiny, **cfg)
+    expected = [unpaused.submit(r) for r in reqs]
+    run_checked(unpaused)
+    assert unpaused.metrics.preemptions == 0
+    for st, ex in zip(streams, expected, strict=True):
+        assert list(st.result(0).token_ids) == list(ex.result(0).token_ids)
