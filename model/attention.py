@@ -1,6 +1,8 @@
 """Self-attention for the two modes of the one layer stack (MODEL_SPEC 3.4).
 
-Projections, q/k norms and RoPE run on packed rows of all work items; the attention product runs per item:
+Projections, q/k norms and RoPE run on packed rows of all work items; the attention product runs per item
+(the exact path: on CPU float32 each item gets bitwise what it gets alone) or in one kernel call per batch of
+items (`attention_batch`, the GPU path), with the same rules:
 - encode (prompt chunk or committed block): causal over [cached ; new], writes the new K/V to the cache;
   sliding layers also mask keys older than W positions.
 - decode (denoise a canvas): bidirectional over [cached ; canvas], reads the cache and never writes it. Sliding
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .attention_batch import BatchPlan, Member, batches, run_batch
 from .cache import LayerKV
 from .config import LayerSpec
 from .layers import RowLayout, apply_rope, linear, rms_norm
@@ -43,9 +46,34 @@ def _encode_mask(cached: int, new: int, first_pos: int, window: int | None, devi
     return allowed
 
 
+def batch_plans(items: list[AttnItem], caches: list[LayerKV], window: int | None,
+                device) -> list[BatchPlan | int]:
+    """The pass's batches for layers like `caches`' (one kind): a plan per batch of several items, the item's index
+    for a batch of one (which runs the per-item kernel). Cached key counts follow the items' order: an encoder
+    item's rows are held by the time a later item of its request runs (at most W-1 of them on sliding layers)."""
+    keep = caches[0].keep_last
+    held: dict[int, int] = {}
+    members = []
+    for it, cache in zip(items, caches, strict=True):
+        total = held.get(id(cache), cache.length)
+        members.append(Member(it.start, it.stop, it.cache_start, total if keep is None else min(total, keep)))
+        if it.encode:
+            held[id(cache)] = total + it.stop - it.start
+    out: list[BatchPlan | int] = []
+    for group in batches([it.encode for it in items], [id(c) for c in caches]):
+        if len(group) == 1:
+            out.append(group[0])
+        else:
+            out.append(BatchPlan.build(group, [members[i] for i in group], items[group[0]].encode, window, device))
+    return out
+
+
 def attention(x_ND: torch.Tensor, lw: LayerWeights, spec: LayerSpec, num_heads: int, eps: float,
               cos_N1d: torch.Tensor, sin_N1d: torch.Tensor, items: list[AttnItem], caches: list[LayerKV],
-              sliding_window: int, layout: RowLayout | None = None) -> torch.Tensor:
+              sliding_window: int, layout: RowLayout | None = None,
+              plans: dict | None = None) -> torch.Tensor:
+    """`plans`: None for a kernel call per item; a dict the caller keeps for one pass to run batches (filled on first
+    use per layer kind, shared by the pass's layers of that kind)."""
     N, d, kv = x_ND.shape[0], spec.head_dim, spec.num_kv_heads
     q = apply_rope(rms_norm(linear(x_ND, lw.q_proj, layout).view(N, num_heads, d), lw.q_norm, eps), cos_N1d, sin_N1d)
     k_raw = linear(x_ND, lw.k_proj, layout).view(N, kv, d)
@@ -56,17 +84,32 @@ def attention(x_ND: torch.Tensor, lw: LayerWeights, spec: LayerSpec, num_heads: 
 
     window = sliding_window if spec.is_sliding else None
     out_NHd = torch.empty(N, num_heads, d, dtype=x_ND.dtype, device=x_ND.device)
-    for item, cache in zip(items, caches, strict=True):
-        rows = slice(item.start, item.stop)
-        k_new, v_new = k_KNd[:, rows], v_KNd[:, rows]
-        cached = cache.length
-        keys, values = cache.with_new(k_new, v_new)
-        mask, causal = None, False
-        if item.encode:
-            mask = _encode_mask(cached, item.stop - item.start, item.cache_start, window, x_ND.device)
-            causal = mask is None
-            cache.append(k_new, v_new)
-        o = F.scaled_dot_product_attention(q_HNd[None, :, rows], keys[None], values[None], attn_mask=mask,
-                                           is_causal=causal, scale=1.0, enable_gqa=True)
-        out_NHd[rows] = o[0].transpose(0, 1)
+    if plans is None:
+        for item, cache in zip(items, caches, strict=True):
+            item_attention(item, cache, q_HNd, k_KNd, v_KNd, window, out_NHd)
+    else:
+        kind = "sliding" if spec.is_sliding else "full"
+        if kind not in plans:
+            plans[kind] = batch_plans(items, caches, window, x_ND.device)
+        for plan in plans[kind]:
+            if isinstance(plan, int):
+                item_attention(items[plan], caches[plan], q_HNd, k_KNd, v_KNd, window, out_NHd)
+            else:
+                run_batch(plan, q_HNd, k_KNd, v_KNd, [caches[i] for i in plan.items], out_NHd)
     return linear(out_NHd.reshape(N, num_heads * d), lw.o_proj, layout)
+
+
+def item_attention(item: AttnItem, cache: LayerKV, q_HNd: torch.Tensor, k_KNd: torch.Tensor, v_KNd: torch.Tensor,
+              window: int | None, out_NHd: torch.Tensor) -> None:
+    rows = slice(item.start, item.stop)
+    k_new, v_new = k_KNd[:, rows], v_KNd[:, rows]
+    cached = cache.length
+    keys, values = cache.with_new(k_new, v_new)
+    mask, causal = None, False
+    if item.encode:
+        mask = _encode_mask(cached, item.stop - item.start, item.cache_start, window, q_HNd.device)
+        causal = mask is None
+        cache.append(k_new, v_new)
+    o = F.scaled_dot_product_attention(q_HNd[None, :, rows], keys[None], values[None], attn_mask=mask,
+                                       is_causal=causal, scale=1.0, enable_gqa=True)
+    out_NHd[rows] = o[0].transpose(0, 1)

@@ -43,6 +43,10 @@ class LayerKV:
             left -= self.page
         return parts
 
+    def parts(self, which: str) -> list[torch.Tensor]:
+        """The held keys ("k") or values ("v") as views [Kv, n, d] in position order, without a copy."""
+        return self._parts(self._k if which == "k" else self._v)
+
     def with_new(self, k_new: torch.Tensor, v_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[cached ; new] keys and values [Kv, S + T, d], one copy each."""
         pk, pv = self._parts(self._k), self._parts(self._v)

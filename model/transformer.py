@@ -38,9 +38,14 @@ class DiffusionGemma:
         # Batched passes give every item bitwise the rows it would get alone where the kernels allow it: CPU
         # float32 (see RowLayout). On GPU, results are compared by distribution instead.
         self.exact_batching = self.device.type == "cpu" and self.dtype == torch.float32
+        # Attention of a pass in one kernel call per batch of items (model.attention_batch); a call per item where
+        # batching must be exact.
+        self.batched_attention = not self.exact_batching
         # The reference stores sqrt(D) as a float32 tensor and casts it to the weight dtype (53.0 in bf16).
         self.embed_scale = torch.tensor(self.cfg.embed_scale, dtype=torch.float32).to(self.dtype)
-        self.inv_freq = {kind: rope_inv_freq(spec, self._head_dim(kind)) for kind, spec in self.cfg.rope.items()}
+        # on the device: a pass never copies from the host (a blocking copy would wait for the GPU)
+        self.inv_freq = {kind: rope_inv_freq(spec, self._head_dim(kind)).to(self.device)
+                         for kind, spec in self.cfg.rope.items()}
 
     def _head_dim(self, kind: str) -> int:
         return next((s.head_dim for s in self.cfg.layers if s.kind == kind), self.cfg.layers[0].head_dim)
@@ -103,8 +108,9 @@ class DiffusionGemma:
         positions = pos_parts[0] if len(pos_parts) == 1 else torch.cat(pos_parts)
         layout = RowLayout(tuple(bounds), exact=self.exact_batching) if len(items) > 1 else None
         rope = {kind: rope_cos_sin(inv, positions, self.dtype) for kind, inv in self.inv_freq.items()}
+        plans = {} if self.batched_attention else None
         for i, lw in enumerate(self.weights.layers):
-            h = self._layer(i, lw, h, rope, items, attn_items, layout)
+            h = self._layer(i, lw, h, rope, items, attn_items, layout, plans)
             if on_layer is not None:
                 on_layer(i)
         for it in items:
@@ -113,11 +119,11 @@ class DiffusionGemma:
         return self.final_norm(h)
 
     def _layer(self, i: int, lw: LayerWeights, h: torch.Tensor, rope: dict, items: list[WorkItem],
-               attn_items: list[AttnItem], layout: RowLayout | None) -> torch.Tensor:
+               attn_items: list[AttnItem], layout: RowLayout | None, plans: dict | None) -> torch.Tensor:
         cfg, eps, spec = self.cfg, self.cfg.rms_norm_eps, self.cfg.layers[i]
         cos, sin = rope[spec.kind]
         a = attention(rms_norm(h, lw.input_layernorm, eps), lw, spec, cfg.num_attention_heads, eps, cos, sin,
-                      attn_items, [it.cache.layers[i] for it in items], cfg.sliding_window, layout)
+                      attn_items, [it.cache.layers[i] for it in items], cfg.sliding_window, layout, plans)
         h = h + rms_norm(a, lw.post_attention_layernorm, eps)
         r = h
         dense = rms_norm(gated_mlp(rms_norm(r, lw.pre_feedforward_layernorm, eps), lw.mlp_gate, lw.mlp_up,
