@@ -24,14 +24,20 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def choice() -> str:
+    """The `DGSERVE_KERNELS` setting: auto, triton or torch."""
+    value = os.environ.get(ENV, "auto")
+    if value not in ("auto", "triton", "torch"):
+        raise ValueError(f"{ENV}={value!r}: expected auto, triton or torch")
+    return value
+
+
 def use_triton(device: torch.device) -> bool:
     """Whether kernels on `device` run their Triton version."""
-    choice = os.environ.get(ENV, "auto")
-    if choice not in ("auto", "triton", "torch"):
-        raise ValueError(f"{ENV}={choice!r}: expected auto, triton or torch")
-    if choice == "torch":
+    choice_ = choice()
+    if choice_ == "torch":
         return False
-    if choice == "triton":
+    if choice_ == "triton":
         if not triton_available():
             raise RuntimeError(f"{ENV}=triton but Triton is not installed (pip install triton)")
         return device.type == "cuda" or interpreting()

@@ -14,6 +14,8 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from dgserve.kernels.moe import grouped_mm
+
 from .layers import RowLayout, linear, rms_norm
 
 
@@ -54,16 +56,13 @@ def expert_ffn(x_PD: torch.Tensor, counts: list[int], w: ExpertWeights, first_ex
 
 def grouped_ffn(x_PD: torch.Tensor, offs_E: torch.Tensor, w: ExpertWeights) -> torch.Tensor:
     """Rows sorted by local expert, `offs_E[e]` the end of expert e's rows (int32, on x's device) -> expert outputs
-    [P, D] (unweighted) in one grouped GEMM per projection; rows past `offs_E[-1]` (padding) are left unset.
+    [P, D] (unweighted) in one grouped GEMM per projection (`kernels.moe.grouped_mm`); rows past `offs_E[-1]`
+    (padding) are left unset.
 
-    The offsets are never read back to the host (`torch._grouped_mm` takes them on the device), so the call keeps
-    a CUDA graph possible; on CPU it is bitwise a GEMM per expert. On a GPU `torch._grouped_mm` takes bfloat16
-    only: other dtypes there fall back to a GEMM per expert, which reads the counts back (not graph-safe)."""
-    if x_PD.device.type not in ("cpu", "meta") and x_PD.dtype != torch.bfloat16:
-        counts = torch.diff(offs_E, prepend=offs_E.new_zeros(1)).tolist()
-        return expert_ffn(x_PD, counts, w)
-    gate, up = torch._grouped_mm(x_PD, w.gate_up.transpose(-2, -1), offs=offs_E).chunk(2, dim=-1)
-    return torch._grouped_mm(F.gelu(gate, approximate="tanh") * up, w.down.transpose(-2, -1), offs=offs_E)
+    The offsets are never read back to the host, so the call keeps a CUDA graph possible (torch._grouped_mm on CPU
+    and for bfloat16 on sm90, the Triton kernel on other GPUs and dtypes); on CPU it is bitwise a GEMM per expert."""
+    gate, up = grouped_mm(x_PD, w.gate_up, offs_E).chunk(2, dim=-1)
+    return grouped_mm(F.gelu(gate, approximate="tanh") * up, w.down, offs_E)
 
 
 def expert_counts(ids: torch.Tensor, n: int) -> torch.Tensor:
