@@ -99,6 +99,15 @@ def real_config():
     return model_config_from_dict(_config_json(REAL_SHAPES, REAL_MEDIA_IDS))
 
 
+def write_real_config(folder: str | Path) -> Path:
+    """config.json and generation_config.json of the real checkpoint in `folder` (no weights, no tokenizer)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(_config_json(REAL_SHAPES, REAL_MEDIA_IDS), indent=2))
+    (folder / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=2))
+    return folder
+
+
 def _layer_types(p: TinyPreset) -> list[str]:
     return ["full_attention" if (i + 1) % p.full_every == 0 else "sliding_attention"
             for i in range(p.num_hidden_layers - 1)] + ["full_attention"]

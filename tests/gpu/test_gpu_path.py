@@ -1,0 +1,76 @@
+"""The GPU path on a GPU (skipped without CUDA): the Triton grouped GEMM against a GEMM per expert, the experts'
+graph-safe path and the batched attention without a host synchronisation (CUDA's sync debug mode raises on one),
+and a batched pass against the per-item one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dgserve.kernels.moe import grouped_mm
+from dgserve.kernels.moe.triton_grouped import grouped_mm_triton
+from dgserve.model.loader import load_checkpoint
+from dgserve.model.moe import ExpertWeights, LocalExperts, group_rows
+from dgserve.model.transformer import WorkItem
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_grouped_gemm_on_cuda_matches_a_gemm_per_expert(dtype):
+    g = torch.Generator("cuda").manual_seed(0)
+    E, D, N, P = 128, 512, 256, 4096
+    ids = torch.randint(0, E, (P,), device="cuda", generator=g)
+    order, offs = group_rows(ids, E)
+    x = torch.randn(P, D, device="cuda", generator=g).to(dtype)
+    w = (torch.randn(E, N, D, device="cuda", generator=g) / D ** 0.5).to(dtype)
+    ref = torch.empty(P, N, device="cuda", dtype=dtype)
+    start = 0
+    for e, end in enumerate(offs.tolist()):
+        ref[start:end] = (x[start:end].double() @ w[e].double().T).to(dtype)
+        start = end
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(grouped_mm_triton(x, w, offs), ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(grouped_mm(x, w, offs), ref, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_experts_run_without_a_host_sync(dtype):
+    g = torch.Generator("cuda").manual_seed(0)
+    E, K, D, I, T = 16, 4, 256, 128, 300
+    layer = [ExpertWeights((torch.randn(E, 2 * I, D, device="cuda", generator=g) / D ** 0.5).to(dtype),
+                           (torch.randn(E, D, I, device="cuda", generator=g) / I ** 0.5).to(dtype))]
+    rows = torch.randn(T, D, device="cuda", generator=g).to(dtype)
+    ids = torch.rand(T, E, device="cuda", generator=g).topk(K, -1).indices
+    w = torch.rand(T, K, device="cuda", generator=g)
+    experts = LocalExperts(layer)
+    experts(0, rows, ids, w)  # warm-up: Triton compiles (a sync) on the first call
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = experts(0, rows, ids, w)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    exact = LocalExperts([ExpertWeights(t.gate_up.cpu().float(), t.down.cpu().float()) for t in layer],
+                         graph_safe=False)(0, rows.cpu().float(), ids.cpu(), w.cpu())
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    torch.testing.assert_close(out.cpu().float(), exact, rtol=tol, atol=tol)
+
+
+def test_a_batched_pass_on_cuda_matches_the_per_item_pass_and_does_not_sync(tiny_dir):
+    m = load_checkpoint(tiny_dir, dtype="float32", device="cuda").model
+    assert m.batched_attention
+    caches = [m.new_cache() for _ in range(4)]
+    for i, cache in enumerate(caches):
+        m.forward([WorkItem(cache, torch.arange(3, 3 + 10 * i + 5, device="cuda"), encode=True)])
+    items = [WorkItem(c, torch.arange(100 + i, 132 + i, device="cuda"), encode=False) for i, c in enumerate(caches)]
+    m.forward(items)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        together = m.forward(items)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    m.batched_attention = False
+    alone = m.forward(items)
+    torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-4)
