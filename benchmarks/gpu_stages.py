@@ -206,6 +206,7 @@ def _engine_level(model, generation, sizes: Sizes, batch: int, device: str) -> d
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(device)
     engine = Engine(model, config)
+    graphs = engine.executor.graphs
     try:
         streams = [engine.submit(EngineRequest(prompt_ids(sizes, model.config.text.vocab_size, i), settings, seed=i))
                    for i in range(batch)]
@@ -228,7 +229,8 @@ def _engine_level(model, generation, sizes: Sizes, batch: int, device: str) -> d
              "decode_tok_s": round(tokens / decode_s, 1), "prefill_s": round(t["prefill"], 2),
              "step_ms_p50": round(statistics.median(steps), 2) if steps else float("nan"),
              "steps_per_block": sorted({s for r in results for s in r.stats.steps_per_block}),
-             "token_ids_0": list(results[0].token_ids)}
+             "token_ids_0": list(results[0].token_ids),
+             "cuda_graphs": sorted(graphs.buckets) if graphs is not None else None}
     if device.startswith("cuda"):
         level["hbm_peak_gib"] = round(torch.cuda.max_memory_allocated(device) / GiB, 2)
     return level

@@ -68,35 +68,49 @@ def batch_plans(items: list[AttnItem], caches: list[LayerKV], window: int | None
     return out
 
 
-def attention(x_ND: torch.Tensor, lw: LayerWeights, spec: LayerSpec, num_heads: int, eps: float,
-              cos_N1d: torch.Tensor, sin_N1d: torch.Tensor, items: list[AttnItem], caches: list[LayerKV],
-              sliding_window: int, layout: RowLayout | None = None,
-              plans: dict | None = None) -> torch.Tensor:
-    """`plans`: None for a kernel call per item; a dict the caller keeps for one pass to run batches (filled on first
-    use per layer kind, shared by the pass's layers of that kind)."""
+def project(x_ND: torch.Tensor, lw: LayerWeights, spec: LayerSpec, num_heads: int, eps: float,
+            cos_N1d: torch.Tensor, sin_N1d: torch.Tensor,
+            layout: RowLayout | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Queries [H, N, d], keys and values [Kv, N, d] of the packed rows: normed, keys and queries rotated."""
     N, d, kv = x_ND.shape[0], spec.head_dim, spec.num_kv_heads
     q = apply_rope(rms_norm(linear(x_ND, lw.q_proj, layout).view(N, num_heads, d), lw.q_norm, eps), cos_N1d, sin_N1d)
     k_raw = linear(x_ND, lw.k_proj, layout).view(N, kv, d)
     v_raw = linear(x_ND, lw.v_proj, layout).view(N, kv, d) if lw.v_proj is not None else k_raw
     k = apply_rope(rms_norm(k_raw, lw.k_norm, eps), cos_N1d, sin_N1d)
     v = rms_norm(v_raw, None, eps)
-    q_HNd, k_KNd, v_KNd = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
+    return q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
 
+
+def attend(q_HNd: torch.Tensor, k_KNd: torch.Tensor, v_KNd: torch.Tensor, spec: LayerSpec, items: list[AttnItem],
+           caches: list[LayerKV], sliding_window: int, out_NHd: torch.Tensor, plans: dict | None = None) -> None:
+    """The attention product of every item's rows into `out_NHd` [N, H, d] (encoder items append their keys).
+    `plans`: None for a kernel call per item; a dict the caller keeps for one pass to run batches (filled on first
+    use per layer kind, shared by the pass's layers of that kind)."""
     window = sliding_window if spec.is_sliding else None
-    out_NHd = torch.empty(N, num_heads, d, dtype=x_ND.dtype, device=x_ND.device)
     if plans is None:
         for item, cache in zip(items, caches, strict=True):
             item_attention(item, cache, q_HNd, k_KNd, v_KNd, window, out_NHd)
-    else:
-        kind = "sliding" if spec.is_sliding else "full"
-        if kind not in plans:
-            plans[kind] = batch_plans(items, caches, window, x_ND.device)
-        for plan in plans[kind]:
-            if isinstance(plan, int):
-                item_attention(items[plan], caches[plan], q_HNd, k_KNd, v_KNd, window, out_NHd)
-            else:
-                run_batch(plan, q_HNd, k_KNd, v_KNd, [caches[i] for i in plan.items], out_NHd)
-    return linear(out_NHd.reshape(N, num_heads * d), lw.o_proj, layout)
+        return
+    kind = "sliding" if spec.is_sliding else "full"
+    if kind not in plans:
+        plans[kind] = batch_plans(items, caches, window, q_HNd.device)
+    for plan in plans[kind]:
+        if isinstance(plan, int):
+            item_attention(items[plan], caches[plan], q_HNd, k_KNd, v_KNd, window, out_NHd)
+        else:
+            run_batch(plan, q_HNd, k_KNd, v_KNd, [caches[i] for i in plan.items], out_NHd)
+
+
+def attention(x_ND: torch.Tensor, lw: LayerWeights, spec: LayerSpec, num_heads: int, eps: float,
+              cos_N1d: torch.Tensor, sin_N1d: torch.Tensor, items: list[AttnItem], caches: list[LayerKV],
+              sliding_window: int, layout: RowLayout | None = None,
+              plans: dict | None = None) -> torch.Tensor:
+    """project, attend, output projection: the layer's attention block [N, D] (see `attend` for `plans`)."""
+    q_HNd, k_KNd, v_KNd = project(x_ND, lw, spec, num_heads, eps, cos_N1d, sin_N1d, layout)
+    N = x_ND.shape[0]
+    out_NHd = torch.empty(N, num_heads, spec.head_dim, dtype=x_ND.dtype, device=x_ND.device)
+    attend(q_HNd, k_KNd, v_KNd, spec, items, caches, sliding_window, out_NHd, plans)
+    return linear(out_NHd.reshape(N, -1), lw.o_proj, layout)
 
 
 def item_attention(item: AttnItem, cache: LayerKV, q_HNd: torch.Tensor, k_KNd: torch.Tensor, v_KNd: torch.Tensor,

@@ -111,6 +111,10 @@ class LocalExperts:
         self._local[list(self.expert_ids)] = torch.arange(len(self.expert_ids))
         self._all_local = len(self.expert_ids) == self.num_experts
 
+    def graph_capable(self, device: torch.device) -> bool:
+        """Whether a CUDA graph can hold these experts on `device`: all held here, on the graph-safe path."""
+        return self._all_local and (self.graph_safe if self.graph_safe is not None else device.type != "cpu")
+
     def __call__(self, layer: int, rows_TD: torch.Tensor, expert_ids_TK: torch.Tensor,
                  weights_TK: torch.Tensor, layout: RowLayout | None = None) -> torch.Tensor:
         T, K = expert_ids_TK.shape

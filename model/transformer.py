@@ -120,20 +120,29 @@ class DiffusionGemma:
 
     def _layer(self, i: int, lw: LayerWeights, h: torch.Tensor, rope: dict, items: list[WorkItem],
                attn_items: list[AttnItem], layout: RowLayout | None, plans: dict | None) -> torch.Tensor:
-        cfg, eps, spec = self.cfg, self.cfg.rms_norm_eps, self.cfg.layers[i]
+        cfg, spec = self.cfg, self.cfg.layers[i]
         cos, sin = rope[spec.kind]
-        a = attention(rms_norm(h, lw.input_layernorm, eps), lw, spec, cfg.num_attention_heads, eps, cos, sin,
+        a = attention(self.attention_input(i, h), lw, spec, cfg.num_attention_heads, cfg.rms_norm_eps, cos, sin,
                       attn_items, [it.cache.layers[i] for it in items], cfg.sliding_window, layout, plans)
-        h = h + rms_norm(a, lw.post_attention_layernorm, eps)
+        return self._scale_rows(self.after_attention(i, h, a, layout), lw, attn_items)
+
+    def attention_input(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        return rms_norm(h, self.weights.layers[i].input_layernorm, self.cfg.rms_norm_eps)
+
+    def after_attention(self, i: int, h: torch.Tensor, a_ND: torch.Tensor,
+                        layout: RowLayout | None = None) -> torch.Tensor:
+        """Layer i after its attention block `a_ND`: the residual, the dense MLP and the experts (before the
+        layer scalar)."""
+        cfg, eps, lw = self.cfg, self.cfg.rms_norm_eps, self.weights.layers[i]
+        h = h + rms_norm(a_ND, lw.post_attention_layernorm, eps)
         r = h
         dense = rms_norm(gated_mlp(rms_norm(r, lw.pre_feedforward_layernorm, eps), lw.mlp_gate, lw.mlp_up,
                                    lw.mlp_down, layout), lw.post_feedforward_layernorm_1, eps)
         weights_TK, ids_TK = route(r, lw.router_proj, lw.router_scale, lw.router_per_expert_scale,
                                    cfg.top_k_experts, eps, layout)
         moe = self.experts(i, rms_norm(r, lw.pre_feedforward_layernorm_2, eps), ids_TK, weights_TK, layout)
-        h = r + rms_norm(dense + rms_norm(moe, lw.post_feedforward_layernorm_2, eps),
-                         lw.post_feedforward_layernorm, eps)
-        return self._scale_rows(h, lw, attn_items)
+        return r + rms_norm(dense + rms_norm(moe, lw.post_feedforward_layernorm_2, eps),
+                            lw.post_feedforward_layernorm, eps)
 
     @staticmethod
     def _scale_rows(h: torch.Tensor, lw: LayerWeights, attn_items: list[AttnItem]) -> torch.Tensor:

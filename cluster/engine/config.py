@@ -42,6 +42,9 @@ class EngineConfig:
     # draw and the self-conditioning input in one pass, no [C, V] tensor (about 15 MB a canvas); the same
     # distribution, other draws. "auto": fused on CUDA, exact on CPU.
     sampler: str = "auto"
+    # On CUDA with every expert in this process: the decoder step of up to max_running canvases (1, 2, 4, ... 32)
+    # as CUDA graphs captured when the engine starts (model/step_graphs.py); attention runs between them.
+    cuda_graphs: bool = True
 
     def __post_init__(self) -> None:
         def need(name: str, ok: bool, allowed: str) -> None:
@@ -70,6 +73,7 @@ class EngineConfig:
         need("noise_prefetch", isinstance(self.noise_prefetch, bool), "true | false")
         need("expert_exchange", self.expert_exchange in ("variable", "fixed"), "variable | fixed")
         need("sampler", self.sampler in ("auto", "exact", "fused"), "auto | exact | fused")
+        need("cuda_graphs", isinstance(self.cuda_graphs, bool), "true | false")
 
     def max_step_rows(self, canvas_length: int) -> int:
         """The most token rows one iteration runs on one attention rank: a denoise canvas and a fresh commit per

@@ -36,6 +36,7 @@ from .errors import Code, ResourceExhausted, TooLarge, Unavailable
 from .executor import Executor, StepExecutor
 from .failures import FailurePolicy
 from .fit import resolve_budget
+from .graphs import step_graphs
 from .loop import DriverLoop
 from .metrics import EngineMetrics
 from .output import Detokenizer
@@ -69,11 +70,14 @@ class Engine:
         page = self.config.page_size or model.config.canvas_length
         fused = self.config.fused_sampler(model.device.type)
         self.sizes = MemorySizes(model.config, model.dtype, page, fused, model.device)
+        # captured before the budget is taken from the device's free memory, so the graphs' memory is counted
+        graphs = step_graphs(model, self.config) if executor is None else None
         self.budget_bytes = resolve_budget(self.config.memory_budget_bytes, self.config.memory_fraction, model.device)
         self.budgets = [MemoryBudget(self.budget_bytes) for _ in range(ranks)]
         self.budget = self.budgets[0]  # rank 0's (the only one in a single-process engine)
         threads = self.config.sampler_threads_for(model.device.type, os.cpu_count())
-        self.executor: StepExecutor = executor or Executor(model, page, self.config.noise_prefetch, threads, fused)
+        self.executor: StepExecutor = executor or Executor(model, page, self.config.noise_prefetch, threads, fused,
+                                                           graphs)
         self.driver = Driver(model.config, self.config, self.sizes, self.budgets, clock)
         self.metrics = EngineMetrics(budget_bytes=self.budget_bytes * ranks)
         self.on_step = on_step

@@ -20,9 +20,11 @@ import torch
 from dgserve.kernels.vocab import VocabOut, vocab_pass
 from dgserve.model.config import num_blocks
 from dgserve.model.sampler import BlockDenoiser, NoiseStream, StepResult, finalize_block
+from dgserve.model.step_graphs import DecoderGraphs
 from dgserve.model.transformer import DiffusionGemma, WorkItem
 
 from .errors import Code, UnitFailure
+from .graphs import run_pass
 from .plan import Admit, CanvasResult, ItemFailure, ItemKind, PlanItem, StepOutcome, StepPlan
 from .progress import Progress
 
@@ -115,9 +117,11 @@ class Executor:
     one canvas alone has nothing to overlap."""
 
     def __init__(self, model: DiffusionGemma, page_size: int, prefetch_noise: bool = True,
-                 sampler_threads: int = 1, fused: bool = False):
-        """`fused`: canvases step through the fused vocabulary pass (EngineConfig.sampler)."""
+                 sampler_threads: int = 1, fused: bool = False, graphs: DecoderGraphs | None = None):
+        """`fused`: canvases step through the fused vocabulary pass (EngineConfig.sampler). `graphs`: the decoder
+        step graphs canvases run through (graphs.py)."""
         self.model, self.page_size, self.prefetch_noise, self.fused = model, page_size, prefetch_noise, fused
+        self.graphs = graphs
         self.slots: dict[int, Slot] = {}
         self.sampler_threads = sampler_threads
         self._progress = Progress()
@@ -233,7 +237,7 @@ class Executor:
         marks = {rid: self.slots[rid].cache.mark() for rid, _ in groups}
         try:
             work, rows = self._work_items(items)
-            return [Pass(items, work, self.model.forward(work, self._progress.beat), rows)]
+            return [Pass(items, work, run_pass(self.model, self.graphs, work, self._progress.beat), rows)]
         except UnitFailure:
             raise
         except Exception as e:
