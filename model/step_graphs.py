@@ -152,13 +152,12 @@ class DecoderGraphs:
         if m.device.type == "cuda":
             positions = positions.pin_memory()
         b.positions[:n * C].copy_(positions, non_blocking=True)
-        for j, it in enumerate(items):
-            rows = slice(j * C, (j + 1) * C)
-            b.ids[rows].copy_(it.ids)
-            if it.soft_CD is None:
-                b.soft[rows].zero_()
-            else:
-                b.soft[rows].copy_(it.soft_CD)
+        b.ids[:n * C].copy_(torch.cat([it.ids for it in items]) if n > 1 else items[0].ids)
+        if all(it.soft_CD is None for it in items):
+            b.soft[:n * C].zero_()
+        else:
+            zeros = b.soft.new_zeros(C, b.soft.shape[1])
+            b.soft[:n * C].copy_(torch.cat([zeros if it.soft_CD is None else it.soft_CD for it in items]))
         attn_items = [AttnItem(j * C, (j + 1) * C, s, False) for j, s in enumerate(starts)]
         plans = {} if m.batched_attention else None
         self._piece(b, 0)

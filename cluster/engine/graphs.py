@@ -3,6 +3,7 @@ mixes encoder items and canvases is split between the plain forward and the grap
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import torch
@@ -12,6 +13,8 @@ from dgserve.model.transformer import DiffusionGemma, WorkItem
 
 from .config import EngineConfig
 
+log = logging.getLogger("dgserve.engine")
+
 
 def step_graphs(model: DiffusionGemma, config: EngineConfig) -> DecoderGraphs | None:
     """The captured step graphs for this engine: on CUDA, with `cuda_graphs` on and every expert local; counts up
@@ -20,7 +23,11 @@ def step_graphs(model: DiffusionGemma, config: EngineConfig) -> DecoderGraphs | 
     if not (config.cuda_graphs and model.device.type == "cuda" and capable is not None and capable(model.device)):
         return None
     top = next((b for b in BUCKETS if b >= config.max_running), BUCKETS[-1])
-    return DecoderGraphs(model, tuple(b for b in BUCKETS if b <= top))
+    try:
+        return DecoderGraphs(model, tuple(b for b in BUCKETS if b <= top))
+    except Exception as e:  # an op that a graph cannot hold: serve without graphs, and say so
+        log.warning("CUDA graph capture failed (%s: %s); the decoder step runs without graphs", type(e).__name__, e)
+        return None
 
 
 def run_pass(model: DiffusionGemma, graphs: DecoderGraphs | None, work: list[WorkItem],

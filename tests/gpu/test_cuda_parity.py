@@ -46,7 +46,8 @@ def test_cuda_float32_teacher_forced_logits_within_1e4_and_the_same_random_calls
 @pytest.mark.parametrize("name", ["a", "b"])
 def test_cuda_float32_generate_is_token_exact(ref_folders, name):
     folder = ref_folders(name)
-    ref, ck = _reference(folder, torch.float32), load_checkpoint(folder, device="cuda")
+    # float32 named: the default ("auto") loads bfloat16 on CUDA
+    ref, ck = _reference(folder, torch.float32), load_checkpoint(folder, dtype="float32", device="cuda")
     C = SPECS[name].canvas_length
     for seed in range(3):
         prompt = [2, 11 + seed, 12, 13, 14]

@@ -78,3 +78,19 @@ def test_graphs_only_where_a_graph_can_hold_the_step(gpu_path, tiny_dir):
     assert not LocalExperts(exact.experts.layers).graph_capable(torch.device("cpu"))
     with pytest.raises(Exception, match="cuda_graphs"):
         EngineConfig(cuda_graphs="yes")
+
+
+def test_a_failed_capture_serves_without_graphs_and_says_so(monkeypatch, caplog):
+    from types import SimpleNamespace
+
+    from dgserve.cluster.engine import graphs as graphs_module
+
+    def no_capture(model, buckets):
+        raise RuntimeError(f"operation not permitted when stream is capturing ({buckets})")
+
+    monkeypatch.setattr(graphs_module, "DecoderGraphs", no_capture)
+    fake = SimpleNamespace(device=torch.device("cuda"), experts=SimpleNamespace(graph_capable=lambda device: True))
+    with caplog.at_level("WARNING", logger="dgserve.engine"):
+        assert step_graphs(fake, EngineConfig(max_running=5)) is None
+    assert "CUDA graph capture failed (RuntimeError: operation not permitted when stream is capturing " \
+           "((1, 2, 4, 8)))" in caplog.text
