@@ -33,10 +33,14 @@ NODES = ({"num_cpus": 4, "labels": {"role": "attention"}}, {"num_cpus": 3, "labe
 
 
 def start_cluster(temp: str):
+    from ray._common.utils import get_default_ray_temp_dir
     from ray.cluster_utils import Cluster
 
     from dgserve.cluster import ray_security
 
+    # Cluster writes the head's address to the default temp dir (/tmp/ray) whatever temp_dir says; on a fresh
+    # machine that folder does not exist yet
+    os.makedirs(get_default_ray_temp_dir(), exist_ok=True)
     with ray_security.loopback_node():  # every node keeps 127.0.0.1 as its address
         cluster = Cluster(initialize_head=True, head_node_args={
             "num_cpus": 2, "node_ip_address": LOOPBACK, "include_dashboard": False, "temp_dir": temp})
