@@ -33,8 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import gpu_stages  # noqa: E402
-
-H200_BANDWIDTH = 4.8e12  # bytes/s, HBM3e
+from benchmarks.gpu_roofline import H200_BANDWIDTH, H200_BF16_PEAK  # noqa: E402
 
 
 def parse(argv) -> argparse.Namespace:
@@ -44,6 +43,7 @@ def parse(argv) -> argparse.Namespace:
     p.add_argument("--dry-run", action="store_true", help="every stage at tiny size on the CPU")
     p.add_argument("--quick", action="store_true", help="batches 1 and 16 only")
     p.add_argument("--bandwidth", type=float, default=H200_BANDWIDTH, help="HBM bytes/s for the roofline")
+    p.add_argument("--peak-flops", type=float, default=H200_BF16_PEAK, help="bf16 FLOP/s for the roofline")
     p.add_argument("--stages", default="env,kernels,dgserve,reference,parity")
     p.add_argument("--json", action="store_true", help="print the whole result as one JSON line last")
     args = p.parse_args(argv)
@@ -83,7 +83,7 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     sizes = gpu_stages.Sizes.dry_run() if args.dry_run else gpu_stages.Sizes.real(args.quick)
     report = Report(args.out / "gpu_bench.json", {"dry_run": args.dry_run, "device": args.device,
-                                                  "sizes": sizes.describe(), "bandwidth": args.bandwidth})
+                                                  "sizes": sizes.describe()})
     wanted = args.stages.split(",")
     if "env" in wanted:
         report.stage("env", gpu_stages.env, args.device)
@@ -91,7 +91,7 @@ def main(argv=None) -> int:
         report.stage("kernels", gpu_stages.kernels, sizes, args.device)
     holder: dict = {}  # the dgserve stage's model and weights, handed to the reference stage
     if "dgserve" in wanted:
-        report.stage("dgserve", gpu_stages.dgserve, sizes, args.device, args.bandwidth, holder)
+        report.stage("dgserve", gpu_stages.dgserve, sizes, args.device, args.bandwidth, args.peak_flops, holder)
     if "reference" in wanted:
         report.stage("reference", gpu_stages.reference, sizes, args.device, holder,
                      report.data["stages"].get("dgserve", {}))

@@ -90,7 +90,7 @@ def kernels(sizes: Sizes, device: str) -> dict:
     C = 256 if sizes.config == "real" else 32
     for canvases in sizes.rows:
         out["grouped_gemm"].append(_grouped_check(cfg, canvases, C, sizes.dtype, device, g))
-    out["grouped_backend"] = grouped_mm_backend(torch.empty(0, dtype=sizes.dtype, device=device))
+    out["grouped_backend"] = grouped_mm_backend(torch.device(device), sizes.dtype)
     return out
 
 
@@ -151,8 +151,9 @@ def _grouped_check(cfg, canvases: int, C: int, dtype: torch.dtype, device: str, 
     return result
 
 
-def dgserve(sizes: Sizes, device: str, bandwidth: float, holder: dict) -> dict:
-    """The engine at each batch; the model is left in `holder` for the reference stage."""
+def dgserve(sizes: Sizes, device: str, bandwidth: float, peak: float, holder: dict) -> dict:
+    """The engine at each batch, after a warm-up request; the model is left in `holder` for the reference stage."""
+    from benchmarks.gpu_roofline import active_params_per_row, step_floor
     from dgserve.cluster.engine.fit import weight_bytes
     from dgserve.model.config import load_generation_defaults, load_model_config
     from dgserve.model.random_init import random_model
@@ -164,23 +165,36 @@ def dgserve(sizes: Sizes, device: str, bandwidth: float, holder: dict) -> dict:
     sync(device)
     build_s = time.perf_counter() - t0
     holder |= {"model": model, "named": named, "folder": folder}
-    wbytes = weight_bytes(cfg, sizes.dtype)
-    step_floor_ms = 1000 * wbytes / bandwidth
-    C = cfg.canvas_length
-    out = {"weight_gb": round(wbytes / 1e9, 2), "build_s": round(build_s, 1),
-           "step_roofline_ms": round(step_floor_ms, 2),
-           "ceiling_tok_s_b1": round(C / ((sizes.steps + 1) * step_floor_ms / 1000), 1), "levels": []}
+    C, context = cfg.canvas_length, sizes.prompt + (sizes.blocks - 1) * cfg.canvas_length // 2  # mean context
+    b1_floor = step_floor(cfg, sizes.dtype, 1, context, bandwidth, peak)
+    out = {"weight_gb": round(weight_bytes(cfg, sizes.dtype) / 1e9, 2), "build_s": round(build_s, 1),
+           "active_params_per_row": active_params_per_row(cfg), "bandwidth": bandwidth, "peak_flops": peak,
+           # a block's commit shares a pass with the next block's first step: `steps` passes a block
+           "ceiling_tok_s_b1": round(C / (sizes.steps * b1_floor.ms / 1000), 1), "levels": []}
     generation = load_generation_defaults(folder)
+    _engine_level(model, generation, sizes, 1, device)  # warm-up: first-use costs of every shape
+    _release(device)
     for batch in sizes.batches:
-        out["levels"].append(_engine_level(model, generation, sizes, batch, device))
-        level = out["levels"][-1]
-        level["roofline_fraction"] = round(step_floor_ms / level["step_ms_p50"], 3)
+        level = _engine_level(model, generation, sizes, batch, device)
+        _release(device)
+        floor = step_floor(cfg, sizes.dtype, batch, context, bandwidth, peak)
+        level |= {"floor_ms": round(floor.ms, 2), "floor_bytes_ms": round(floor.bytes_ms, 2),
+                  "floor_flops_ms": round(floor.flops_ms, 2), "bound": floor.bound,
+                  "roofline_fraction": round(floor.ms / level["step_ms_p50"], 3)}
+        out["levels"].append(level)
     b1 = next((lv for lv in out["levels"] if lv["batch"] == 1), None)
     if b1:
         out["b1_fraction_of_ceiling"] = round(b1["decode_tok_s"] / out["ceiling_tok_s_b1"], 3)
         for lv in out["levels"]:
             lv["gain_over_b1"] = round(lv["decode_tok_s"] / b1["decode_tok_s"], 2)
     return out
+
+
+def _release(device: str) -> None:
+    """Free what an engine left (its graphs' pools, caches) before the next measurement."""
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
 
 
 def _settings(generation, sizes: Sizes, C: int):
@@ -223,11 +237,12 @@ def _engine_level(model, generation, sizes: Sizes, batch: int, device: str) -> d
         engine.stop()
     results = [s.result(0) for s in streams]
     tokens = sum(len(r.token_ids) for r in results)
-    t = engine.metrics.time_s
-    decode_s = t["denoise"] + t["commit"] + t["sampling"]
+    step_ms = statistics.median(steps) if steps else float("nan")
     level = {"batch": batch, "tokens": tokens, "wall_s": round(wall, 2), "e2e_tok_s": round(tokens / wall, 1),
-             "decode_tok_s": round(tokens / decode_s, 1), "prefill_s": round(t["prefill"], 2),
-             "step_ms_p50": round(statistics.median(steps), 2) if steps else float("nan"),
+             # steady decoding: a block of C tokens per canvas every `steps` passes (commits ride along)
+             "decode_tok_s": round(batch * C / (sizes.steps * step_ms / 1000), 1),
+             "prefill_s": round(engine.metrics.time_s["prefill"], 2), "step_ms_p50": round(step_ms, 2),
+             "decode_steps_timed": len(steps),
              "steps_per_block": sorted({s for r in results for s in r.stats.steps_per_block}),
              "token_ids_0": list(results[0].token_ids),
              "cuda_graphs": sorted(graphs.buckets) if graphs is not None else None}
@@ -242,16 +257,20 @@ def reference(sizes: Sizes, device: str, holder: dict, ours: dict) -> dict:
 
     if "model" not in holder:
         raise RuntimeError("needs the dgserve stage's model (run the dgserve stage first)")
-    model, folder = holder.pop("model"), holder["folder"]
-    generation_steps = sizes.steps
-    cfg = model.config
-    del model
+    cfg, folder = holder.pop("model").config, holder["folder"]
+    _release(device)  # only the named tensors hold dgserve's weights now, each freed as it is copied
     hf = hf_with_weights(folder, holder.pop("named"), sizes.dtype, device)
-    gc.collect()
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
+    _release(device)
+    passes = []  # decoder passes, counted as benchmarks/generate.py does: an instance attribute over `forward`
+    inner = hf.forward
+
+    def counted(*args, **kwargs):
+        passes.append(1)
+        return inner(*args, **kwargs)
+
+    hf.forward = counted
     prompt = torch.tensor([prompt_ids(sizes, cfg.text.vocab_size, 0)], device=device)
-    kwargs = {"max_new_tokens": sizes.blocks * cfg.canvas_length, "max_denoising_steps": generation_steps,
+    kwargs = {"max_new_tokens": sizes.blocks * cfg.canvas_length, "max_denoising_steps": sizes.steps,
               "confidence_threshold": NEVER_CONFIDENT, "eos_token_id": None}
 
     def run():
@@ -261,12 +280,14 @@ def reference(sizes: Sizes, device: str, holder: dict, ours: dict) -> dict:
 
     run()  # warm-up
     sync(device)
+    passes.clear()
     t0 = time.perf_counter()
     out = run()
     sync(device)
     wall = time.perf_counter() - t0
     ids = out.sequences[0, prompt.shape[1]:].tolist()
-    result = {"tokens": len(ids), "wall_s": round(wall, 2), "e2e_tok_s": round(len(ids) / wall, 1)}
+    result = {"tokens": len(ids), "wall_s": round(wall, 2), "e2e_tok_s": round(len(ids) / wall, 1),
+              "decoder_passes": len(passes), "same_passes": len(passes) == sizes.blocks * sizes.steps}
     b1 = next((lv for lv in ours.get("levels", []) if lv["batch"] == 1), None)
     if b1:
         same = sum(a == b for a, b in zip(ids, b1["token_ids_0"], strict=False))

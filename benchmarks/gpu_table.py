@@ -24,19 +24,20 @@ def render(data: dict) -> str:
             lines.append(f"grouped GEMM {g['rows']} rows: loop {g['loop_ms']} ms  {sides}  [{k['grouped_backend']}]")
     if st.get("dgserve", {}).get("status") == "ok":
         d = st["dgserve"]
-        lines.append(f"dgserve: weights {d['weight_gb']} GB, step roofline {d['step_roofline_ms']} ms, "
-                     f"batch-1 ceiling {d['ceiling_tok_s_b1']} tok/s")
-        lines.append(f"{'batch':>6}{'decode tok/s':>14}{'e2e tok/s':>11}{'step ms':>9}{'roofline':>10}"
-                     f"{'x b1':>7}{'HBM GiB':>9}{'steps/block':>13}")
+        lines.append(f"dgserve: weights {d['weight_gb']} GB, batch-1 ceiling {d['ceiling_tok_s_b1']} tok/s "
+                     f"(reached {d.get('b1_fraction_of_ceiling')})")
+        lines.append(f"{'batch':>6}{'decode tok/s':>14}{'e2e tok/s':>11}{'step ms':>9}{'floor ms':>10}{'bound':>9}"
+                     f"{'of floor':>10}{'x b1':>7}{'HBM GiB':>9}{'graphs':>8}")
         for lv in d["levels"]:
+            graphs = "yes" if lv.get("cuda_graphs") else "no"
             lines.append(f"{lv['batch']:>6}{lv['decode_tok_s']:>14}{lv['e2e_tok_s']:>11}{lv['step_ms_p50']:>9}"
-                         f"{lv['roofline_fraction']:>10}{lv.get('gain_over_b1', ''):>7}{lv.get('hbm_peak_gib', '-'):>9}"
-                         f"{str(lv['steps_per_block']):>13}")
+                         f"{lv['floor_ms']:>10}{lv['bound']:>9}{lv['roofline_fraction']:>10}"
+                         f"{lv.get('gain_over_b1', ''):>7}{lv.get('hbm_peak_gib', '-'):>9}{graphs:>8}")
     if st.get("reference", {}).get("status") == "ok":
         r = st["reference"]
         lines.append(f"transformers batch 1: {r['e2e_tok_s']} tok/s end to end ({r['tokens']} tokens); dgserve/"
-                     f"transformers {r.get('speedup_e2e_b1')}x; same token count {r.get('same_token_count')}, "
-                     f"same tokens {r.get('same_tokens_fraction')}")
+                     f"transformers {r.get('speedup_e2e_b1')}x; decoder passes {r['decoder_passes']} (same as "
+                     f"dgserve: {r['same_passes']}), same tokens {r.get('same_tokens_fraction')}")
     if st.get("parity", {}).get("status") == "ok":
         p = st["parity"]
         rng = p["rng"]

@@ -15,9 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from .attention_batch import BatchPlan, Member, batches, run_batch
+from .attention_batch import BatchPlan, Member, batches, run_batch, sdpa
 from .cache import LayerKV
 from .config import LayerSpec
 from .layers import RowLayout, apply_rope, linear, rms_norm
@@ -124,6 +123,5 @@ def item_attention(item: AttnItem, cache: LayerKV, q_HNd: torch.Tensor, k_KNd: t
         mask = _encode_mask(cached, item.stop - item.start, item.cache_start, window, q_HNd.device)
         causal = mask is None
         cache.append(k_new, v_new)
-    o = F.scaled_dot_product_attention(q_HNd[None, :, rows], keys[None], values[None], attn_mask=mask,
-                                       is_causal=causal, scale=1.0, enable_gqa=True)
+    o = sdpa(q_HNd[None, :, rows], keys[None], values[None], mask, causal)
     out_NHd[rows] = o[0].transpose(0, 1)

@@ -120,6 +120,32 @@ class BatchPlan:
         return cls(tuple(items), tuple(members), encode, q_index_d, mask, src_d, q_index_d[src_d], t_max, l_max)
 
 
+def sdpa(q_BHTd: torch.Tensor, k_BKLd: torch.Tensor, v_BKLd: torch.Tensor, mask: torch.Tensor | None,
+         causal: bool, fold: bool | None = None) -> torch.Tensor:
+    """Attention with scale 1 and grouped KV heads (H = G x Kv; query head h reads KV head h // G) -> [B, H, T, d].
+
+    `fold` (default: off CPU): the G query heads of a KV head go into the query length ([B, Kv, G*T, d], the mask
+    repeated per head), so a mask goes to the memory-efficient kernel, which has no grouped-query support: with
+    `enable_gqa` and a mask SDPA would fall back to its math kernel and materialise float32 scores of
+    [B, H, T, L]. A causal pass without a mask in 16-bit with d <= 256 stays unfolded (flash attention takes
+    grouped heads). On CPU, SDPA's own grouped path: the exact path's numerics."""
+    B, H, T, d = q_BHTd.shape
+    Kv = k_BKLd.shape[1]
+    G = H // Kv
+    fold = q_BHTd.device.type != "cpu" if fold is None else fold
+    flash = causal and mask is None and q_BHTd.dtype in (torch.float16, torch.bfloat16) and d <= 256
+    if not fold or G == 1 or flash:
+        return F.scaled_dot_product_attention(q_BHTd, k_BKLd, v_BKLd, attn_mask=mask, is_causal=causal, scale=1.0,
+                                              enable_gqa=G > 1)
+    if causal:  # top-left aligned, as SDPA's is_causal: query t reads keys 0..t
+        L = k_BKLd.shape[2]
+        mask = torch.ones(T, L, dtype=torch.bool, device=q_BHTd.device).tril()
+    if mask is not None and mask.shape[-2] > 1:  # one row per query: one per folded row [b, 1, G*T, L]
+        mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape)).repeat(1, 1, G, 1)
+    o = F.scaled_dot_product_attention(q_BHTd.reshape(B, Kv, G * T, d), k_BKLd, v_BKLd, attn_mask=mask, scale=1.0)
+    return o.reshape(B, H, T, d)
+
+
 def _padded(parts_per_item: list[list[torch.Tensor]], keys: list[int], l_max: int) -> torch.Tensor:
     """[Kv, S_i, d] parts per item -> [B, Kv, L_max, d] with one cat (each item padded with zeros to L_max)."""
     ref = parts_per_item[0][-1]
@@ -152,8 +178,8 @@ def run_batch(plan: BatchPlan, q_HNd: torch.Tensor, k_KNd: torch.Tensor, v_KNd: 
             cache.append(k_KNd[:, m.start:m.stop], v_KNd[:, m.start:m.stop])
     q_BHTd = q_HNd[:, plan.q_index].view(H, B, T, d).transpose(0, 1)
     if plan.encode:
-        o = F.scaled_dot_product_attention(q_BHTd, k_BKLd, v_BKLd, attn_mask=plan.mask, scale=1.0, enable_gqa=True)
-    else:  # the G query heads of a KV head folded into the query length: [B, Kv, G*T, d]
+        o = sdpa(q_BHTd, k_BKLd, v_BKLd, plan.mask, causal=False)
+    else:  # the G query heads of a KV head folded into the query length: [B, Kv, G*T, d]; one mask row per item
         q_fold = q_BHTd.reshape(B, Kv, (H // Kv) * T, d)
         o = F.scaled_dot_product_attention(q_fold, k_BKLd, v_BKLd, attn_mask=plan.mask, scale=1.0)
     o_NHd = o.reshape(B, H, T, d).transpose(1, 2).reshape(B * T, H, d)

@@ -14,7 +14,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from dgserve.kernels.moe import grouped_mm
+from dgserve.kernels.moe import grouped_mm, grouped_mm_backend
 
 from .layers import RowLayout, linear, rms_norm
 
@@ -112,8 +112,12 @@ class LocalExperts:
         self._all_local = len(self.expert_ids) == self.num_experts
 
     def graph_capable(self, device: torch.device) -> bool:
-        """Whether a CUDA graph can hold these experts on `device`: all held here, on the graph-safe path."""
-        return self._all_local and (self.graph_safe if self.graph_safe is not None else device.type != "cpu")
+        """Whether a CUDA graph can hold these experts on `device`: all held here, on the graph-safe path, with a
+        grouped GEMM that keeps its offsets on the device (not the per-expert loop)."""
+        safe = self.graph_safe if self.graph_safe is not None else device.type != "cpu"
+        if not (self._all_local and safe and self.layers):
+            return False
+        return grouped_mm_backend(device, self.layers[0].gate_up.dtype) != "loop"
 
     def __call__(self, layer: int, rows_TD: torch.Tensor, expert_ids_TK: torch.Tensor,
                  weights_TK: torch.Tensor, layout: RowLayout | None = None) -> torch.Tensor:

@@ -271,7 +271,7 @@ class Executor:
                 work.append(WorkItem(slot.cache, slot.denoiser.canvas_C, encode=False, soft_CD=slot.soft_CD))
                 rows[it.kind.value] += slot.denoiser.canvas_C.shape[0]
                 continue
-            ids = torch.tensor(slot.context[it.start:it.stop], dtype=torch.long, device=self.model.device)
+            ids = to_device(torch.tensor(slot.context[it.start:it.stop], dtype=torch.long), self.model.device)
             work.append(WorkItem(slot.cache, ids, encode=True))
             rows[it.kind.value] += it.stop - it.start
         return work, rows
@@ -371,7 +371,7 @@ class Executor:
         C = self.model.config.canvas_length
         hidden = torch.cat([h for _, h in canvases])
         temps = torch.stack([self.slots[rid].denoiser.temperature for rid, _ in canvases]).float()
-        temps = temps.to(hidden.device).repeat_interleave(C)  # one copy for the group
+        temps = to_device(temps, hidden.device).repeat_interleave(C)  # one copy for the group
         keys = torch.cat([draws[rid][0] for rid, _ in canvases])
         return vocab_pass(hidden, self.model.weights.embed, self.model.cfg.final_logit_softcapping, temps, keys)
 
@@ -407,6 +407,14 @@ class Executor:
             slot.context.extend(argmax)  # the next block's commit pass encodes the raw argmax, as the reference
             slot.block, slot.denoiser, slot.soft_CD = slot.block + 1, None, None
         return result
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device` without waiting for it: on CUDA from pinned memory, non-blocking (a plain copy of
+    pageable memory synchronises the stream)."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def _rows(out: VocabOut, rows: slice) -> VocabOut:

@@ -3,6 +3,7 @@ mixes encoder items and canvases is split between the plain forward and the grap
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import Callable
 
@@ -27,6 +28,8 @@ def step_graphs(model: DiffusionGemma, config: EngineConfig) -> DecoderGraphs | 
         return DecoderGraphs(model, tuple(b for b in BUCKETS if b <= top))
     except Exception as e:  # an op that a graph cannot hold: serve without graphs, and say so
         log.warning("CUDA graph capture failed (%s: %s); the decoder step runs without graphs", type(e).__name__, e)
+        gc.collect()  # the half-captured graphs and their pool, before the memory budget is read
+        torch.cuda.empty_cache()
         return None
 
 

@@ -1,6 +1,6 @@
 """Grouped expert GEMMs: `grouped_mm(x [P, K], w [E, N, K], offs [E])` -> [P, N], where rows offs[e-1]..offs[e]-1
 (sorted by expert) are multiplied by w[e]^T, in one call for all experts with the offsets on the device (no host
-synchronisation: a CUDA graph can hold it). `torch._grouped_mm` where it runs (CPU; bfloat16 on sm90 and newer),
+synchronisation: a CUDA graph can hold it). `torch._grouped_mm` where it runs (CPU; bfloat16 on sm90),
 the Triton kernel (`triton_grouped.py`) on other CUDA GPUs and dtypes; `kernels.dispatch` decides."""
 
 from __future__ import annotations
@@ -12,20 +12,21 @@ from ..dispatch import choice, use_triton
 __all__ = ["grouped_mm", "grouped_mm_backend"]
 
 
-def grouped_mm_backend(x: torch.Tensor) -> str:
+def grouped_mm_backend(device: torch.device, dtype: torch.dtype) -> str:
     """'torch' (torch._grouped_mm), 'triton', or 'loop' (a GEMM per expert: reads the counts back; only on a GPU
     without Triton, for the dtypes torch._grouped_mm refuses there)."""
-    if x.device.type == "cuda":
-        native = x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9
-        if use_triton(x.device) and not (native and choice() == "auto"):
+    if device.type == "cuda":
+        # torch._grouped_mm's bf16 kernels are built for sm90 (H100/H200); elsewhere Triton
+        native = dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) == (9, 0)
+        if use_triton(device) and not (native and choice() == "auto"):
             return "triton"
         return "torch" if native else "loop"
-    return "triton" if use_triton(x.device) else "torch"
+    return "triton" if use_triton(device) else "torch"
 
 
 def grouped_mm(x_PK: torch.Tensor, w_ENK: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
     """[P, N] in x's dtype; rows past offs[-1] are left unset (padding)."""
-    backend = grouped_mm_backend(x_PK)
+    backend = grouped_mm_backend(x_PK.device, x_PK.dtype)
     if backend == "triton":
         from .triton_grouped import grouped_mm_triton
 

@@ -39,6 +39,7 @@ def test_both_sides_do_the_same_passes(dry_run):
     for lv in levels:  # no early stop, no EOS: blocks x steps passes for every request
         assert lv["steps_per_block"] == [sizes["steps"]] and lv["tokens"] == lv["batch"] * sizes["blocks"] * C
     ref = data["stages"]["reference"]
+    assert ref["same_passes"] and ref["decoder_passes"] == sizes["blocks"] * sizes["steps"]
     assert ref["same_token_count"] and ref["tokens"] == sizes["blocks"] * C
     assert ref["same_tokens_fraction"] > 0.9  # the same weights on both sides (bf16 on CPU: nearly all equal)
 

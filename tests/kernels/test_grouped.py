@@ -56,9 +56,9 @@ def test_each_tile_gets_its_expert_and_first_row_on_the_device():
 def test_dispatch_picks_triton_when_asked_and_torch_on_cpu_by_default(monkeypatch):
     x, w, offs = case(ROUTINGS["spread"], torch.float32)
     monkeypatch.delenv("DGSERVE_KERNELS", raising=False)
-    assert grouped_mm_backend(x) == "torch"
+    assert grouped_mm_backend(x.device, x.dtype) == "torch"
     monkeypatch.setenv("DGSERVE_KERNELS", "triton")
-    assert grouped_mm_backend(x) == "triton"
+    assert grouped_mm_backend(x.device, x.dtype) == "triton"
     torch.testing.assert_close(grouped_mm(x, w, offs), torch._grouped_mm(x, w.transpose(-2, -1), offs=offs),
                                rtol=1e-5, atol=1e-5)
 

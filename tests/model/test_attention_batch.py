@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from dgserve.model.attention import AttnItem, batch_plans, item_attention
-from dgserve.model.attention_batch import batches, run_batch
+from dgserve.model.attention_batch import batches, run_batch, sdpa
 from dgserve.model.cache import LayerKV
 from dgserve.model.loader import load_checkpoint
 from dgserve.model.moe import LocalExperts
@@ -125,3 +125,25 @@ def test_batches_run_encoder_waves_before_canvases():
     assert batches([False, False], [1, 2]) == [[0, 1]]
     with pytest.raises(ValueError, match="work item 1 encodes for a request whose canvas comes earlier"):
         batches([False, True], [7, 7])
+
+
+@pytest.mark.parametrize("case", ["causal", "masked", "canvas"])
+@pytest.mark.parametrize("kv", [1, 2, 4])
+def test_folded_query_heads_give_what_grouped_heads_give(case, kv):
+    """Off CPU the G query heads of a KV head go into the query length (so a mask reaches the memory-efficient
+    kernel): the same attention as SDPA's grouped-query path."""
+    g = torch.Generator().manual_seed(kv)
+    B, H, T, d = 2, 4, 6, 8
+    L = T if case == "causal" else 11
+    q, k, v = torch.randn(B, H, T, d, generator=g), torch.randn(B, kv, L, d, generator=g), torch.randn(
+        B, kv, L, d, generator=g)
+    mask = None
+    if case == "masked":  # per-query rows (an encoder item over cached keys)
+        mask = torch.rand(B, 1, T, L, generator=g) > 0.3
+        mask[..., 0] = True
+    elif case == "canvas":
+        mask = torch.arange(L)[None, None, None, :] < torch.tensor([7, 11])[:, None, None, None]
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=case == "causal", scale=1.0,
+                                          enable_gqa=True)
+    got = sdpa(q, k, v, mask, causal=case == "causal", fold=True)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

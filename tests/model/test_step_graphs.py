@@ -45,13 +45,21 @@ def test_a_padded_fixed_shape_step_gives_every_canvas_what_a_plain_pass_gives(mo
     assert graphs.bucket_for(n) == {1: 1, 3: 4, 4: 4}[n]
 
 
-def test_the_pieces_see_the_same_shapes_for_any_count_in_a_bucket(model):
+def test_the_pieces_see_the_same_shapes_for_any_count_in_a_bucket(model, monkeypatch):
     graphs = DecoderGraphs(model, buckets=(4,), capture=False)
-    shapes = []
+    rows = []
+    piece = graphs._piece
+    monkeypatch.setattr(graphs, "_piece", lambda j, n: rows.append(n) or piece(j, n))
     for n in (2, 3):
         graphs.run(canvases(model, n, False))
-        shapes.append([tuple(t.shape) for out in graphs.buckets[4].outs for t in out if isinstance(t, torch.Tensor)])
-    assert shapes[0] == shapes[1] and shapes[0][0] == (4 * model.config.canvas_length, model.cfg.hidden_size)
+    assert set(rows) == {4 * model.config.canvas_length} and len(rows) == 2 * (model.cfg.num_layers + 1)
+
+
+def test_every_count_shares_the_largest_counts_buffers(model):
+    graphs = DecoderGraphs(model, buckets=(1, 2, 4), capture=False)
+    assert graphs.buf.h.shape == (4 * model.config.canvas_length, model.cfg.hidden_size)
+    one = graphs.run(canvases(model, 1, True))
+    torch.testing.assert_close(one, model.forward(canvases(model, 1, True)), rtol=1e-5, atol=1e-5)
 
 
 def test_what_the_graphs_do_not_take_is_refused_by_name(model):

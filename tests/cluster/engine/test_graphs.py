@@ -93,4 +93,16 @@ def test_a_failed_capture_serves_without_graphs_and_says_so(monkeypatch, caplog)
     with caplog.at_level("WARNING", logger="dgserve.engine"):
         assert step_graphs(fake, EngineConfig(max_running=5)) is None
     assert "CUDA graph capture failed (RuntimeError: operation not permitted when stream is capturing " \
-           "((1, 2, 4, 8)))" in caplog.text
+           "((1, 2, 3, 4, 6)))" in caplog.text
+
+
+def test_no_graphs_where_the_grouped_gemm_reads_its_counts_back(tiny_dir, monkeypatch):
+    """Without Triton a float32 GPU runs a GEMM per expert, which reads the counts back: nothing to capture."""
+    from dgserve.kernels import dispatch
+
+    experts = LocalExperts(load_checkpoint(tiny_dir).model.experts.layers)
+    monkeypatch.setattr(dispatch, "triton_available", lambda: False)
+    assert not experts.graph_capable(torch.device("cuda"))
+    monkeypatch.setenv("DGSERVE_KERNELS", "torch")
+    monkeypatch.setattr(dispatch, "triton_available", lambda: True)
+    assert not experts.graph_capable(torch.device("cuda"))
