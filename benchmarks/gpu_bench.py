@@ -44,7 +44,7 @@ def parse(argv) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="batches 1 and 16 only")
     p.add_argument("--bandwidth", type=float, default=H200_BANDWIDTH, help="HBM bytes/s for the roofline")
     p.add_argument("--peak-flops", type=float, default=H200_BF16_PEAK, help="bf16 FLOP/s for the roofline")
-    p.add_argument("--stages", default="env,kernels,dgserve,reference,parity")
+    p.add_argument("--stages", default="env,kernels,dgserve,reference,fp8,parity")
     p.add_argument("--json", action="store_true", help="print the whole result as one JSON line last")
     args = p.parse_args(argv)
     if args.dry_run:
@@ -97,6 +97,10 @@ def main(argv=None) -> int:
                      report.data["stages"].get("dgserve", {}))
     holder.clear()
     gc.collect()
+    if "fp8" in wanted:
+        report.stage("fp8", gpu_stages.fp8, sizes, args.device, args.bandwidth, args.peak_flops,
+                     report.data["stages"].get("dgserve", {}))
+        gc.collect()
     if "parity" in wanted:
         report.stage("parity", gpu_stages.parity, args.device, args.out)
     print(gpu_stages.table(report.data))

@@ -35,10 +35,10 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 $PY -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 
 status=0
-timeout 90 $PY -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tee "$OUT/tests.log" | tail -8
+timeout 60 $PY -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tee "$OUT/tests.log" | tail -8
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
 timeout 20 $PY benchmarks/fit.py --json > "$OUT/fit.json" 2> "$OUT/fit.err" || status=1
-timeout 240 $PY benchmarks/gpu_bench.py --out "$OUT" --device cuda 2>&1 | tee "$OUT/gpu_bench.log" | tail -30
+timeout 270 $PY benchmarks/gpu_bench.py --out "$OUT" --device cuda 2>&1 | tee "$OUT/gpu_bench.log" | tail -30
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
 echo "tests: $(tail -1 "$OUT/tests.log")"
 exit $status

@@ -55,7 +55,9 @@ class StepFloor:
 
 
 def step_floor(cfg, dtype: torch.dtype, canvases: int, context: int, bandwidth: float = H200_BANDWIDTH,
-               peak: float = H200_BF16_PEAK) -> StepFloor:
+               peak: float = H200_BF16_PEAK, experts_dtype: str = "auto") -> StepFloor:
+    """FP8 experts read half the expert bytes; their FLOPs are counted at the bf16 peak (FP8 tensor cores are
+    twice as fast, so the compute floor is conservative there)."""
     from dgserve.cluster.engine.fit import weight_bytes
 
     t, rows = cfg.text, canvases * cfg.canvas_length
@@ -63,4 +65,5 @@ def step_floor(cfg, dtype: torch.dtype, canvases: int, context: int, bandwidth: 
     kv = sum(2 * _keys(cfg, s, context) * s.num_kv_heads * s.head_dim * size for s in t.layers) * canvases
     attn = sum(4 * t.num_attention_heads * s.head_dim * _keys(cfg, s, context) for s in t.layers) * rows
     flops = 2 * rows * active_params_per_row(cfg) + attn
-    return StepFloor(1000 * (weight_bytes(cfg, dtype) + kv) / bandwidth, 1000 * flops / peak)
+    weights = weight_bytes(cfg, dtype, experts_dtype=experts_dtype)
+    return StepFloor(1000 * (weights + kv) / bandwidth, 1000 * flops / peak)

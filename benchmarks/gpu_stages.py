@@ -153,6 +153,26 @@ def _grouped_check(cfg, canvases: int, C: int, dtype: torch.dtype, device: str, 
 
 def dgserve(sizes: Sizes, device: str, bandwidth: float, peak: float, holder: dict) -> dict:
     """The engine at each batch, after a warm-up request; the model is left in `holder` for the reference stage."""
+    return _model_levels(sizes, device, bandwidth, peak, sizes.batches, "auto", holder)
+
+
+def fp8(sizes: Sizes, device: str, bandwidth: float, peak: float, bf16: dict) -> dict:
+    """The same with FP8 experts (quantized as the random weights are made) at batch 1, 16 and 32, with HBM and
+    speed against the bfloat16 levels."""
+    batches = tuple(b for b in sizes.batches if b in (1, 16, 32)) or sizes.batches
+    out = _model_levels(sizes, device, bandwidth, peak, batches, "fp8", {})
+    by_batch = {lv["batch"]: lv for lv in bf16.get("levels", [])}
+    for lv in out["levels"]:
+        ref = by_batch.get(lv["batch"])
+        if ref:
+            lv["speed_vs_bf16"] = round(lv["decode_tok_s"] / ref["decode_tok_s"], 2)
+            if "hbm_peak_gib" in lv and "hbm_peak_gib" in ref:
+                lv["hbm_vs_bf16"] = round(lv["hbm_peak_gib"] / ref["hbm_peak_gib"], 3)
+    return out
+
+
+def _model_levels(sizes: Sizes, device: str, bandwidth: float, peak: float, batches: tuple[int, ...],
+                  experts_dtype: str, holder: dict) -> dict:
     from benchmarks.gpu_roofline import active_params_per_row, step_floor
     from dgserve.cluster.engine.fit import weight_bytes
     from dgserve.model.config import load_generation_defaults, load_model_config
@@ -161,23 +181,29 @@ def dgserve(sizes: Sizes, device: str, bandwidth: float, peak: float, holder: di
     folder = sizes.folder()
     cfg = load_model_config(folder)
     t0 = time.perf_counter()
-    model, named = random_model(cfg, sizes.dtype, device, seed=0, names=True)
+    keep = experts_dtype == "auto"  # the reference stage gets these very weights by name
+    model, named = random_model(cfg, sizes.dtype, device, seed=0, names=True, experts_dtype=experts_dtype) if keep \
+        else (random_model(cfg, sizes.dtype, device, seed=0, experts_dtype=experts_dtype), {})
     sync(device)
     build_s = time.perf_counter() - t0
-    holder |= {"model": model, "named": named, "folder": folder}
+    if keep:
+        holder |= {"model": model, "named": named, "folder": folder}
+    del named
     C, context = cfg.canvas_length, sizes.prompt + (sizes.blocks - 1) * cfg.canvas_length // 2  # mean context
-    b1_floor = step_floor(cfg, sizes.dtype, 1, context, bandwidth, peak)
-    out = {"weight_gb": round(weight_bytes(cfg, sizes.dtype) / 1e9, 2), "build_s": round(build_s, 1),
+    b1_floor = step_floor(cfg, sizes.dtype, 1, context, bandwidth, peak, experts_dtype)
+    wbytes = weight_bytes(cfg, sizes.dtype, experts_dtype=experts_dtype)
+    out = {"experts_dtype": experts_dtype, "build_s": round(build_s, 1), "weight_bytes": wbytes,
+           "weight_gb": round(wbytes / 1e9, 2),
            "active_params_per_row": active_params_per_row(cfg), "bandwidth": bandwidth, "peak_flops": peak,
            # a block's commit shares a pass with the next block's first step: `steps` passes a block
            "ceiling_tok_s_b1": round(C / (sizes.steps * b1_floor.ms / 1000), 1), "levels": []}
     generation = load_generation_defaults(folder)
     _engine_level(model, generation, sizes, 1, device)  # warm-up: first-use costs of every shape
     _release(device)
-    for batch in sizes.batches:
+    for batch in batches:
         level = _engine_level(model, generation, sizes, batch, device)
         _release(device)
-        floor = step_floor(cfg, sizes.dtype, batch, context, bandwidth, peak)
+        floor = step_floor(cfg, sizes.dtype, batch, context, bandwidth, peak, experts_dtype)
         level |= {"floor_ms": round(floor.ms, 2), "floor_bytes_ms": round(floor.bytes_ms, 2),
                   "floor_flops_ms": round(floor.flops_ms, 2), "bound": floor.bound,
                   "roofline_fraction": round(floor.ms / level["step_ms_p50"], 3)}

@@ -22,17 +22,9 @@ def render(data: dict) -> str:
             sides = "  ".join(f"{n}: {g[f'{n}_ms']} ms (max diff {g[f'{n}_max_diff']:.2g})"
                               for n in ("grouped", "triton") if f"{n}_ms" in g)
             lines.append(f"grouped GEMM {g['rows']} rows: loop {g['loop_ms']} ms  {sides}  [{k['grouped_backend']}]")
-    if st.get("dgserve", {}).get("status") == "ok":
-        d = st["dgserve"]
-        lines.append(f"dgserve: weights {d['weight_gb']} GB, batch-1 ceiling {d['ceiling_tok_s_b1']} tok/s "
-                     f"(reached {d.get('b1_fraction_of_ceiling')})")
-        lines.append(f"{'batch':>6}{'decode tok/s':>14}{'e2e tok/s':>11}{'step ms':>9}{'floor ms':>10}{'bound':>9}"
-                     f"{'of floor':>10}{'x b1':>7}{'HBM GiB':>9}{'graphs':>8}")
-        for lv in d["levels"]:
-            graphs = "yes" if lv.get("cuda_graphs") else "no"
-            lines.append(f"{lv['batch']:>6}{lv['decode_tok_s']:>14}{lv['e2e_tok_s']:>11}{lv['step_ms_p50']:>9}"
-                         f"{lv['floor_ms']:>10}{lv['bound']:>9}{lv['roofline_fraction']:>10}"
-                         f"{lv.get('gain_over_b1', ''):>7}{lv.get('hbm_peak_gib', '-'):>9}{graphs:>8}")
+    for name in ("dgserve", "fp8"):
+        if st.get(name, {}).get("status") == "ok":
+            lines += _levels(name, st[name])
     if st.get("reference", {}).get("status") == "ok":
         r = st["reference"]
         lines.append(f"transformers batch 1: {r['e2e_tok_s']} tok/s end to end ({r['tokens']} tokens); dgserve/"
@@ -46,3 +38,17 @@ def render(data: dict) -> str:
                      f"{rng['same_consumption']} (first divergence {rng['first_divergence']}); token-exact "
                      f"{[s['token_exact'] for s in p['seeds']]}, first diffs {[s['first_diff'] for s in p['seeds']]}")
     return "\n".join(lines)
+
+
+def _levels(name: str, d: dict) -> list[str]:
+    lines = [f"{name} (experts {d['experts_dtype']}): weights {d['weight_gb']} GB, batch-1 ceiling "
+             f"{d['ceiling_tok_s_b1']} tok/s (reached {d.get('b1_fraction_of_ceiling')})",
+             f"{'batch':>6}{'decode tok/s':>14}{'e2e tok/s':>11}{'step ms':>9}{'floor ms':>10}{'bound':>9}"
+             f"{'of floor':>10}{'x b1':>7}{'HBM GiB':>9}{'graphs':>8}{'vs bf16':>9}"]
+    for lv in d["levels"]:
+        graphs = "yes" if lv.get("cuda_graphs") else "no"
+        lines.append(f"{lv['batch']:>6}{lv['decode_tok_s']:>14}{lv['e2e_tok_s']:>11}{lv['step_ms_p50']:>9}"
+                     f"{lv['floor_ms']:>10}{lv['bound']:>9}{lv['roofline_fraction']:>10}"
+                     f"{lv.get('gain_over_b1', ''):>7}{lv.get('hbm_peak_gib', '-'):>9}{graphs:>8}"
+                     f"{lv.get('speed_vs_bf16', ''):>9}")
+    return lines

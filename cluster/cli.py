@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--thinking", action="store_true", help="chat template in thinking mode")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--dtype", default="auto", help="auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16")
+    gen.add_argument("--experts-dtype", default="auto",
+                     help="auto (as --dtype) | fp8 (routed experts quantized at load, per output channel)")
     gen.add_argument("--device", default="cpu", help="cpu | cuda")
     gen.add_argument("--threads", type=int, default=1,
                      help="torch CPU threads (default 1, as the engine: the same thread count gives the same tokens)")
@@ -111,7 +113,8 @@ def cmd_generate_file(args) -> int:
     from dgserve.model.loader import load_checkpoint
     from dgserve.model.tokenizer import chat_prompt_ids, load_tokenizer
 
-    ck = load_checkpoint(args.model or default_model_dir(), dtype=args.dtype, device=args.device)
+    ck = load_checkpoint(args.model or default_model_dir(), dtype=args.dtype, device=args.device,
+                         experts_dtype=args.experts_dtype)
     tok = load_tokenizer(ck.folder)
     requests = read_requests(args.prompts_file, {**_sampler_overrides(args), "seed": args.seed}, ck.generation,
                              tok, chat_prompt_ids)
@@ -133,7 +136,8 @@ def cmd_generate(args) -> dict:
     if (args.attention_ranks, args.expert_ranks) != (1, 0):
         return _generate_split(args)
     t0 = time.perf_counter()
-    ck = load_checkpoint(args.model or default_model_dir(), dtype=args.dtype, device=args.device)
+    ck = load_checkpoint(args.model or default_model_dir(), dtype=args.dtype, device=args.device,
+                         experts_dtype=args.experts_dtype)
     load_s = time.perf_counter() - t0
     tok = load_tokenizer(ck.folder)
     prompt = _prompt(args, tok)
@@ -142,7 +146,8 @@ def cmd_generate(args) -> dict:
     res = generate(ck.model, prompt, settings, seed=args.seed, on_progress=show)
     text = decode(tok, res.token_ids, settings.pad_token_id)
     return {
-        "model": str(ck.folder), "prompt_tokens": len(prompt), "token_ids": res.token_ids, "text": text,
+        "model": str(ck.folder), "experts_dtype": args.experts_dtype, "prompt_tokens": len(prompt),
+        "token_ids": res.token_ids, "text": text,
         "finish_reason": res.finish_reason, "steps_per_block": res.steps_per_block,
         "decoder_passes": res.decoder_passes, "tokens_per_forward": res.tokens_per_forward,
         "timings": {"load_s": load_s, **res.timings},
@@ -181,7 +186,7 @@ def _generate_split(args) -> dict:
     validate_prompt(prompt, load_model_config(folder), settings.max_new_tokens)  # ... and so is the prompt
     t0 = time.perf_counter()
     [res] = generate_split(folder, [SplitRequest(tuple(prompt), overrides, args.seed)], args.attention_ranks,
-                           args.expert_ranks, args.dtype)
+                           args.expert_ranks, args.dtype, experts_dtype=args.experts_dtype)
     total = time.perf_counter() - t0
     passes = sum(res.steps_per_block)
     return {
@@ -212,6 +217,9 @@ def main(argv: list[str] | None = None) -> int:
             raise InputError("device", f"{args.device!r} requested but no CUDA device is available")
         if args.threads < 1:
             raise InputError("threads", f"{args.threads} is not an integer >= 1")
+        from dgserve.model.loader import check_experts_dtype
+
+        check_experts_dtype(args.experts_dtype)
         torch.set_num_threads(args.threads)
         if args.prompts_file is not None:
             return cmd_generate_file(args)

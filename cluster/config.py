@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from dgserve.model.dtypes import resolve_dtype
+from dgserve.model.dtypes import EXPERTS_DTYPES, resolve_dtype
 from dgserve.model.errors import ConfigError
 from dgserve.model.settings import KNOBS
 from dgserve.model.validate import is_int, is_number, require
@@ -110,6 +110,7 @@ class Topology:
     model: str | None = None  # folder or hub id; None: the embedded tiny model
     revision: str | None = None
     dtype: str = "auto"  # bfloat16 on CUDA, float32 on CPU (weights_dtype)
+    experts_dtype: str = "auto"  # the routed experts: as dtype, or "fp8" (quantized at load; kernels/fp8)
     device: str = "cpu"
     profile: str = "replicated"
     units: Units = field(default_factory=Units)
@@ -177,7 +178,7 @@ def parse_topology(raw: dict | None) -> Topology:
         _need("name", top["name"], isinstance(top["name"], str) and top["name"].replace("-", "").isalnum(),
               "letters, digits and '-'")
         kw["name"] = top["name"]
-    for key, allowed in (("dtype", DTYPES), ("profile", PROFILES),
+    for key, allowed in (("dtype", DTYPES), ("experts_dtype", EXPERTS_DTYPES), ("profile", PROFILES),
                          ("device", ("cpu", "cuda"))):
         if key in top:
             _need(key, top[key], top[key] in allowed, " | ".join(allowed))

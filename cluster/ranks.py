@@ -120,7 +120,8 @@ class RankActor:
         folder, roles, part = self._partition()
         self._check_device(folder, experts=[] if part is not None else None)
         ck = load_checkpoint(folder, dtype=self.topo.weights_dtype, device=self.topo.device,
-                             experts=[] if part is not None else None)  # no expert tensor is read here
+                             experts=[] if part is not None else None,  # no expert tensor is read here
+                             experts_dtype=self.topo.experts_dtype)
         if part is not None:
             ck.model.experts = AllToAllExperts(part, roles, exchange_group())
         self.defaults = ck.generation
@@ -156,7 +157,8 @@ class RankActor:
 
         total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
         plan = check_device(load_model_config(folder), parse_dtype(self.topo.weights_dtype), total, self.topo.engine,
-                            fused=self.topo.engine.fused_sampler("cuda"), experts=experts)
+                            fused=self.topo.engine.fused_sampler("cuda"), experts=experts,
+                            experts_dtype=self.topo.experts_dtype)
         self.fit = plan.verdict()
         log.info("rank %d: %s", self.rank, self.fit)
 
@@ -171,7 +173,7 @@ class RankActor:
 
         folder, roles, part = self._partition()
         shard = load_expert_shard(folder, part.experts_of(self.rank - roles.attention), self.topo.weights_dtype,
-                                  device=self.topo.device)
+                                  device=self.topo.device, experts_dtype=self.topo.experts_dtype)
         if self.topo.device == "cpu":
             torch.set_num_threads(self.topo.engine.cpu_threads)
         self.shard = shard

@@ -4,4 +4,6 @@ on CUDA (`dispatch.py`), every one tested on CPU against its reference under Tri
 
 - `vocab`: the fused vocabulary pass (LM head, softcap, temperature, entropy, argmax, a Gumbel-max sample and the
   self-conditioning input `softmax(Z) @ E` in one pass over the tied embedding, online over vocabulary chunks).
+- `moe`: grouped expert GEMMs with the group offsets on the device (torch._grouped_mm, or a Triton kernel).
+- `fp8`: FP8 experts: per-channel weight and per-token activation quantization, scaled grouped GEMMs.
 """

@@ -11,3 +11,8 @@ def resolve_dtype(name: str, device: str) -> str:
     if name != AUTO:
         return name
     return "bfloat16" if str(device).startswith("cuda") else "float32"
+
+
+# The routed experts' storage: "auto" (the weights' dtype) or "fp8" (float8_e4m3fn, per-output-channel scales,
+# activations quantized per token at run time; kernels/fp8).
+EXPERTS_DTYPES = ("auto", "fp8")

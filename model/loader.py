@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 
 from .config import ModelConfig, load_generation_defaults, load_model_config
-from .dtypes import AUTO, resolve_dtype
+from .dtypes import AUTO, EXPERTS_DTYPES, resolve_dtype
 from .errors import CheckpointError, ConfigError
 from .hub import resolve_checkpoint
 from .moe import ExpertWeights, LocalExperts
@@ -116,6 +116,7 @@ class LoadedCheckpoint:
     expert_ids: tuple[int, ...]
     bytes_read: int = 0  # tensor data read from the shards (as stored)
     largest_read: int = 0  # the most of it in host memory at once (one tensor, as stored)
+    experts_dtype: str = AUTO  # "auto" (as the weights) or "fp8"
 
 
 @dataclass
@@ -129,7 +130,7 @@ class ExpertShard:
     bytes_read: int
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for w in self.layers for t in (w.gate_up, w.down))
+        return sum(w.nbytes() for w in self.layers)
 
 
 def read_text_weights(reader: CheckpointReader, cfg: ModelConfig, dtype: torch.dtype) -> TextWeights:
@@ -144,13 +145,21 @@ def read_text_weights(reader: CheckpointReader, cfg: ModelConfig, dtype: torch.d
 
 
 def read_experts(reader: CheckpointReader, cfg: ModelConfig, dtype: torch.dtype,
-                 expert_ids: Sequence[int]) -> list[ExpertWeights]:
+                 expert_ids: Sequence[int], experts_dtype: str = AUTO) -> list[ExpertWeights]:
+    """Each layer's experts `expert_ids`; with experts_dtype "fp8" quantized as each layer is read (one layer's
+    full-precision experts exist at a time)."""
+    check_experts_dtype(experts_dtype)
     out = []
     for i in range(cfg.text.num_layers):
         specs = expert_specs(cfg.text, i)
-        out.append(ExpertWeights(gate_up=reader.read(specs["gate_up"], dtype, expert_ids),
-                                 down=reader.read(specs["down"], dtype, expert_ids)))
+        gate_up, down = reader.read(specs["gate_up"], dtype, expert_ids), reader.read(specs["down"], dtype, expert_ids)
+        out.append(ExpertWeights.quantized(gate_up, down) if experts_dtype == "fp8" else ExpertWeights(gate_up, down))
     return out
+
+
+def check_experts_dtype(name: str) -> None:
+    if name not in EXPERTS_DTYPES:
+        raise ConfigError("experts_dtype", name, " | ".join(EXPERTS_DTYPES))
 
 
 def _expert_selection(experts: Sequence[int] | None, num_experts: int) -> tuple[int, ...]:
@@ -165,8 +174,9 @@ def _expert_selection(experts: Sequence[int] | None, num_experts: int) -> tuple[
 
 def load_checkpoint(model: str | os.PathLike, dtype: str | torch.dtype = AUTO,
                     experts: Sequence[int] | None = None, revision: str | None = None,
-                    device: str | torch.device = "cpu") -> LoadedCheckpoint:
-    """Load config, generation defaults and weights. `experts`: None = all, [] = none, or the ids to hold.
+                    device: str | torch.device = "cpu", experts_dtype: str = AUTO) -> LoadedCheckpoint:
+    """Load config, generation defaults and weights. `experts`: None = all, [] = none, or the ids to hold;
+    `experts_dtype`: "auto" (as `dtype`) or "fp8" (quantized at load, kernels/fp8).
 
     With a partial expert set the returned model's backend only serves those experts; the caller replaces
     `model.experts` with a backend that reaches the others (expert parallelism).
@@ -174,20 +184,22 @@ def load_checkpoint(model: str | os.PathLike, dtype: str | torch.dtype = AUTO,
     folder = resolve_checkpoint(model, revision)
     cfg = load_model_config(folder)
     dt = parse_dtype(dtype, device)
+    check_experts_dtype(experts_dtype)
     ids = _expert_selection(experts, cfg.text.num_experts)
     reader = CheckpointReader(folder, device)
     try:
         weights = read_text_weights(reader, cfg, dt)
-        expert_weights = read_experts(reader, cfg, dt, ids) if ids else []
+        expert_weights = read_experts(reader, cfg, dt, ids, experts_dtype) if ids else []
     finally:
         reader.close()
     model_ = DiffusionGemma(cfg, weights, LocalExperts(expert_weights, ids, cfg.text.num_experts))
     return LoadedCheckpoint(folder, cfg, load_generation_defaults(folder), model_, ids, reader.bytes_read,
-                            reader.largest_read)
+                            reader.largest_read, experts_dtype)
 
 
 def load_expert_shard(model: str | os.PathLike, experts: Sequence[int], dtype: str | torch.dtype = AUTO,
-                      revision: str | None = None, device: str | torch.device = "cpu") -> ExpertShard:
+                      revision: str | None = None, device: str | torch.device = "cpu",
+                      experts_dtype: str = AUTO) -> ExpertShard:
     """An expert rank's weights: only the given experts' tensors of every layer are read."""
     folder = resolve_checkpoint(model, revision)
     cfg = load_model_config(folder)
@@ -196,7 +208,7 @@ def load_expert_shard(model: str | os.PathLike, experts: Sequence[int], dtype: s
         raise ConfigError("experts", list(experts), "at least one expert id (an expert rank holds some experts)")
     reader = CheckpointReader(folder, device)
     try:
-        layers = read_experts(reader, cfg, parse_dtype(dtype, device), ids)
+        layers = read_experts(reader, cfg, parse_dtype(dtype, device), ids, experts_dtype)
     finally:
         reader.close()
     return ExpertShard(cfg, ids, layers, reader.bytes_read)

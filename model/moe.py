@@ -14,6 +14,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from dgserve.kernels.fp8 import fp8_linear, quantize, scaled_grouped_mm
 from dgserve.kernels.moe import grouped_mm, grouped_mm_backend
 
 from .layers import RowLayout, linear, rms_norm
@@ -38,6 +39,28 @@ class ExpertBackend(Protocol):
 class ExpertWeights:
     gate_up: torch.Tensor  # [E_local, 2I, D] rows 0..I-1 gate, I..2I-1 up
     down: torch.Tensor  # [E_local, D, I]
+    # FP8 experts (kernels/fp8): gate_up and down in float8_e4m3fn, with float32 scales per output channel
+    gate_up_scale: torch.Tensor | None = None  # [E_local, 2I]
+    down_scale: torch.Tensor | None = None  # [E_local, D]
+
+    @property
+    def fp8(self) -> bool:
+        return self.gate_up_scale is not None
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.gate_up, self.down, self.gate_up_scale,
+                                                          self.down_scale) if t is not None)
+
+    @classmethod
+    def quantized(cls, gate_up: torch.Tensor, down: torch.Tensor) -> ExpertWeights:
+        """FP8 experts from full-precision ones (per output channel)."""
+        (gu, gu_s), (dn, dn_s) = quantize(gate_up), quantize(down)
+        return cls(gu, dn, gu_s, dn_s)
+
+
+def _project(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, e: int) -> torch.Tensor:
+    """One expert's projection: a GEMM, or for FP8 experts activations quantized per token times the FP8 weight."""
+    return F.linear(x, w[e]) if scale is None else fp8_linear(x, w[e], scale[e])
 
 
 def expert_ffn(x_PD: torch.Tensor, counts: list[int], w: ExpertWeights, first_expert: int = 0) -> torch.Tensor:
@@ -47,9 +70,9 @@ def expert_ffn(x_PD: torch.Tensor, counts: list[int], w: ExpertWeights, first_ex
     for e, n in enumerate(counts):
         if n == 0:
             continue
-        x = x_PD[start:start + n]
-        gate, up = F.linear(x, w.gate_up[first_expert + e]).chunk(2, dim=-1)
-        out[start:start + n] = F.linear(F.gelu(gate, approximate="tanh") * up, w.down[first_expert + e])
+        x, i = x_PD[start:start + n], first_expert + e
+        gate, up = _project(x, w.gate_up, w.gate_up_scale, i).chunk(2, dim=-1)
+        out[start:start + n] = _project(F.gelu(gate, approximate="tanh") * up, w.down, w.down_scale, i)
         start += n
     return out
 
@@ -61,6 +84,9 @@ def grouped_ffn(x_PD: torch.Tensor, offs_E: torch.Tensor, w: ExpertWeights) -> t
 
     The offsets are never read back to the host, so the call keeps a CUDA graph possible (torch._grouped_mm on CPU
     and for bfloat16 on sm90, the Triton kernel on other GPUs and dtypes); on CPU it is bitwise a GEMM per expert."""
+    if w.fp8:  # kernels/fp8: torch._scaled_grouped_mm on sm90, FP8 values in a grouped GEMM elsewhere
+        gate, up = scaled_grouped_mm(x_PD, w.gate_up, w.gate_up_scale, offs_E).chunk(2, dim=-1)
+        return scaled_grouped_mm(F.gelu(gate, approximate="tanh") * up, w.down, w.down_scale, offs_E)
     gate, up = grouped_mm(x_PD, w.gate_up, offs_E).chunk(2, dim=-1)
     return grouped_mm(F.gelu(gate, approximate="tanh") * up, w.down, offs_E)
 

@@ -20,8 +20,9 @@ from .weights import TensorSpec
 class RandomReader:
     """Stands in for a CheckpointReader: each tensor made at random on `device` from one seeded generator."""
 
-    def __init__(self, device: str | torch.device, seed: int = 0):
-        self.device = torch.device(device)
+    def __init__(self, device: str | torch.device, seed: int = 0, record: bool = False):
+        """`record`: keep each tensor by its checkpoint name in `named` (which holds them alive)."""
+        self.device, self.record = torch.device(device), record
         self.generator = torch.Generator(self.device).manual_seed(seed)
         self.bytes_made = 0
         self.named: dict[str, torch.Tensor] = {}  # checkpoint name -> the tensor made for it
@@ -34,17 +35,19 @@ class RandomReader:
         else:
             t.mul_(shape[-1] ** -0.5)
         self.bytes_made += t.numel() * t.element_size()
-        self.named[spec.name] = t
+        if self.record:
+            self.named[spec.name] = t
         return t
 
 
 def random_model(config: ModelConfig, dtype: torch.dtype, device: str | torch.device = "cpu", seed: int = 0,
-                 names: bool = False):
-    """The text model of `config` with every expert local, random weights on `device`; with `names`, also each
-    tensor by its checkpoint name (the same storage: another implementation can be given the same weights)."""
-    reader = RandomReader(device, seed)
+                 names: bool = False, experts_dtype: str = "auto"):
+    """The text model of `config` with every expert local, random weights on `device` (experts quantized as they
+    are made with experts_dtype "fp8"); with `names`, also each tensor by its checkpoint name (the same storage:
+    another implementation can be given the same weights; FP8 experts are not in it)."""
+    reader = RandomReader(device, seed, record=names)
     weights = read_text_weights(reader, config, dtype)
     ids = tuple(range(config.text.num_experts))
-    experts = read_experts(reader, config, dtype, ids)
+    experts = read_experts(reader, config, dtype, ids, experts_dtype)
     model = DiffusionGemma(config, weights, LocalExperts(experts, ids, config.text.num_experts))
     return (model, reader.named) if names else model

@@ -48,9 +48,10 @@ def resolve_budget(memory_budget_bytes: int | None, fraction: float, device: tor
 
 
 def weight_bytes(config: ModelConfig, dtype: torch.dtype, experts: Sequence[int] | None = None,
-                 attention: bool = True) -> int:
+                 attention: bool = True, experts_dtype: str = "auto") -> int:
     """Bytes of the text weights a rank holds: the attention part (embeddings, attention, dense MLP, norms,
-    router) unless `attention` is False, and the routed experts `experts` (None: all)."""
+    router) unless `attention` is False, and the routed experts `experts` (None: all), in `dtype` or, with
+    experts_dtype "fp8", one byte a weight plus a float32 scale per output channel (ExpertWeights.nbytes)."""
     tc, size = config.text, dtype.itemsize
     total = 0
     if attention:
@@ -60,7 +61,11 @@ def weight_bytes(config: ModelConfig, dtype: torch.dtype, experts: Sequence[int]
     held = tc.num_experts if experts is None else len(set(experts))
     for i in range(tc.num_layers):
         for s in expert_specs(tc, i).values():
-            total += _numel(s.shape) // tc.num_experts * held * size
+            per_expert = _numel(s.shape) // tc.num_experts
+            if experts_dtype == "fp8":  # [out, in] a expert: out channels of scales
+                total += held * (per_expert + s.shape[1] * 4)
+            else:
+                total += held * per_expert * size
     return total
 
 
@@ -100,10 +105,10 @@ class FitPlan:
 def plan_fit(config: ModelConfig, dtype: torch.dtype, device_bytes: int, *, running: int, prompt_tokens: int,
              new_tokens: int, fused: bool, device: str = "cuda", page_size: int | None = None,
              experts: Sequence[int] | None = None, fraction: float = DEFAULT_FRACTION,
-             reserve: int = DEFAULT_RESERVE) -> FitPlan:
+             reserve: int = DEFAULT_RESERVE, experts_dtype: str = "auto") -> FitPlan:
     """An attention rank's plan: `running` requests of `prompt_tokens` + `new_tokens` positions on a device of
-    `device_bytes`, holding `experts` (None: all; [] with expert ranks)."""
-    weights = weight_bytes(config, dtype, experts)
+    `device_bytes`, holding `experts` (None: all; [] with expert ranks) in `experts_dtype`."""
+    weights = weight_bytes(config, dtype, experts, experts_dtype=experts_dtype)
     budget = int(fraction * device_bytes) - weights - reserve
     sizes = MemorySizes(config, dtype, page_size or config.canvas_length, fused, device)
     request = sizes.request(prompt_tokens + new_tokens)
@@ -114,13 +119,13 @@ PLANNED_PROMPT, PLANNED_NEW = 4096, 256  # the request size the start-up verdict
 
 
 def check_device(config: ModelConfig, dtype: torch.dtype, device_bytes: int, engine: EngineConfig, *,
-                 fused: bool, experts: Sequence[int] | None = None) -> FitPlan:
+                 fused: bool, experts: Sequence[int] | None = None, experts_dtype: str = "auto") -> FitPlan:
     """Before a rank loads anything: its plan for `engine.max_running` requests of 4,096 + 256 positions. Raises a
     ConfigError with the verdict when the weights leave no budget (the rank could serve nothing); otherwise the
     caller logs and reports the verdict (fewer requests than max_running only means a fuller queue)."""
     plan = plan_fit(config, dtype, device_bytes, running=engine.max_running, prompt_tokens=PLANNED_PROMPT,
                     new_tokens=PLANNED_NEW, fused=fused, page_size=engine.page_size, experts=experts,
-                    fraction=engine.memory_fraction)
+                    fraction=engine.memory_fraction, experts_dtype=experts_dtype)
     if plan.budget_bytes <= 0 or plan.canvases < 1:
         raise ConfigError("device", f"{device_bytes / GB:.1f} GB", plan.verdict(), "start-up check")
     return plan

@@ -84,14 +84,15 @@ def check_ranks(attention: int, experts: int) -> None:
 
 
 def generate_split(folder: str | Path, requests: list[SplitRequest], attention: int, experts: int,
-                   dtype: str = "float32", engine: dict | None = None) -> list[SplitResult]:
+                   dtype: str = "float32", engine: dict | None = None,
+                   experts_dtype: str = "auto") -> list[SplitResult]:
     """Run `requests` together through an engine split over `attention` + `experts` local processes."""
-    return run_split(folder, requests, attention, experts, dtype, engine).batched
+    return run_split(folder, requests, attention, experts, dtype, engine, experts_dtype=experts_dtype).batched
 
 
 def run_split(folder: str | Path, requests: list[SplitRequest], attention: int, experts: int,
               dtype: str = "float32", engine: dict | None = None, alone: bool = False,
-              forced: tuple[ForcedCase, ...] = ()) -> SplitRun:
+              forced: tuple[ForcedCase, ...] = (), experts_dtype: str = "auto") -> SplitRun:
     """`requests` through an engine split over `attention` + `experts` local processes: batched, and (`alone`) each
     alone first; `forced` teacher-forced passes run before the engine starts."""
     check_ranks(attention, experts)
@@ -100,8 +101,9 @@ def run_split(folder: str | Path, requests: list[SplitRequest], attention: int, 
     with tempfile.TemporaryDirectory(prefix="dgserve-split-") as tmp:
         store = os.path.join(tmp, "store")
         results = Results(os.path.join(tmp, "results"))
-        procs = [ctx.Process(target=_rank_main, args=(rank, world, attention, str(folder), dtype, store, requests,
-                                                      engine or {}, alone, forced, results), daemon=True)
+        procs = [ctx.Process(target=_rank_main, args=(rank, world, attention, str(folder), (dtype, experts_dtype),
+                                                      store, requests, engine or {}, alone, forced, results),
+                             daemon=True)
                  for rank in range(world)]
         for p in procs:
             p.start()
@@ -150,7 +152,7 @@ def process_group(rank: int, world: int, store: str):
     os._exit(code)
 
 
-def _rank_main(rank: int, world: int, attention: int, folder: str, dtype: str, store: str,
+def _rank_main(rank: int, world: int, attention: int, folder: str, dtypes: tuple[str, str], store: str,
                requests: list[SplitRequest], engine: dict, alone: bool, forced: tuple[ForcedCase, ...],
                results) -> None:
     import torch.distributed as dist
@@ -161,6 +163,7 @@ def _rank_main(rank: int, world: int, attention: int, folder: str, dtype: str, s
     from .exchange import Roles
     from .partition import ExpertPartition
 
+    dtype, experts_dtype = dtypes
     with process_group(rank, world, store):
         cfg = load_model_config(Path(folder))
         roles = Roles(attention, world - attention)
@@ -170,14 +173,14 @@ def _rank_main(rank: int, world: int, attention: int, folder: str, dtype: str, s
 
             from .exchange import ExpertServer
 
-            shard = load_expert_shard(folder, part.experts_of(rank - attention), dtype)
+            shard = load_expert_shard(folder, part.experts_of(rank - attention), dtype, experts_dtype=experts_dtype)
             server = ExpertServer(shard.layers, roles, top_k=cfg.text.top_k_experts)
             for layer in range(cfg.text.num_layers if forced else 0):  # the teacher-forced pass
                 server.serve_layer(layer, cfg.text.hidden_size, parse_dtype(dtype))
             follow_experts(server, dist.group.WORLD, rank, threading.Event(), cfg.text.num_layers,
                            cfg.text.hidden_size, parse_dtype(dtype))
             return
-        local, model, defaults = _attention_rank(folder, dtype, part, roles, engine)
+        local, model, defaults = _attention_rank(folder, dtypes, part, roles, engine)
         if forced:
             results.put(f"logits{rank}", _forced_pass(local, model, forced[rank::attention]))
         if rank == 0:
@@ -186,14 +189,14 @@ def _rank_main(rank: int, world: int, attention: int, folder: str, dtype: str, s
             follow(local, dist.group.WORLD, rank, threading.Event(), experts=part is not None)
 
 
-def _attention_rank(folder: str, dtype: str, part, roles, engine: dict):
+def _attention_rank(folder: str, dtypes: tuple[str, str], part, roles, engine: dict):
     from dgserve.model.loader import load_checkpoint
 
     from ..engine.config import EngineConfig
     from ..engine.executor import Executor
     from .exchange import AllToAllExperts
 
-    ck = load_checkpoint(folder, dtype=dtype, experts=[] if part is not None else None)
+    ck = load_checkpoint(folder, dtype=dtypes[0], experts=[] if part is not None else None, experts_dtype=dtypes[1])
     if part is not None:
         ck.model.experts = AllToAllExperts(part, roles)
     cfg = EngineConfig(**engine)

@@ -27,7 +27,7 @@ def test_every_stage_runs_and_the_table_comes_last(dry_run):
     proc, data, _ = dry_run
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert {k: v["status"] for k, v in data["stages"].items()} == dict.fromkeys(
-        ("env", "kernels", "dgserve", "reference", "parity"), "ok")
+        ("env", "kernels", "dgserve", "reference", "fp8", "parity"), "ok")
     assert "== GPU check ==" in proc.stdout and "transformers batch 1" in proc.stdout
 
 
@@ -38,6 +38,9 @@ def test_both_sides_do_the_same_passes(dry_run):
     assert [lv["batch"] for lv in levels] == sizes["batches"]
     for lv in levels:  # no early stop, no EOS: blocks x steps passes for every request
         assert lv["steps_per_block"] == [sizes["steps"]] and lv["tokens"] == lv["batch"] * sizes["blocks"] * C
+    fp8 = data["stages"]["fp8"]
+    assert fp8["experts_dtype"] == "fp8" and fp8["weight_bytes"] < data["stages"]["dgserve"]["weight_bytes"]
+    assert [lv["batch"] for lv in fp8["levels"]] == [1] and fp8["levels"][0]["tokens"] == sizes["blocks"] * C
     ref = data["stages"]["reference"]
     assert ref["same_passes"] and ref["decoder_passes"] == sizes["blocks"] * sizes["steps"]
     assert ref["same_token_count"] and ref["tokens"] == sizes["blocks"] * C

@@ -13,6 +13,7 @@ name: prod
 model: google/diffusiongemma-26B-A4B-it
 revision: main
 dtype: bfloat16
+experts_dtype: fp8
 device: cuda
 profile: replicated
 units: {min: 1, max: 4, initial: 2}
@@ -34,6 +35,7 @@ def test_a_full_topology_file_parses_and_round_trips(tmp_path):
     f.write_text(FULL)
     t = load_topology(f)
     assert (t.name, t.dtype, t.attention_ranks, t.units.max, t.engine.max_running) == ("prod", "bfloat16", 2, 4, 32)
+    assert t.experts_dtype == "fp8"
     assert t.resources["attention"].gpus == 1 and t.node_labels["attention"] == {"role": "attention"}
     assert t.sampler == {"max_new_tokens": 512, "max_denoising_steps": 16}
     assert topology_from_dict(t.to_dict()) == t
@@ -75,7 +77,7 @@ def test_the_wait_queue_bound_is_configurable():
     ({"profile": "packed"}, "expert_ranks", ">= 1 with profile packed"),
     ({"profile": "sideways"}, "profile", "replicated | packed | disaggregated"),
     ({"dtype": "float16"}, "dtype", "float32 | bfloat16"),
-    ({"experts_dtype": "bfloat16"}, "experts_dtype", "a key in"),  # no knob until FP8 experts give it meaning
+    ({"experts_dtype": "int4"}, "experts_dtype", "auto | fp8"),
     ({"engine": {"max_running": 0}}, "engine.max_running", "1..4096"),
     ({"engine": {"bogus": 1}}, "engine.bogus", "a key in"),
     ({"engine": {"expert_exchange": "padded"}}, "engine.expert_exchange", "variable | fixed"),

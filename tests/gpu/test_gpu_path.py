@@ -100,3 +100,26 @@ def test_captured_step_graphs_replay_what_the_pieces_compute_without_a_sync(tiny
     tol = 1e-5 if dtype == "float32" else 2e-2
     torch.testing.assert_close(replayed, eager.run(items), rtol=tol, atol=tol)
     torch.testing.assert_close(replayed, m.forward(items), rtol=tol * 10, atol=tol * 10)
+
+
+def test_fp8_experts_on_sm90_run_scaled_grouped_mm_as_the_widened_path_computes():
+    from dgserve.kernels.fp8 import quantize, scaled_grouped_backend, scaled_grouped_mm
+    from dgserve.kernels.moe import grouped_mm
+
+    if scaled_grouped_backend(torch.device("cuda")) != "scaled":
+        pytest.skip("torch._scaled_grouped_mm runs on sm90")
+    g = torch.Generator("cuda").manual_seed(0)
+    E, N, K, P = 16, 256, 512, 2048
+    _, offs = group_rows(torch.randint(0, E, (P,), device="cuda", generator=g), E)
+    x = torch.randn(P, K, device="cuda", generator=g).bfloat16()
+    w_q, w_s = quantize((torch.randn(E, N, K, device="cuda", generator=g) / K ** 0.5).bfloat16())
+    x_q, x_s = quantize(x)
+    row_expert = torch.searchsorted(offs.long(), torch.arange(P, device="cuda"), right=True)
+    want = grouped_mm(x_q.float(), w_q.float(), offs) * x_s[:, None] * w_s[row_expert]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = scaled_grouped_mm(x, w_q, w_s, offs)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)

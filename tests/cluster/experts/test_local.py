@@ -63,3 +63,19 @@ def test_a_fixed_capacity_exchange_serves_the_same_requests(confident, confident
         same += sum(a == b for a, b in zip(got.token_ids, want.token_ids, strict=True))
         total += len(want.token_ids)
     assert same / total >= 0.95, f"{same} of {total} tokens agree"
+
+
+def test_expert_ranks_hold_fp8_experts_and_give_single_process_fp8_results(tiny_dir):
+    """experts_dtype fp8 with expert ranks: each expert rank quantizes only its own experts at load, and the split
+    gives the single-process FP8 model's logits and tokens."""
+    from dgserve.model.loader import load_checkpoint
+
+    fp8 = load_checkpoint(tiny_dir, experts_dtype="fp8")
+    cases = forced_cases(fp8, 2)
+    run = run_split(tiny_dir, REQUESTS[:2], 1, 2, forced=cases, experts_dtype="fp8")
+    for case, got in zip(cases, run.logits, strict=True):
+        want = solo_logits(fp8, case)
+        assert torch.equal(got, want), (got - want).abs().max()
+    for r, got in zip(REQUESTS[:2], run.batched, strict=True):
+        s = SamplerSettings.from_defaults(fp8.generation, **r.sampler)
+        assert list(got.token_ids) == generate(fp8.model, list(r.prompt_ids), s, seed=r.seed).token_ids

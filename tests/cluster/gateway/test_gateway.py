@@ -43,6 +43,7 @@ def test_model_info_tokenize_and_reflection(endpoint, tiny_dir):
         assert info.limits.max_prompt_tokens == 512 and info.limits.canvas_length == 32
         assert info.limits.context_length == 32768 and info.vocab_size == 1024
         assert info.topology.profile == "replicated" and info.topology.attention_ranks == 1
+        assert info.topology.dtype == info.topology.experts_dtype == "float32"
         assert info.sampler_defaults.max_denoising_steps == 48
         assert {r.name for r in info.sampler_ranges} >= {"max_new_tokens", "t_max", "seed"}
         from dgserve.model.tokenizer import chat_prompt_ids, load_tokenizer
@@ -267,6 +268,17 @@ def test_the_grpc_deadline_becomes_the_engine_requests_timeout(tiny_dir):
     assert 2 < streamed < 3.1  # grpc-timeout rounds up a little
     defaults = load_generation_defaults(tiny_dir)
     assert [r.to_engine(defaults, {}).timeout_s for r in sent] == [with_deadline, without, streamed]  # on rank 0
+
+
+def test_model_info_reports_the_experts_dtype(tiny_dir):
+    from dgserve.cluster.config import parse_topology
+    from dgserve.cluster.gateway.convert import Limits, model_info
+    from dgserve.model.config import load_generation_defaults, load_model_config
+
+    cfg, defaults = load_model_config(tiny_dir), load_generation_defaults(tiny_dir)
+    limits = Limits(512, 32768, 32, 1024, 10_000)
+    for raw, want in (({}, "float32"), ({"experts_dtype": "fp8"}, "fp8"), ({"dtype": "bfloat16"}, "bfloat16")):
+        assert model_info(parse_topology(raw), cfg, defaults, limits, "m", "v").topology.experts_dtype == want
 
 
 def test_model_info_carries_the_serving_units_all_to_all_sweep(tiny_dir):
