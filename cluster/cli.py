@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     mt.add_argument("--seed", type=int, default=0)
     mt.add_argument("--preset", default="tiny", help="tiny (default) | bench | confident (blocks stop early)")
     mt.add_argument("--shards", type=int, default=3)
+    mt.add_argument("--experts-dtype", default="auto",
+                    help="auto | fp8: experts already quantized, as a compressed-tensors FP8_DYNAMIC checkpoint")
 
     gen = sub.add_parser("generate", help="generate in this process (no Ray)")
     gen.add_argument("--model", default=None, help="checkpoint folder or hub id (default: the embedded tiny model)")
@@ -210,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "make-tiny":
             from dgserve.model.tiny import make_tiny
 
-            folder = make_tiny(args.dir, seed=args.seed, preset=args.preset, num_shards=args.shards)
+            folder = make_tiny(args.dir, seed=args.seed, preset=args.preset, num_shards=args.shards,
+                               experts_dtype=args.experts_dtype)
             print(f"wrote tiny checkpoint ({args.preset}, seed {args.seed}) to {folder}")
             return 0
         if args.device != "cpu" and not torch.cuda.is_available():

@@ -21,6 +21,7 @@ from .dtypes import AUTO, EXPERTS_DTYPES, resolve_dtype
 from .errors import CheckpointError, ConfigError
 from .hub import resolve_checkpoint
 from .moe import ExpertWeights, LocalExperts
+from .quantized import PROJECTIONS, Quantization, channel_scale, check_consumed, expert_names
 from .sampler import SamplerSettings
 from .transformer import DiffusionGemma
 from .weights import LayerWeights, TensorSpec, TextWeights, expert_specs, global_specs, layer_specs
@@ -60,6 +61,9 @@ class CheckpointReader:
         if missing:
             raise CheckpointError(f"{folder}: shard(s) named in the index are missing: {', '.join(missing)}")
         self.weight_map: dict[str, str] = weight_map
+        config = folder / "config.json"
+        self.quantization = Quantization.from_config(json.loads(config.read_text())) if config.is_file() else None
+        self.consumed: set[str] = set()  # names read (a quantized checkpoint's tensors are checked against it)
         self.bytes_read = 0  # bytes of tensor data read from the shards so far (as stored)
         self.largest_read = 0  # the most bytes of one tensor read into host memory at once (as stored)
         self._stack = ExitStack()
@@ -82,8 +86,27 @@ class CheckpointReader:
                               f"{self.folder}")
 
     def read(self, spec: TensorSpec, dtype: torch.dtype, rows: Sequence[int] | None = None) -> torch.Tensor:
-        """Read one tensor (optionally only some rows of dim 0), checking its shape against `spec`."""
+        """Read one tensor (optionally only some rows of dim 0), checking its shape against `spec`. In a quantized
+        checkpoint a weight stored in FP8 beside its `_scale` is dequantized by compressed-tensors first."""
         name = self.find(spec)
+        if self.quantization is not None and f"{name}_scale" in self.weight_map:
+            scale = self.read_raw(f"{name}_scale")
+            weight = self._read(name, spec.shape, None, rows)
+            keep = scale if rows is None or scale.numel() == 1 else scale[list(rows)]
+            return self.quantization.dequantize(weight, keep.to(weight.device)).to(dtype)
+        return self._read(name, spec.shape, dtype, rows)
+
+    def read_raw(self, name: str) -> torch.Tensor:
+        """A tensor as stored (dtype and shape), on the reader's device."""
+        if name not in self.weight_map:
+            raise CheckpointError(f"tensor {name} is missing from the checkpoint {self.folder}")
+        sl = self._file(self.weight_map[name]).get_slice(name)
+        return self._read(name, tuple(sl.get_shape()), None, None)
+
+    def _read(self, name: str, shape_expected: tuple[int, ...], dtype: torch.dtype | None,
+              rows: Sequence[int] | None) -> torch.Tensor:
+        self.consumed.add(name)
+        spec = TensorSpec(name, shape_expected)
         sl = self._file(self.weight_map[name]).get_slice(name)
         shape = tuple(sl.get_shape())
         if shape != spec.shape:
@@ -92,7 +115,7 @@ class CheckpointReader:
         n = sum(t.numel() * t.element_size() for t in parts)
         self.bytes_read += n
         self.largest_read = max(self.largest_read, n)
-        parts = [t.to(device=self.device, dtype=dtype) for t in parts]
+        parts = [t.to(device=self.device, dtype=dtype or t.dtype) for t in parts]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
@@ -149,12 +172,46 @@ def read_experts(reader: CheckpointReader, cfg: ModelConfig, dtype: torch.dtype,
     """Each layer's experts `expert_ids`; with experts_dtype "fp8" quantized as each layer is read (one layer's
     full-precision experts exist at a time)."""
     check_experts_dtype(experts_dtype)
+    if getattr(reader, "quantization", None) is not None:
+        return [read_fp8_experts(reader, cfg, i, expert_ids) for i in range(cfg.text.num_layers)]
     out = []
     for i in range(cfg.text.num_layers):
         specs = expert_specs(cfg.text, i)
         gate_up, down = reader.read(specs["gate_up"], dtype, expert_ids), reader.read(specs["down"], dtype, expert_ids)
         out.append(ExpertWeights.quantized(gate_up, down) if experts_dtype == "fp8" else ExpertWeights(gate_up, down))
     return out
+
+
+def read_fp8_experts(reader: CheckpointReader, cfg: ModelConfig, layer: int,
+                     expert_ids: Sequence[int]) -> ExpertWeights:
+    """One layer's experts from a pre-quantized checkpoint (model/quantized.py: the per-expert layout), as stored:
+    FP8 weights and their per-output-channel scales."""
+    tc = cfg.text
+    I, D = tc.moe_intermediate_size, tc.hidden_size
+    fused = expert_specs(tc, layer)["gate_up"]
+    prefix = fused.name.removesuffix(".experts.gate_up_proj")
+    shapes = {"gate_proj": (I, D), "up_proj": (I, D), "down_proj": (D, I)}
+    weights: dict[str, list[torch.Tensor]] = {p: [] for p in PROJECTIONS}
+    scales: dict[str, list[torch.Tensor]] = {p: [] for p in PROJECTIONS}
+    for e in expert_ids:
+        for proj in PROJECTIONS:
+            w_name, s_name = expert_names(prefix, e, proj)
+            if w_name not in reader.weight_map:
+                stored = [n for n in (fused.name, *fused.fallbacks) if n in reader.weight_map]
+                found = f"; it stores {stored[0]}" if stored else ""
+                raise CheckpointError(f"tensor {w_name} is missing: a quantized checkpoint's experts are read in the "
+                                      f"per-expert layout (experts.{{e}}.{{gate,up,down}}_proj.weight and "
+                                      f".weight_scale){found}")
+            w = reader.read_raw(w_name)
+            if w.dtype != torch.float8_e4m3fn or tuple(w.shape) != shapes[proj]:
+                raise CheckpointError(f"tensor {w_name}: expected float8_e4m3fn {list(shapes[proj])}, found "
+                                      f"{str(w.dtype).removeprefix('torch.')} {list(w.shape)}")
+            weights[proj].append(w)
+            scales[proj].append(channel_scale(reader.read_raw(s_name), shapes[proj][0], s_name).to(w.device))
+    gate_up = torch.stack([torch.cat([g, u]) for g, u in zip(weights["gate_proj"], weights["up_proj"], strict=True)])
+    gate_up_scale = torch.stack([torch.cat([g, u]) for g, u in zip(scales["gate_proj"], scales["up_proj"],
+                                                                   strict=True)])
+    return ExpertWeights(gate_up, torch.stack(weights["down_proj"]), gate_up_scale, torch.stack(scales["down_proj"]))
 
 
 def check_experts_dtype(name: str) -> None:
@@ -190,6 +247,9 @@ def load_checkpoint(model: str | os.PathLike, dtype: str | torch.dtype = AUTO,
     try:
         weights = read_text_weights(reader, cfg, dt)
         expert_weights = read_experts(reader, cfg, dt, ids, experts_dtype) if ids else []
+        if reader.quantization is not None:
+            check_consumed(reader.weight_map, reader.consumed)
+            experts_dtype = "fp8"  # pre-quantized experts load as they are
     finally:
         reader.close()
     model_ = DiffusionGemma(cfg, weights, LocalExperts(expert_weights, ids, cfg.text.num_experts))
@@ -209,6 +269,8 @@ def load_expert_shard(model: str | os.PathLike, experts: Sequence[int], dtype: s
     reader = CheckpointReader(folder, device)
     try:
         layers = read_experts(reader, cfg, parse_dtype(dtype, device), ids, experts_dtype)
+        if reader.quantization is not None:
+            check_consumed(reader.weight_map, reader.consumed, all_read=False)
     finally:
         reader.close()
     return ExpertShard(cfg, ids, layers, reader.bytes_read)

@@ -246,13 +246,19 @@ def _vision_tensors(p: TinyPreset, g: torch.Generator) -> dict[str, torch.Tensor
     return out
 
 
+def _stored(name: str, t: torch.Tensor) -> torch.Tensor:
+    """bfloat16, as the real checkpoint; a quantized checkpoint's FP8 weights and float32 scales as they are."""
+    keep = t.dtype == torch.float8_e4m3fn or name.endswith("_scale")
+    return (t if keep else t.to(torch.bfloat16)).contiguous()
+
+
 def _write_shards(folder: Path, tensors: dict[str, torch.Tensor], num_shards: int) -> None:
     names = sorted(tensors)
     per = math.ceil(len(names) / num_shards)
     weight_map, total = {}, 0
     for s in range(num_shards):
         shard = f"model-{s + 1:05d}-of-{num_shards:05d}.safetensors"
-        part = {n: tensors[n].to(torch.bfloat16).contiguous() for n in names[s * per:(s + 1) * per]}
+        part = {n: _stored(n, tensors[n]) for n in names[s * per:(s + 1) * per]}
         save_file(part, folder / shard, metadata={"format": "pt"})
         weight_map |= {n: shard for n in part}
         total += sum(t.numel() * t.element_size() for t in part.values())
@@ -260,7 +266,12 @@ def _write_shards(folder: Path, tensors: dict[str, torch.Tensor], num_shards: in
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
-def make_tiny(folder: str | Path, seed: int = 0, preset: str = "tiny", num_shards: int = 3) -> Path:
+def make_tiny(folder: str | Path, seed: int = 0, preset: str = "tiny", num_shards: int = 3,
+              experts_dtype: str = "auto", quantize_dense: bool = False) -> Path:
+    """A tiny random checkpoint in the real layout; experts_dtype "fp8": already quantized (tiny_fp8.py), as a
+    compressed-tensors FP8_DYNAMIC checkpoint (with `quantize_dense`, its dense MLP too)."""
+    if experts_dtype not in ("auto", "fp8"):
+        raise ConfigError("experts_dtype", experts_dtype, "auto | fp8")
     if preset not in PRESETS:
         raise ConfigError("preset", preset, " | ".join(PRESETS))
     if num_shards < 2:
@@ -278,9 +289,15 @@ def make_tiny(folder: str | Path, seed: int = 0, preset: str = "tiny", num_shard
     }, indent=2))
     (folder / "chat_template.jinja").write_text(resources.files(__package__).joinpath("chat_template.jinja")
                                                .read_text())
-    (folder / "config.json").write_text(json.dumps(_config_json(p, media_ids), indent=2))
+    config = _config_json(p, media_ids)
     (folder / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=2))
     g = torch.Generator().manual_seed(seed)
-    _write_shards(folder, _text_tensors(p, g) | _vision_tensors(p, g), num_shards)
+    tensors = _text_tensors(p, g) | _vision_tensors(p, g)
+    if experts_dtype == "fp8":
+        from .tiny_fp8 import quantize_checkpoint
+
+        config["quantization_config"] = quantize_checkpoint(tensors, p.num_hidden_layers, quantize_dense)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    _write_shards(folder, tensors, num_shards)
     (folder / "dgserve_tiny.json").write_text(json.dumps({"seed": seed, "preset": preset, **asdict(p)}))
     return folder
