@@ -9,7 +9,8 @@
 3. `argmax_agreement`: the tiny model with a planted copy path (`confident` preset: logits peaked as a trained
    model's), bfloat16 with FP8 experts against bfloat16, the argmax of denoised canvases after a prompt
    (goal >= 0.9).
-4. Load time of that checkpoint with experts quantized at load against as stored, and one MoE layer's grouped
+4. Load time of that checkpoint with experts quantized at load against as stored, and of the same model written
+   already quantized (make-tiny --experts-dtype fp8: compressed-tensors FP8_DYNAMIC), and one MoE layer's grouped
    GEMMs (gate/up) in FP8 against bfloat16 on this device, naming the FP8 path that ran (`scaled`:
    torch._scaled_grouped_mm on sm90; `widened`: FP8 values in a float32 grouped GEMM, the CPU path: not a speed
    path, so its time is reported, never claimed).
@@ -86,26 +87,31 @@ def argmax_and_load(canvases: int, device: str) -> dict:
     from dgserve.model.loader import load_checkpoint
     from dgserve.model.tiny import make_tiny
 
-    folder = make_tiny(Path(tempfile.mkdtemp(prefix="dgserve-fp8-")), preset="confident")
+    tmp = Path(tempfile.mkdtemp(prefix="dgserve-fp8-"))
+    folder = make_tiny(tmp / "bf16", preset="confident")
+    quantized = make_tiny(tmp / "fp8", preset="confident", experts_dtype="fp8")  # compressed-tensors FP8_DYNAMIC
     models, load_s = {}, {}
-    for name in ("auto", "fp8"):
+    for name, path, experts_dtype in (("auto", folder, "auto"), ("fp8", folder, "fp8"),
+                                      ("prequantized", quantized, "auto")):
         t0 = time.perf_counter()
-        models[name] = load_checkpoint(folder, dtype="bfloat16", device=device, experts_dtype=name).model
+        models[name] = load_checkpoint(path, dtype="bfloat16", device=device, experts_dtype=experts_dtype).model
         load_s[name] = time.perf_counter() - t0
     g = torch.Generator().manual_seed(1)
-    C, agree, total = models["auto"].config.canvas_length, 0, 0
+    C, total = models["auto"].config.canvas_length, 0
+    agree = {"fp8": 0, "prequantized": 0}
     for _ in range(canvases):
         prompt = torch.randint(3, 1000, (40,), generator=g).to(device)
         canvas = torch.randint(3, 1000, (C,), generator=g).to(device)
-        argmax = []
-        for m in models.values():
+        argmax = {}
+        for name, m in models.items():
             kv = m.new_cache()
             m.encode(kv, prompt)
-            argmax.append(m.denoise(kv, canvas, None).argmax(-1))
-        agree += int((argmax[0] == argmax[1]).sum())
+            argmax[name] = m.denoise(kv, canvas, None).argmax(-1)
+        for name in agree:
+            agree[name] += int((argmax[name] == argmax["auto"]).sum())
         total += C
-    return {"argmax_agreement": agree / total, "positions": total,
-            "load_s": {k: round(v, 3) for k, v in load_s.items()}}
+    return {"argmax_agreement": agree["fp8"] / total, "prequantized_argmax_agreement": agree["prequantized"] / total,
+            "positions": total, "load_s": {k: round(v, 3) for k, v in load_s.items()}}
 
 
 def gemm_time(rows: int, device: str) -> dict:
@@ -156,7 +162,9 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"   {'met' if met[k] else 'NOT MET'}")
     m, t, gm = result["memory"], result["tiny_peaked"], result["grouped_gemm"]
     print(f"  experts of the real shapes: bf16 {m['bf16_gb']:.2f} GB, fp8 {m['fp8_gb']:.2f} GB")
-    print(f"  load (tiny confident, bf16): as stored {t['load_s']['auto']} s, fp8 at load {t['load_s']['fp8']} s")
+    print(f"  load (tiny confident, bf16): as stored {t['load_s']['auto']} s, fp8 at load {t['load_s']['fp8']} s, "
+          f"pre-quantized (compressed-tensors) {t['load_s']['prequantized']} s; its argmax agreement "
+          f"{t['prequantized_argmax_agreement']:.3f}")
     print(f"  grouped gate/up GEMM, {gm['rows']} rows on {args.device} ({gm['threads']} threads): bf16 "
           f"{gm['bf16_ms']} ms, fp8 {gm['fp8_ms']} ms ({gm['fp8_path']})")
     if args.json:
