@@ -82,3 +82,18 @@ def test_the_real_experts_in_fp8_take_half_the_bytes_and_32_long_requests_fit_an
 def test_an_unknown_experts_dtype_is_refused_by_name(tiny_dir):
     with pytest.raises(ConfigError, match="experts_dtype='int4'; allowed: auto | fp8"):
         load_checkpoint(tiny_dir, experts_dtype="int4")
+
+
+def test_an_engine_batches_fp8_experts_as_invisibly_as_full_precision(fp8):
+    """CPU float32 with FP8 experts: activations are quantized per token (row by row) and the FP8 values multiply
+    in float32 GEMMs, so batching keeps every request's tokens bitwise, as without FP8."""
+    from dgserve.cluster.engine import Engine, EngineConfig, EngineRequest
+    from dgserve.model.generate import generate
+    from dgserve.model.sampler import SamplerSettings
+
+    reqs = [EngineRequest(list(range(5, 5 + n)), SamplerSettings.from_defaults(
+        fp8.generation, max_new_tokens=64, max_denoising_steps=6), seed=n) for n in (3, 17, 40)]
+    with Engine(fp8.model, EngineConfig(max_running=3)) as engine:
+        streams = [engine.submit(r) for r in reqs]
+        got = [list(s.result(60).token_ids) for s in streams]
+    assert got == [generate(fp8.model, r.prompt_ids, r.settings, seed=r.seed).token_ids for r in reqs]
