@@ -60,20 +60,30 @@ def test_the_experts_run_without_a_host_sync(dtype):
     torch.testing.assert_close(out.cpu().float(), exact, rtol=tol, atol=tol)
 
 
-def test_a_batched_pass_on_cuda_matches_the_per_item_pass_and_does_not_sync(tiny_dir):
-    m = load_checkpoint(tiny_dir, dtype="float32", device="cuda").model
-    assert m.batched_attention
-    caches = [m.new_cache() for _ in range(4)]
+def canvases(m, n: int) -> list[WorkItem]:
+    """n canvases over caches of 5, 15, 25 ... encoded positions."""
+    caches = [m.new_cache() for _ in range(n)]
     for i, cache in enumerate(caches):
         m.forward([WorkItem(cache, torch.arange(3, 3 + 10 * i + 5, device="cuda"), encode=True)])
-    items = [WorkItem(c, torch.arange(100 + i, 132 + i, device="cuda"), encode=False) for i, c in enumerate(caches)]
-    m.forward(items)
+    return [WorkItem(c, torch.arange(100 + i, 132 + i, device="cuda"), encode=False) for i, c in enumerate(caches)]
+
+
+def without_sync(fn):
+    """fn() once to warm up, then again under CUDA's sync debug mode "error" (a host sync raises)."""
+    fn()
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        together = m.forward(items)
+        return fn()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_a_batched_pass_on_cuda_matches_the_per_item_pass_and_does_not_sync(tiny_dir):
+    m = load_checkpoint(tiny_dir, dtype="float32", device="cuda").model
+    assert m.batched_attention
+    items = canvases(m, 4)
+    together = without_sync(lambda: m.forward(items))
     m.batched_attention = False
     alone = m.forward(items)
     torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-4)
@@ -86,17 +96,8 @@ def test_captured_step_graphs_replay_what_the_pieces_compute_without_a_sync(tiny
     m = load_checkpoint(tiny_dir, dtype=dtype, device="cuda").model
     graphs, eager = DecoderGraphs(m, buckets=(1, 2, 4)), DecoderGraphs(m, buckets=(4,), capture=False)
     assert graphs.captured and not eager.captured
-    caches = [m.new_cache() for _ in range(3)]
-    for i, cache in enumerate(caches):
-        m.forward([WorkItem(cache, torch.arange(3, 3 + 10 * i + 5, device="cuda"), encode=True)])
-    items = [WorkItem(c, torch.arange(100 + i, 132 + i, device="cuda"), encode=False) for i, c in enumerate(caches)]
-    graphs.run(items)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        replayed = graphs.run(items)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    items = canvases(m, 3)
+    replayed = without_sync(lambda: graphs.run(items))
     tol = 1e-5 if dtype == "float32" else 2e-2
     torch.testing.assert_close(replayed, eager.run(items), rtol=tol, atol=tol)
     torch.testing.assert_close(replayed, m.forward(items), rtol=tol * 10, atol=tol * 10)
