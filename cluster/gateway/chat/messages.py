@@ -1,0 +1,200 @@
+"""Chat requests, checked and rendered: messages with roles system, user, assistant and tool; tool declarations as
+JSON Schema; thinking on or off. Every error is an InputError naming the field (`messages[2].tool_call_id`,
+`tools[0].function.parameters`, ...).
+
+Rendering uses the checkpoint's own chat template through its tokenizer (transformers' `apply_chat_template`;
+`model/chat_template.jinja` renders MODEL_SPEC section 6 where a checkpoint has none). Earlier turns' thoughts
+are not sent back to the model (the model card's rule): an assistant message's content is rendered without its
+thought channel. A tool result is rendered under the name of the call it answers.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+
+from dgserve.model.errors import InputError
+
+from .reply import THOUGHT_CLOSE, THOUGHT_OPEN, ToolCall
+
+ROLES = ("system", "user", "assistant", "tool")
+NAME = re.compile(r"[A-Za-z0-9_\-\.]{1,64}")
+MAX_TOOLS = 128
+
+
+@dataclass(frozen=True)
+class Tool:
+    name: str
+    description: str
+    parameters: dict
+
+    def as_template(self) -> dict:
+        return {"type": "function", "function": {"name": self.name, "description": self.description,
+                                                 "parameters": self.parameters}}
+
+
+@dataclass(frozen=True)
+class Message:
+    role: str
+    content: str = ""
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Conversation:
+    messages: tuple[Message, ...]
+    tools: tuple[Tool, ...] = ()
+    thinking: bool = False
+    names: dict[str, str] = field(default_factory=dict)  # tool call id -> tool name
+
+    def template_messages(self) -> list[dict]:
+        out = []
+        for m in self.messages:
+            if m.role == "assistant":
+                calls = [{"function": {"name": c.name, "arguments": c.arguments}} for c in m.tool_calls]
+                out.append({"role": "assistant", "content": strip_thoughts(m.content), "tool_calls": calls})
+            elif m.role == "tool":
+                out.append({"role": "tool", "name": self.names[m.tool_call_id], "content": m.content})
+            else:
+                out.append({"role": m.role, "content": m.content})
+        return out
+
+
+def strip_thoughts(text: str) -> str:
+    """An earlier answer without its thought channel."""
+    while THOUGHT_OPEN in text:
+        start = text.index(THOUGHT_OPEN)
+        end = text.find(THOUGHT_CLOSE, start)
+        text = text[:start] + (text[end + len(THOUGHT_CLOSE):] if end >= 0 else "")
+    return text
+
+
+def _text(value, field_name: str) -> str:
+    """A content value (a string, or OpenAI's list of text parts) as a valid UTF-8 string."""
+    if value is None:
+        return ""
+    if isinstance(value, list):
+        parts = []
+        for j, part in enumerate(value):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise InputError(f"{field_name}[{j}]", "a content part must be {\"type\": \"text\", \"text\": ...} "
+                                                       "(image input arrives with the vision tower)")
+            parts.append(part["text"])
+        value = "".join(parts)
+    if not isinstance(value, str):
+        raise InputError(field_name, f"must be a string, got {type(value).__name__}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InputError(field_name, f"is not valid UTF-8 (character {e.start})") from None
+    return value
+
+
+def parse_tools(raw) -> tuple[Tool, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list) or len(raw) > MAX_TOOLS:
+        raise InputError("tools", f"must be a list of at most {MAX_TOOLS} tool declarations")
+    from jsonschema import SchemaError
+    from jsonschema.validators import validator_for
+
+    out, seen = [], set()
+    for i, t in enumerate(raw):
+        f = t.get("function") if isinstance(t, dict) and t.get("type", "function") == "function" else None
+        if not isinstance(f, dict):
+            raise InputError(f"tools[{i}]", "must be {\"type\": \"function\", \"function\": {\"name\": ...}}")
+        name = f.get("name")
+        if not isinstance(name, str) or not NAME.fullmatch(name):
+            raise InputError(f"tools[{i}].function.name", "must be 1-64 letters, digits, '_', '-' or '.'")
+        if name in seen:
+            raise InputError(f"tools[{i}].function.name", f"{name!r} is declared twice")
+        seen.add(name)
+        params = f.get("parameters", {"type": "object", "properties": {}})
+        try:
+            if not isinstance(params, dict):
+                raise SchemaError(f"{type(params).__name__} is not a JSON Schema object")
+            validator_for(params).check_schema(params)
+        except SchemaError as e:
+            raise InputError(f"tools[{i}].function.parameters", f"is not a valid JSON Schema: {e.message}") from None
+        if params.get("type", "object") != "object":
+            raise InputError(f"tools[{i}].function.parameters", "must describe an object (\"type\": \"object\")")
+        out.append(Tool(name, _text(f.get("description", ""), f"tools[{i}].function.description"), params))
+    return tuple(out)
+
+
+def _calls(raw, i: int) -> tuple[ToolCall, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise InputError(f"messages[{i}].tool_calls", "must be a list")
+    out = []
+    for j, c in enumerate(raw):
+        where = f"messages[{i}].tool_calls[{j}]"
+        f = c.get("function") if isinstance(c, dict) else None
+        if not isinstance(f, dict) or not isinstance(c.get("id"), str) or not c["id"]:
+            raise InputError(where, "must be {\"id\": ..., \"type\": \"function\", \"function\": {\"name\", "
+                                    "\"arguments\"}}")
+        args = f.get("arguments", {})
+        if isinstance(args, str):
+            try:
+                args = json.loads(args) if args.strip() else {}
+            except json.JSONDecodeError as e:
+                raise InputError(f"{where}.function.arguments", f"is not valid JSON ({e.msg})") from None
+        if not isinstance(args, dict):
+            raise InputError(f"{where}.function.arguments", "must be a JSON object")
+        name = f.get("name")
+        if not isinstance(name, str) or not NAME.fullmatch(name):
+            raise InputError(f"{where}.function.name", "must be 1-64 letters, digits, '_', '-' or '.'")
+        out.append(ToolCall(c["id"], name, args))
+    return tuple(out)
+
+
+def parse_conversation(raw_messages, raw_tools=None, thinking: bool = False) -> Conversation:
+    """Checks a chat request: roles, order, tool calls and the results that answer them, tool schemas."""
+    if not isinstance(raw_messages, list) or not raw_messages:
+        raise InputError("messages", "must be a non-empty list")
+    tools = parse_tools(raw_tools)
+    messages, names = [], {}
+    for i, m in enumerate(raw_messages):
+        if not isinstance(m, dict):
+            raise InputError(f"messages[{i}]", "must be an object with a role")
+        role = m.get("role")
+        if role not in ROLES:
+            raise InputError(f"messages[{i}].role", f"{role!r} is not one of {' | '.join(ROLES)}")
+        if role == "system" and i != 0:
+            raise InputError(f"messages[{i}].role", "a system message can only be the first")
+        content = _text(m.get("content"), f"messages[{i}].content")
+        if role == "assistant":
+            calls = _calls(m.get("tool_calls"), i)
+            names |= {c.id: c.name for c in calls}
+            messages.append(Message(role, content, calls))
+        elif role == "tool":
+            call_id = m.get("tool_call_id")
+            if not names:
+                raise InputError(f"messages[{i}]", "a tool result without an earlier assistant tool call")
+            if call_id not in names:
+                raise InputError(f"messages[{i}].tool_call_id", f"{call_id!r} answers no earlier tool call "
+                                                                f"(known: {', '.join(sorted(names))})")
+            messages.append(Message(role, content, tool_call_id=call_id))
+        else:
+            messages.append(Message(role, content))
+    if messages[-1].role == "assistant" and not messages[-1].tool_calls:
+        raise InputError(f"messages[{len(messages) - 1}].role", "the last message must be from the user or a tool "
+                                                                "(the reply is the model's)")
+    return Conversation(tuple(messages), tools, bool(thinking), names)
+
+
+def render_ids(tokenizer, conv: Conversation, max_tokens: int | None = None) -> list[int]:
+    """The conversation through the checkpoint's chat template, tokenized, with the model turn opened; a history
+    longer than `max_tokens` is refused."""
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise InputError("messages", "this checkpoint has no tokenizer or chat template; send token ids")
+    out = tokenizer.apply_chat_template(conv.template_messages(), tools=[t.as_template() for t in conv.tools] or None,
+                                        add_generation_prompt=True, tokenize=True, enable_thinking=conv.thinking)
+    ids = list(out["input_ids"] if hasattr(out, "keys") else out)
+    if max_tokens is not None and len(ids) > max_tokens:
+        raise InputError("messages", f"the conversation is {len(ids)} tokens with its template; the limit is "
+                                     f"{max_tokens}")
+    return ids
