@@ -11,7 +11,7 @@ from grpc_health.v1 import health_pb2
 
 from .calls import MESSAGE_OPTIONS, ClientBase
 from .errors import from_rpc_error
-from .request import build_request
+from .request import build_chat_request, build_request
 from .v1 import dgserve_pb2 as pb
 
 
@@ -44,6 +44,27 @@ class AsyncClient(ClientBase):
         attempts = self._attempts(request_id, timeout, req)
         while True:
             with attempts.stream(self.stub.GenerateStream, req) as call:
+                async for msg in call:
+                    yield attempts.received(msg)
+                return
+            await asyncio.sleep(attempts.pause)
+
+    async def chat(self, messages: Sequence[dict], tools: Sequence[dict] | None = None, *, seed: int | None = None,
+                   thinking: bool = False, request_id: str | None = None, timeout: float | None = None,
+                   **knobs) -> pb.ChatResponse:
+        """One chat turn: the reply's content, reasoning (thinking mode) and tool calls."""
+        req = build_chat_request(messages, tools, seed, thinking, **knobs)
+        return await self._unary(self.stub.Chat, req, request_id, timeout)
+
+    async def chat_stream(self, messages: Sequence[dict], tools: Sequence[dict] | None = None, *,
+                          seed: int | None = None, thinking: bool = False, request_id: str | None = None,
+                          timeout: float | None = None, **knobs) -> AsyncIterator[pb.ChatStreamResponse]:
+        """A delta per committed block, then the final reply; retried only until the first message arrives."""
+        await self._check_version()
+        req = build_chat_request(messages, tools, seed, thinking, **knobs)
+        attempts = self._attempts(request_id, timeout, req)
+        while True:
+            with attempts.stream(self.stub.ChatStream, req) as call:
                 async for msg in call:
                     yield attempts.received(msg)
                 return

@@ -34,6 +34,39 @@ def build_request(prompt: str | None = None, token_ids: Sequence[int] | None = N
     return req
 
 
+def build_chat_request(messages: Sequence[dict], tools: Sequence[dict] | None = None, seed: int | None = None,
+                       thinking: bool = False, **knobs) -> pb.ChatRequest:
+    """A ChatRequest from OpenAI-shaped dicts: messages {"role", "content", "tool_calls": [{"id", "function":
+    {"name", "arguments"}}], "tool_call_id"} and tools {"type": "function", "function": {"name", "description",
+    "parameters"}} (arguments and parameters as dicts or JSON strings)."""
+    import json
+
+    unknown = set(knobs) - set(KNOBS)
+    if unknown:
+        raise ValueError(f"unknown sampler knob(s) {sorted(unknown)}; known: {list(KNOBS)}")
+    req = pb.ChatRequest(thinking=thinking)
+    for m in messages:
+        msg = req.messages.add(role=m.get("role", ""), content=m.get("content") or "",
+                               tool_call_id=m.get("tool_call_id") or "")
+        for c in m.get("tool_calls") or ():
+            f = c.get("function", c)
+            args = f.get("arguments", {})
+            msg.tool_calls.add(id=c.get("id", ""), name=f.get("name", ""),
+                               arguments_json=args if isinstance(args, str) else json.dumps(args))
+    for t in tools or ():
+        f = t.get("function", t)
+        params = f.get("parameters")
+        req.tools.add(name=f.get("name", ""), description=f.get("description", ""),
+                      parameters_json="" if params is None else params if isinstance(params, str)
+                      else json.dumps(params))
+    if seed is not None:
+        req.seed = seed
+    for k, v in knobs.items():
+        if v is not None:
+            setattr(req.sampler, k, v)
+    return req
+
+
 def metadata(request_id: str | None, extra: Sequence[tuple[str, str]] = ()) -> list[tuple[str, str]]:
     return [("x-request-id", request_id or uuid.uuid4().hex), *extra]
 

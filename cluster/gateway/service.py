@@ -15,7 +15,8 @@ from dgserve_client.v1 import dgserve_pb2 as pb
 from dgserve_client.v1 import dgserve_pb2_grpc as pb_grpc
 
 from ..engine.errors import Code, EngineError
-from ..engine.events import Failed, Finished
+from ..engine.events import BlockCommitted, Failed, Finished
+from .chat.grpc import ChatTurn, chat_prompt
 from .convert import check_text, final_message, prompt_text, stream_message, text_prompt_ids, to_request
 
 log = logging.getLogger("dgserve.gateway")
@@ -56,6 +57,29 @@ class DGServeService(pb_grpc.DGServeServicer):
         rid = await self._begin(context)
         async for event, prompt_tokens in self._events(request, context, rid):
             yield stream_message(event, rid, prompt_tokens, self.gw.pad)
+
+    async def Chat(self, request, context):
+        rid = await self._begin(context)
+        turn = ChatTurn(self.gw.tokenizer, self.gw.pad, rid)
+        async for event, prompt_tokens in self._events(request, context, rid):
+            if isinstance(event, BlockCommitted):
+                turn.block(event.block, event.token_ids)
+            elif isinstance(event, Finished):
+                done = final_message(event, rid, prompt_tokens, self.gw.pad)
+                return turn.final(event, rid, done.usage, done.stats)[1]
+
+    async def ChatStream(self, request, context):
+        rid = await self._begin(context)
+        turn = ChatTurn(self.gw.tokenizer, self.gw.pad, rid)
+        async for event, prompt_tokens in self._events(request, context, rid):
+            if isinstance(event, BlockCommitted):
+                yield pb.ChatStreamResponse(request_id=rid, delta=turn.block(event.block, event.token_ids))
+            elif isinstance(event, Finished):
+                done = final_message(event, rid, prompt_tokens, self.gw.pad)
+                tail, final = turn.final(event, rid, done.usage, done.stats)
+                if tail.content or tail.reasoning or tail.tool_calls:
+                    yield pb.ChatStreamResponse(request_id=rid, delta=tail)
+                yield pb.ChatStreamResponse(request_id=rid, final=final)
 
     async def Tokenize(self, request, context):
         rid = await self._begin(context)
@@ -99,12 +123,7 @@ class DGServeService(pb_grpc.DGServeServicer):
     async def _events(self, request, context, rid: str):
         """(event, prompt tokens) until the Finished event; every failure becomes an abort with its code."""
         try:
-            text = prompt_text(request, self.gw.limits)
-            text_ids = None if text is None else await self.gw.text.run(text_prompt_ids, self.gw.tokenizer, request)
-            left = context.time_remaining()  # the client's deadline, capped to the longest a request may run
-            cap = self.gw.topo.serve.max_request_s
-            req = to_request(request, rid, text_ids, self.gw.limits, self.gw.defaults, self.gw.topo.sampler,
-                             cap if left is None else min(left, cap))
+            req = await self._prepare(request, context, rid)
         except DGServeError as e:
             await self._refuse(context, rid, e)
         n_prompt = len(req.prompt_ids)
@@ -146,6 +165,25 @@ class DGServeService(pb_grpc.DGServeServicer):
                 del self.gw.inflight[rid]
             if not ended:  # the client left, the server is stopping, ...: free the request on rank 0
                 response.cancel()
+
+    async def _prepare(self, request, context, rid: str):
+        """The engine request of a Generate or Chat call: prompt ids (rendered off the event loop), checked knobs
+        and the deadline (the client's, capped to the longest a request may run)."""
+        limits = self.gw.limits
+        if isinstance(request, pb.ChatRequest):
+            text_ids = await self.gw.text.run(chat_prompt, self.gw.tokenizer, request, limits.max_text_bytes,
+                                              limits.max_prompt_tokens)
+            gen = pb.GenerateRequest(sampler=request.sampler)
+            if request.HasField("seed"):
+                gen.seed = request.seed
+            request = gen
+        else:
+            text = prompt_text(request, limits)
+            text_ids = None if text is None else await self.gw.text.run(text_prompt_ids, self.gw.tokenizer, request)
+        left = context.time_remaining()
+        cap = self.gw.topo.serve.max_request_s
+        return to_request(request, rid, text_ids, limits, self.gw.defaults, self.gw.topo.sampler,
+                          cap if left is None else min(left, cap))
 
     async def _next(self, events) -> tuple[object | None, bool]:
         """(the next event or None at the end, True), or (an UNAVAILABLE failure, False) when the server stops

@@ -54,6 +54,16 @@ class DGServeStub:
                 request_serializer=dgserve__client_dot_v1_dot_dgserve__pb2.GetModelInfoRequest.SerializeToString,
                 response_deserializer=dgserve__client_dot_v1_dot_dgserve__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.Chat = channel.unary_unary(
+                '/dgserve.v1.DGServe/Chat',
+                request_serializer=dgserve__client_dot_v1_dot_dgserve__pb2.ChatRequest.SerializeToString,
+                response_deserializer=dgserve__client_dot_v1_dot_dgserve__pb2.ChatResponse.FromString,
+                _registered_method=True)
+        self.ChatStream = channel.unary_stream(
+                '/dgserve.v1.DGServe/ChatStream',
+                request_serializer=dgserve__client_dot_v1_dot_dgserve__pb2.ChatRequest.SerializeToString,
+                response_deserializer=dgserve__client_dot_v1_dot_dgserve__pb2.ChatStreamResponse.FromString,
+                _registered_method=True)
 
 
 class DGServeServicer:
@@ -87,6 +97,22 @@ class DGServeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Chat(self, request, context):
+        """A chat turn: messages (system, user, assistant, tool), tool declarations, thinking; the reply split into
+        its answer, its thinking and its tool calls. The same limits, request ids, errors and cancellation as Generate.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ChatStream(self, request, context):
+        """The reply as it is committed: a delta per block (answer and thinking text; a tool call once, when complete),
+        then the final message.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DGServeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -109,6 +135,16 @@ def add_DGServeServicer_to_server(servicer, server):
                     servicer.GetModelInfo,
                     request_deserializer=dgserve__client_dot_v1_dot_dgserve__pb2.GetModelInfoRequest.FromString,
                     response_serializer=dgserve__client_dot_v1_dot_dgserve__pb2.ModelInfo.SerializeToString,
+            ),
+            'Chat': grpc.unary_unary_rpc_method_handler(
+                    servicer.Chat,
+                    request_deserializer=dgserve__client_dot_v1_dot_dgserve__pb2.ChatRequest.FromString,
+                    response_serializer=dgserve__client_dot_v1_dot_dgserve__pb2.ChatResponse.SerializeToString,
+            ),
+            'ChatStream': grpc.unary_stream_rpc_method_handler(
+                    servicer.ChatStream,
+                    request_deserializer=dgserve__client_dot_v1_dot_dgserve__pb2.ChatRequest.FromString,
+                    response_serializer=dgserve__client_dot_v1_dot_dgserve__pb2.ChatStreamResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -219,6 +255,60 @@ class DGServe:
             '/dgserve.v1.DGServe/GetModelInfo',
             dgserve__client_dot_v1_dot_dgserve__pb2.GetModelInfoRequest.SerializeToString,
             dgserve__client_dot_v1_dot_dgserve__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Chat(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dgserve.v1.DGServe/Chat',
+            dgserve__client_dot_v1_dot_dgserve__pb2.ChatRequest.SerializeToString,
+            dgserve__client_dot_v1_dot_dgserve__pb2.ChatResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ChatStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/dgserve.v1.DGServe/ChatStream',
+            dgserve__client_dot_v1_dot_dgserve__pb2.ChatRequest.SerializeToString,
+            dgserve__client_dot_v1_dot_dgserve__pb2.ChatStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,81 @@
+"""The chat core on the gRPC API: ChatRequest -> a checked Conversation and its prompt ids, and a reply's committed
+blocks -> ChatDelta messages and the final ChatResponse."""
+
+from __future__ import annotations
+
+import json
+
+from dgserve.model.errors import InputError
+from dgserve_client.v1 import dgserve_pb2 as pb
+
+from .messages import Conversation, parse_conversation, render_ids
+from .reply import ReplyParser, ToolCall
+
+
+def conversation_from(msg: pb.ChatRequest, max_text_bytes: int) -> Conversation:
+    """Byte limits first (before anything is parsed or rendered), then the chat core's checks."""
+    total = sum(len(m.content) + sum(len(c.arguments_json) for c in m.tool_calls) for m in msg.messages)
+    total += sum(len(t.description) + len(t.parameters_json) for t in msg.tools)
+    if total > max_text_bytes:
+        raise InputError("messages", f"{total} characters of messages and tools exceed the limit of "
+                                     f"{max_text_bytes} bytes (gateway.max_text_bytes)")
+    tools = []
+    for i, t in enumerate(msg.tools):
+        try:
+            params = json.loads(t.parameters_json) if t.parameters_json else {"type": "object", "properties": {}}
+        except json.JSONDecodeError as e:
+            raise InputError(f"tools[{i}].parameters_json", f"is not valid JSON ({e.msg})") from None
+        tools.append({"type": "function", "function": {"name": t.name, "description": t.description,
+                                                       "parameters": params}})
+    messages = [{"role": m.role, "content": m.content, "tool_call_id": m.tool_call_id or None,
+                 "tool_calls": [{"id": c.id, "type": "function",
+                                 "function": {"name": c.name, "arguments": c.arguments_json}} for c in m.tool_calls]
+                 or None} for m in msg.messages]
+    return parse_conversation(messages, tools, msg.thinking)
+
+
+def chat_prompt(tokenizer, msg: pb.ChatRequest, max_text_bytes: int, max_tokens: int) -> list[int]:
+    """The request's prompt ids (slow for long histories: the gateway runs it off its event loop)."""
+    return render_ids(tokenizer, conversation_from(msg, max_text_bytes), max_tokens)
+
+
+def _calls(calls: list[ToolCall]) -> list[pb.ToolCall]:
+    return [pb.ToolCall(id=c.id, name=c.name, arguments_json=c.arguments_json) for c in calls]
+
+
+class ChatTurn:
+    """One reply as it streams: the committed blocks' text with its special tokens, through a ReplyParser."""
+
+    def __init__(self, tokenizer, pad: int | None, request_id: str):
+        self.tokenizer, self.pad = tokenizer, pad
+        self.parser = ReplyParser(request_id)
+        self._ids: list[int] = []
+        self._text = ""
+
+    def block(self, index: int, token_ids) -> pb.ChatDelta:
+        self._ids += [t for t in token_ids if t != self.pad]
+        text = self.tokenizer.decode(self._ids, skip_special_tokens=False)
+        # the decoded text only grows, except where a character split across blocks completes
+        common = len(self._text) if text.startswith(self._text) else len(self._text.rstrip("\ufffd"))
+        new, self._text = text[common:], text
+        return self._delta(index, self.parser.feed(new))
+
+    def _delta(self, index: int, pieces) -> pb.ChatDelta:
+        d = pb.ChatDelta(block=index)
+        for p in pieces:
+            if p.kind == "thinking":
+                d.reasoning += p.text
+            elif p.kind == "tool_call":
+                d.tool_calls.extend(_calls([p.call]))
+            else:
+                d.content += p.text
+        return d
+
+    def final(self, event, request_id: str, usage: pb.Usage, stats: pb.Stats) -> tuple[pb.ChatDelta, pb.ChatResponse]:
+        """What the end of the stream releases, and the whole reply."""
+        tail = self._delta(len(event.stats.steps_per_block), self.parser.finish())
+        r = self.parser.reply
+        reason = "tool_calls" if r.tool_calls else ("stop" if event.finish_reason == "eos" else "length")
+        return tail, pb.ChatResponse(request_id=request_id, content=r.content, reasoning=r.thinking,
+                                     tool_calls=_calls(r.tool_calls), finish_reason=reason, usage=usage,
+                                     stats=stats, token_ids=event.token_ids, malformed_tool_calls=r.malformed_calls)
