@@ -12,10 +12,11 @@ from .errors import (
            Unauthenticated,
            Unavailable,
 )
-from .request import API_MAJOR, build_request
+from .request import API_MAJOR, build_chat_request, build_request
 from .security import TLS
+from .tools import run_tool_loop
 
 __version__ = "0.1.0"
 __all__ = ["API_MAJOR", "ApiVersionMismatch", "Cancelled", "Client", "DGServeClientError", "DeadlineExceeded",
            "InvalidArgument", "OutOfRange", "ResourceExhausted", "TLS", "Unauthenticated", "Unavailable",
-           "build_request"]
+           "build_chat_request", "build_request", "run_tool_loop"]

@@ -1,4 +1,4 @@
-"""`dgserve-client generate|health|info`: the last line of `--json` output is one JSON object."""
+"""`dgserve-client generate|chat|health|info`: the last line of `--json` output is one JSON object."""
 
 from __future__ import annotations
 
@@ -40,19 +40,30 @@ def build_parser() -> argparse.ArgumentParser:
     src = g.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="one user message (the chat template is applied on the server)")
     src.add_argument("--token-ids", type=_ids, help="raw token ids, e.g. 2,651,1234")
-    g.add_argument("--seed", type=int)
     g.add_argument("--thinking", action="store_true")
-    g.add_argument("--stream", action="store_true")
-    g.add_argument("--request-id")
-    g.add_argument("--json", action="store_true")
-    for k in KNOBS:
-        g.add_argument(f"--{k.replace('_', '-')}", type=int if k in ("max_new_tokens", "max_denoising_steps",
-                                                                    "stability_threshold") else float)
+    ch = sub.add_parser("chat", help="one chat turn; with --stream, print the reply as blocks are committed")
+    ch.add_argument("message", help="the user message")
+    ch.add_argument("--system", help="a system prompt")
+    ch.add_argument("--tools", type=Path, help="a JSON file: a list of tool declarations (OpenAI's shape)")
+    ch.add_argument("--thinking", action="store_true", help="thinking mode: the reasoning comes apart")
+    for p in (g, ch):
+        _call_args(p)
     h = sub.add_parser("health", help="grpc.health.v1 status")
     h.add_argument("--json", action="store_true")
     i = sub.add_parser("info", help="model, versions, topology, limits, sampler defaults and ranges")
     i.add_argument("--json", action="store_true")
     return ap
+
+
+def _call_args(p: argparse.ArgumentParser) -> None:
+    """Seed, streaming, request id, JSON output and the sampler knobs of a generate or chat call."""
+    p.add_argument("--seed", type=int)
+    p.add_argument("--stream", action="store_true")
+    p.add_argument("--request-id")
+    p.add_argument("--json", action="store_true")
+    for k in KNOBS:
+        p.add_argument(f"--{k.replace('_', '-')}", type=int if k in ("max_new_tokens", "max_denoising_steps",
+                                                                    "stability_threshold") else float)
 
 
 def _as_dict(msg) -> dict:
@@ -82,6 +93,8 @@ def run(args) -> int:
             print(json.dumps(info) if args.json else json.dumps(info, indent=2))
             return 0
         knobs = {k: getattr(args, k) for k in KNOBS}
+        if args.command == "chat":
+            return _chat(c, args, knobs)
         kw = {"prompt": args.prompt, "token_ids": args.token_ids, "seed": args.seed, "thinking": args.thinking,
               "request_id": args.request_id, **knobs}
         if args.stream:
@@ -105,6 +118,54 @@ def run(args) -> int:
         print(f"[request {result.request_id}: {len(result.token_ids)} tokens, steps per block "
               f"{list(result.stats.steps_per_block)}, {result.stats.total_s:.2f}s]", file=sys.stderr)
         return 0
+
+
+def _tools(path: Path | None) -> list[dict] | None:
+    if path is None:
+        return None
+    try:
+        tools = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"--tools: cannot read a JSON list of tool declarations from {str(path)!r} ({e})") from None
+    if not isinstance(tools, list):
+        raise ValueError(f"--tools: {str(path)!r} holds {type(tools).__name__}, not a list of tool declarations")
+    return tools
+
+
+def _chat(c: Client, args, knobs: dict) -> int:
+    messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+        {"role": "user", "content": args.message}]
+    kw = {"seed": args.seed, "thinking": args.thinking, "request_id": args.request_id, **knobs}
+    tools = _tools(args.tools)
+    if args.stream:
+        result, thinking_open = None, False
+        for msg in c.chat_stream(messages, tools, **kw):
+            if msg.HasField("delta") and not args.json:
+                d = msg.delta
+                if d.reasoning:
+                    print(("" if thinking_open else "[thinking] ") + d.reasoning, end="", file=sys.stderr, flush=True)
+                    thinking_open = True
+                print(d.content, end="", flush=True)
+            if msg.HasField("final"):
+                result = msg.final
+        if not args.json:
+            print()
+    else:
+        result = c.chat(messages, tools, **kw)
+        if not args.json:
+            if result.reasoning:
+                print(f"[thinking] {result.reasoning}", file=sys.stderr)
+            print(result.content)
+    out = _as_dict(result)
+    out["token_ids"] = list(result.token_ids)
+    if args.json:
+        print(json.dumps(out))
+    elif result.tool_calls:
+        for t in result.tool_calls:
+            print(f"[tool call {t.id}] {t.name}({t.arguments_json})")
+    print(f"[request {result.request_id}: {result.finish_reason}, {len(result.token_ids)} tokens, "
+          f"{result.stats.total_s:.2f}s]", file=sys.stderr)
+    return 0
 
 
 def main(argv=None) -> int:
