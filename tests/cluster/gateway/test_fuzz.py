@@ -48,13 +48,15 @@ MAX_TEXT = 10 * 1024 * 1024
 
 SERVICE = "/dgserve.v1.DGServe/"
 GENERATE, STREAM, TOKENIZE, INFO = (SERVICE + m for m in ("Generate", "GenerateStream", "Tokenize", "GetModelInfo"))
+CHAT, CHAT_STREAM = SERVICE + "Chat", SERVICE + "ChatStream"
 CHECK, WATCH = "/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"
 REFLECT = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
 UNKNOWN_METHODS = (SERVICE + "Nope", SERVICE + "generate", "/dgserve.v1.Other/Generate", "/grpc.health.v1.Health/")
 REQUEST_TYPES = {GENERATE: pb.GenerateRequest, STREAM: pb.GenerateRequest, TOKENIZE: pb.TokenizeRequest,
+                 CHAT: pb.ChatRequest, CHAT_STREAM: pb.ChatRequest,
                  INFO: pb.GetModelInfoRequest, CHECK: health_pb2.HealthCheckRequest,
                  WATCH: health_pb2.HealthCheckRequest, REFLECT: reflection_pb2.ServerReflectionRequest}
-STREAMING = (STREAM, WATCH)
+STREAMING = (STREAM, WATCH, CHAT_STREAM)
 
 ALLOWED = {"OK", "INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED", "CANCELLED", "OUT_OF_RANGE"}
 BUSY = {"RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED"}  # load-dependent outcomes a known answer may turn into
@@ -176,6 +178,43 @@ def generate_requests(draw) -> pb.GenerateRequest:
     return msg
 
 
+ROLE_NAMES = ["system", "user", "assistant", "tool", "model", "", "User", "developer"]
+SCHEMAS = ['{"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}', "", "{}",
+           '{"type": "string"}', '{"type": 5}', "{oops", "[]", '{"properties": {"a": {"type": "strng"}}}']
+
+
+@st.composite
+def chat_requests(draw) -> pb.ChatRequest:
+    """Half plausible (a short conversation the chat core accepts, maybe with a tool round), half anything."""
+    msg, plausible = pb.ChatRequest(), draw(st.booleans())
+    if plausible:
+        msg.messages.add(role="user", content=draw(st.text(min_size=1, max_size=40)))
+        if draw(st.booleans()):
+            m = msg.messages.add(role="assistant")
+            m.tool_calls.add(id="c1", name="get_weather", arguments_json='{"city": "Paris"}')
+            msg.messages.add(role="tool", tool_call_id="c1", content=draw(st.text(max_size=20)))
+            msg.tools.add(name="get_weather", description="weather", parameters_json=SCHEMAS[0])
+    else:
+        for _ in range(draw(st.integers(0, 4))):
+            m = msg.messages.add(role=draw(st.sampled_from(ROLE_NAMES) | texts), content=draw(any_text),
+                                 tool_call_id=draw(st.sampled_from(["", "c1", "c2"]) | texts))
+            for _ in range(draw(st.integers(0, 2))):
+                m.tool_calls.add(id=draw(st.sampled_from(["c1", "c2", ""]) | texts),
+                                 name=draw(st.sampled_from(["get_weather", "f", "bad name"]) | texts),
+                                 arguments_json=draw(st.sampled_from(["{}", '{"a": 1}', "[1]", "{x"]) | texts))
+        for _ in range(draw(st.integers(0, 2))):
+            msg.tools.add(name=draw(st.sampled_from(["get_weather", "f", ""]) | texts), description=draw(texts),
+                          parameters_json=draw(st.sampled_from(SCHEMAS) | texts))
+    s = draw(st.none() | (st.integers(0, 2**63 - 1) if plausible else u64))
+    if s is not None:
+        msg.seed = s
+    sampler = draw(sampler_params(plausible))
+    if sampler is not None:
+        msg.sampler.CopyFrom(sampler)
+    msg.thinking = draw(st.booleans())
+    return msg
+
+
 tokenize_requests = st.builds(lambda text, chat, thinking: pb.TokenizeRequest(text=text, chat=chat, thinking=thinking),
                               any_text, st.booleans(), st.booleans())
 health_requests = st.builds(lambda s: health_pb2.HealthCheckRequest(service=s),
@@ -194,6 +233,7 @@ reflection_requests = st.one_of(
     st.just(reflection_pb2.ServerReflectionRequest()),
 )
 MESSAGES = {GENERATE: generate_requests(), STREAM: generate_requests(), TOKENIZE: tokenize_requests,
+            CHAT: chat_requests(), CHAT_STREAM: chat_requests(),
             INFO: st.just(pb.GetModelInfoRequest()), CHECK: health_requests, WATCH: health_requests,
             REFLECT: reflection_requests}
 
@@ -314,7 +354,7 @@ class Call:
 @st.composite
 def calls(draw) -> Call:
     method = draw(st.sampled_from([GENERATE, GENERATE, STREAM, STREAM, TOKENIZE, TOKENIZE, INFO, CHECK, REFLECT,
-                                   WATCH, "unknown"]))
+                                   WATCH, CHAT, CHAT_STREAM, "unknown"]))
     if method == "unknown":
         return Call(draw(st.sampled_from(UNKNOWN_METHODS)), (draw(st.binary(max_size=16)),), timeout=DEADLINE_S)
     if method == REFLECT:
@@ -450,6 +490,22 @@ class Oracle:
             return True
         return False
 
+    def chat_refused(self, msg: pb.ChatRequest) -> bool:
+        """True when the gateway must answer INVALID_ARGUMENT to a chat before it reaches a unit."""
+        from dgserve.cluster.gateway.chat.grpc import chat_prompt
+        from dgserve.cluster.gateway.convert import to_request
+        from dgserve.model.errors import DGServeError
+
+        try:
+            ids = chat_prompt(self.tokenizer, msg, self.limits.max_text_bytes, self.limits.max_prompt_tokens)
+            gen = pb.GenerateRequest(sampler=msg.sampler)
+            if msg.HasField("seed"):
+                gen.seed = msg.seed
+            to_request(gen, "r", ids, self.limits, self.defaults, self.overrides, None)
+        except DGServeError:
+            return True
+        return False
+
     def tokenized(self, msg: pb.TokenizeRequest) -> list[int] | None:
         """The ids Tokenize must answer, or None when it must refuse the text."""
         from dgserve.cluster.gateway.convert import check_text
@@ -501,6 +557,12 @@ def check(call: Call, out: Outcome, oracle: Oracle) -> list[str]:
     msg = REQUEST_TYPES[method].FromString(raw[0])
     if method in (GENERATE, STREAM):
         problems += check_generate(call, msg, out, oracle)
+    elif method in (CHAT, CHAT_STREAM):
+        refused = oracle.chat_refused(msg)
+        if refused and code not in {"INVALID_ARGUMENT"} | BUSY:
+            problems.append(f"{code} for a chat the chat core refuses (want INVALID_ARGUMENT)")
+        if not refused and code == "INVALID_ARGUMENT":
+            problems.append(f"INVALID_ARGUMENT for a chat the chat core accepts: {out.details[:200]!r}")
     elif method == TOKENIZE:
         want = oracle.tokenized(msg)
         if want is None and code not in {"INVALID_ARGUMENT"} | BUSY:
@@ -676,7 +738,7 @@ MALFORMED = b"\xff\xff\xff"  # field 0x1fffffff... with a cut varint: not a mess
 BAD_UTF8 = length_delimited(1, b"ab\xed\xa0\x80")  # a lone surrogate (CESU-8) in string field 1
 
 
-@pytest.mark.parametrize("method", [GENERATE, STREAM, TOKENIZE, INFO, CHECK, WATCH, REFLECT])
+@pytest.mark.parametrize("method", [GENERATE, STREAM, TOKENIZE, INFO, CHECK, WATCH, REFLECT, CHAT, CHAT_STREAM])
 @pytest.mark.parametrize("payload", [MALFORMED, BAD_UTF8], ids=["malformed", "bad_utf8"])
 def test_bytes_that_do_not_decode_are_invalid_argument_on_every_rpc(endpoint, method, payload):
     if not decodes(method, payload):
