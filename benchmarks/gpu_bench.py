@@ -102,7 +102,7 @@ def main(argv=None) -> int:
                      report.data["stages"].get("dgserve", {}))
         gc.collect()
     if "parity" in wanted:
-        report.stage("parity", gpu_stages.parity, args.device, args.out)
+        report.stage("parity", gpu_stages.parity, args.device, args.out, args.dry_run)
     print(gpu_stages.table(report.data))
     if args.json:
         print(json.dumps(report.data))

@@ -322,10 +322,11 @@ def reference(sizes: Sizes, device: str, holder: dict, ours: dict) -> dict:
     return result  # the reference model is freed with this frame
 
 
-def parity(device: str, out: Path) -> dict:
+def parity(device: str, out: Path, quick: bool = False) -> dict:
+    """The CUDA-parity probe; `quick` (the dry run): 2 seeds of 2 blocks of 8 steps."""
     from benchmarks.parity_probe import probe
 
-    return probe(device, out)
+    return probe(device, out, seeds=2, blocks=2, steps=8) if quick else probe(device, out)
 
 
 def table(data: dict) -> str:

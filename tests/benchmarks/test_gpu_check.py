@@ -61,7 +61,7 @@ def test_a_failing_stage_is_reported_and_the_earlier_ones_are_already_on_disk(tm
 
     seen = {}
 
-    def broken(device, out):
+    def broken(device, out, quick):
         seen.update(json.loads((out / "gpu_bench.json").read_text())["stages"])
         raise RuntimeError("cut short")
 

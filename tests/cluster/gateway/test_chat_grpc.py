@@ -75,7 +75,7 @@ def test_bad_chats_are_invalid_argument_naming_the_field_and_the_server_keeps_se
         assert c.health() == "SERVING"
 
 
-def test_the_client_cli_chats_with_system_tools_thinking_and_streaming(endpoint, tmp_path):
+def test_the_client_cli_chats_with_system_tools_thinking_and_streaming(endpoint, tmp_path, capsys):
     import json
     import subprocess
     import sys
@@ -86,15 +86,17 @@ def test_the_client_cli_chats_with_system_tools_thinking_and_streaming(endpoint,
     base = [sys.executable, "-m", "dgserve_client.cli", "--target", address, "chat", "Weather in Paris?",
             "--system", "Be brief.", "--tools", str(tools), "--thinking", "--seed", "3", "--max-new-tokens", "64",
             "--max-denoising-steps", "6"]
-    one = subprocess.run([*base, "--json"], capture_output=True, text=True, timeout=120)
     streamed = subprocess.run([*base, "--stream", "--json"], capture_output=True, text=True, timeout=120)
-    assert one.returncode == streamed.returncode == 0, one.stderr + streamed.stderr
+    assert streamed.returncode == 0, streamed.stderr
     with Client(address) as c:
         want = c.chat([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather in Paris?"}],
                       TOOLS, seed=3, thinking=True, **SHORT)
-    for run in (one, streamed):
-        out = json.loads(run.stdout.strip().splitlines()[-1])
-        assert out["token_ids"] == list(want.token_ids) and out["content"] == want.content
+    out = json.loads(streamed.stdout.strip().splitlines()[-1])
+    assert out["token_ids"] == list(want.token_ids) and out["content"] == want.content
+    from dgserve_client.cli import main  # the unary path and a bad --tools file, in this process
+
+    assert main([*base[3:], "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["token_ids"] == list(want.token_ids)
     tools.write_text("{not json")
-    bad = subprocess.run([*base, "--json"], capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and "--tools: cannot read a JSON list of tool declarations" in bad.stderr
+    assert main([*base[3:], "--json"]) == 2
+    assert "--tools: cannot read a JSON list of tool declarations" in capsys.readouterr().err

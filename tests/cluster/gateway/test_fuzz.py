@@ -561,7 +561,9 @@ def check(call: Call, out: Outcome, oracle: Oracle) -> list[str]:
         refused = oracle.chat_refused(msg)
         if refused and code not in {"INVALID_ARGUMENT"} | BUSY:
             problems.append(f"{code} for a chat the chat core refuses (want INVALID_ARGUMENT)")
-        if not refused and code == "INVALID_ARGUMENT":
+        # (the engine may still refuse what no gateway check sees, e.g. prompt + max_new_tokens past the context,
+        # as for Generate; a refusal naming messages or tools is the chat core's own)
+        if not refused and code == "INVALID_ARGUMENT" and re.search(r": (messages|tools)\b", out.details):
             problems.append(f"INVALID_ARGUMENT for a chat the chat core accepts: {out.details[:200]!r}")
     elif method == TOKENIZE:
         want = oracle.tokenized(msg)
