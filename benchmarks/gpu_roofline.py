@@ -18,21 +18,15 @@ H200_BF16_PEAK = 989e12  # FLOP/s, dense bf16 tensor cores (as the H100 SXM)
 
 
 def active_params_per_row(cfg) -> int:
+    from dgserve.cluster.engine.fit import numel
     from dgserve.model.weights import expert_specs, layer_specs
 
     t = cfg.text
     total = 2 * t.vocab_size * t.hidden_size  # LM head + self-conditioning input
     for i in range(t.num_layers):
-        total += sum(_numel(s.shape) for s in layer_specs(t, i).values() if len(s.shape) == 2)
-        total += sum(_numel(s.shape) for s in expert_specs(t, i).values()) * t.top_k_experts // t.num_experts
+        total += sum(numel(s.shape) for s in layer_specs(t, i).values() if len(s.shape) == 2)
+        total += sum(numel(s.shape) for s in expert_specs(t, i).values()) * t.top_k_experts // t.num_experts
     return total
-
-
-def _numel(shape) -> int:
-    n = 1
-    for x in shape:
-        n *= x
-    return n
 
 
 def _keys(cfg, spec, context: int) -> int:

@@ -41,13 +41,8 @@ class AsyncClient(ClientBase):
         """Messages as they come; retried (with backoff) only until the first one arrives."""
         await self._check_version()
         req = build_request(prompt, token_ids, seed, stream_drafts, thinking, **knobs)
-        attempts = self._attempts(request_id, timeout, req)
-        while True:
-            with attempts.stream(self.stub.GenerateStream, req) as call:
-                async for msg in call:
-                    yield attempts.received(msg)
-                return
-            await asyncio.sleep(attempts.pause)
+        async for msg in self._stream(self.stub.GenerateStream, req, request_id, timeout):
+            yield msg
 
     async def chat(self, messages: Sequence[dict], tools: Sequence[dict] | None = None, *, seed: int | None = None,
                    thinking: bool = False, request_id: str | None = None, timeout: float | None = None,
@@ -62,9 +57,14 @@ class AsyncClient(ClientBase):
         """A delta per committed block, then the final reply; retried only until the first message arrives."""
         await self._check_version()
         req = build_chat_request(messages, tools, seed, thinking, **knobs)
+        async for msg in self._stream(self.stub.ChatStream, req, request_id, timeout):
+            yield msg
+
+    async def _stream(self, method, req, request_id, timeout) -> AsyncIterator:
+        """A server stream's messages; retried (with backoff) only until the first one arrives."""
         attempts = self._attempts(request_id, timeout, req)
         while True:
-            with attempts.stream(self.stub.ChatStream, req) as call:
+            with attempts.stream(method, req) as call:
                 async for msg in call:
                     yield attempts.received(msg)
                 return

@@ -47,13 +47,7 @@ class Client(ClientBase):
         """Messages as they come; retried (with backoff) only until the first one arrives."""
         self._check_version()
         req = build_request(prompt, token_ids, seed, stream_drafts, thinking, **knobs)
-        attempts = self._attempts(request_id, timeout, req)
-        while True:
-            with attempts.stream(self.stub.GenerateStream, req) as call:
-                for msg in call:
-                    yield attempts.received(msg)
-                return
-            time.sleep(attempts.pause)
+        yield from self._stream(self.stub.GenerateStream, req, request_id, timeout)
 
     def chat(self, messages: Sequence[dict], tools: Sequence[dict] | None = None, *, seed: int | None = None,
              thinking: bool = False, request_id: str | None = None, timeout: float | None = None,
@@ -68,9 +62,13 @@ class Client(ClientBase):
         """A delta per committed block, then the final reply; retried only until the first message arrives."""
         self._check_version()
         req = build_chat_request(messages, tools, seed, thinking, **knobs)
+        yield from self._stream(self.stub.ChatStream, req, request_id, timeout)
+
+    def _stream(self, method, req, request_id, timeout) -> Iterator:
+        """A server stream's messages; retried (with backoff) only until the first one arrives."""
         attempts = self._attempts(request_id, timeout, req)
         while True:
-            with attempts.stream(self.stub.ChatStream, req) as call:
+            with attempts.stream(method, req) as call:
                 for msg in call:
                     yield attempts.received(msg)
                 return

@@ -18,14 +18,19 @@ def build_request(prompt: str | None = None, token_ids: Sequence[int] | None = N
     """A GenerateRequest from keyword arguments (sampler knobs by name; None means the server's default)."""
     if (prompt is None) == (token_ids is None):
         raise ValueError("give exactly one of prompt (text) or token_ids")
-    unknown = set(knobs) - set(KNOBS)
-    if unknown:
-        raise ValueError(f"unknown sampler knob(s) {sorted(unknown)}; known: {list(KNOBS)}")
     req = pb.GenerateRequest(stream_drafts=stream_drafts, thinking=thinking)
     if prompt is not None:
         req.text = prompt
     else:
         req.token_ids.ids.extend(int(t) for t in token_ids)
+    return _seed_and_knobs(req, seed, knobs)
+
+
+def _seed_and_knobs(req, seed: int | None, knobs: dict):
+    """The seed (when given) and the sampler knobs set by name (None: the server's default) on a request."""
+    unknown = set(knobs) - set(KNOBS)
+    if unknown:
+        raise ValueError(f"unknown sampler knob(s) {sorted(unknown)}; known: {list(KNOBS)}")
     if seed is not None:
         req.seed = seed
     for k, v in knobs.items():
@@ -41,9 +46,6 @@ def build_chat_request(messages: Sequence[dict], tools: Sequence[dict] | None = 
     "parameters"}} (arguments and parameters as dicts or JSON strings)."""
     import json
 
-    unknown = set(knobs) - set(KNOBS)
-    if unknown:
-        raise ValueError(f"unknown sampler knob(s) {sorted(unknown)}; known: {list(KNOBS)}")
     req = pb.ChatRequest(thinking=thinking)
     for m in messages:
         msg = req.messages.add(role=m.get("role", ""), content=m.get("content") or "",
@@ -59,12 +61,7 @@ def build_chat_request(messages: Sequence[dict], tools: Sequence[dict] | None = 
         req.tools.add(name=f.get("name", ""), description=f.get("description", ""),
                       parameters_json="" if params is None else params if isinstance(params, str)
                       else json.dumps(params))
-    if seed is not None:
-        req.seed = seed
-    for k, v in knobs.items():
-        if v is not None:
-            setattr(req.sampler, k, v)
-    return req
+    return _seed_and_knobs(req, seed, knobs)
 
 
 def metadata(request_id: str | None, extra: Sequence[tuple[str, str]] = ()) -> list[tuple[str, str]]:

@@ -57,11 +57,11 @@ def weight_bytes(config: ModelConfig, dtype: torch.dtype, experts: Sequence[int]
     if attention:
         specs = list(global_specs(tc).values()) + [s for i in range(tc.num_layers)
                                                    for s in layer_specs(tc, i).values()]
-        total += sum(_numel(s.shape) for s in specs) * size
+        total += sum(numel(s.shape) for s in specs) * size
     held = tc.num_experts if experts is None else len(set(experts))
     for i in range(tc.num_layers):
         for s in expert_specs(tc, i).values():
-            per_expert = _numel(s.shape) // tc.num_experts
+            per_expert = numel(s.shape) // tc.num_experts
             if experts_dtype == "fp8":  # [out, in] a expert: out channels of scales
                 total += held * (per_expert + s.shape[1] * 4)
             else:
@@ -69,7 +69,7 @@ def weight_bytes(config: ModelConfig, dtype: torch.dtype, experts: Sequence[int]
     return total
 
 
-def _numel(shape: tuple[int, ...]) -> int:
+def numel(shape: tuple[int, ...]) -> int:
     n = 1
     for d in shape:
         n *= d

@@ -158,6 +158,16 @@ def sampler_params(draw, plausible: bool) -> pb.SamplerParams | None:
     return pb.SamplerParams(**{k: v for k, v in fields.items() if v is not None})
 
 
+def seed_and_sampler(draw, msg, plausible: bool) -> None:
+    """A seed and sampler knobs, maybe, on a Generate or Chat request."""
+    s = draw(st.none() | (st.integers(0, 2**63 - 1) if plausible else u64))
+    if s is not None:
+        msg.seed = s
+    sampler = draw(sampler_params(plausible))
+    if sampler is not None:
+        msg.sampler.CopyFrom(sampler)
+
+
 @st.composite
 def generate_requests(draw) -> pb.GenerateRequest:
     """Half plausible (a short prompt, values the gateway accepts), half anything."""
@@ -168,12 +178,7 @@ def generate_requests(draw) -> pb.GenerateRequest:
     elif prompt == "token_ids":
         msg.token_ids.ids.extend(draw(st.lists(st.integers(0, 1023), min_size=1, max_size=24) if plausible
                                       else any_tokens))
-    s = draw(st.none() | (st.integers(0, 2**63 - 1) if plausible else u64))
-    if s is not None:
-        msg.seed = s
-    sampler = draw(sampler_params(plausible))
-    if sampler is not None:
-        msg.sampler.CopyFrom(sampler)
+    seed_and_sampler(draw, msg, plausible)
     msg.stream_drafts, msg.thinking = draw(st.booleans()), draw(st.booleans())
     return msg
 
@@ -205,12 +210,7 @@ def chat_requests(draw) -> pb.ChatRequest:
         for _ in range(draw(st.integers(0, 2))):
             msg.tools.add(name=draw(st.sampled_from(["get_weather", "f", ""]) | texts), description=draw(texts),
                           parameters_json=draw(st.sampled_from(SCHEMAS) | texts))
-    s = draw(st.none() | (st.integers(0, 2**63 - 1) if plausible else u64))
-    if s is not None:
-        msg.seed = s
-    sampler = draw(sampler_params(plausible))
-    if sampler is not None:
-        msg.sampler.CopyFrom(sampler)
+    seed_and_sampler(draw, msg, plausible)
     msg.thinking = draw(st.booleans())
     return msg
 
