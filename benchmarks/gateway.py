@@ -175,8 +175,10 @@ def main(argv=None) -> int:
     raised = args.tokenized_mb * 1024**2 + 1024
     api.start_local(num_cpus=8, temp_dir="/tmp/dgray-bench")
     try:
-        base = api.serve_endpoint({"name": "gw-default", "gateway": {"port": api.free_port()}})
-        big = api.serve_endpoint({"name": "gw-raised", "gateway": {"port": api.free_port(), "max_text_bytes": raised}})
+        base = api.serve_endpoint({"name": "gw-default", "gateway": {"port": api.free_port()},
+                                    "http": {"enabled": False}})
+        big = api.serve_endpoint({"name": "gw-raised", "gateway": {"port": api.free_port(), "max_text_bytes": raised},
+                                   "http": {"enabled": False}})
         if not (base.wait_serving(300) and big.wait_serving(300)):
             raise SystemExit("the endpoints did not become SERVING")
         rows = [phase("idle", base.address, None, args),

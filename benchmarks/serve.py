@@ -126,7 +126,8 @@ def main(argv=None) -> int:
     runs = {side: {n: [] for n in CONCURRENCY} for side in SIDES}
     try:
         ep = api.serve_endpoint(common.unit_topology(folder, engine_cfg, threads,
-                                                     gateway={"port": api.free_port()}))
+                                                     gateway={"port": api.free_port()},
+                                                     http={"enabled": False}))
         if not ep.wait_serving(300):
             raise SystemExit("the endpoint did not become SERVING")
         warm = argparse.Namespace(**{**vars(args), "max_denoising_steps": 1})

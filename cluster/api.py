@@ -60,9 +60,31 @@ def free_port(low: int = 20000, high: int = 32000) -> int:
     raise RuntimeError(f"no free port in {low}..{high}")
 
 
+def http_options(topology: Topology) -> dict | None:
+    """Serve's HTTP proxy options for a topology's OpenAI-compatible API (None: no proxy), HTTPS with the
+    gateway's certificate."""
+    h, g = topology.http, topology.gateway
+    if not h.enabled:
+        return None
+    out = {"host": h.host, "port": h.port,
+           "request_timeout_s": h.request_timeout_s or topology.serve.max_request_s + 5}
+    if g.tls:
+        out |= {"ssl_certfile": g.tls_cert_file, "ssl_keyfile": g.tls_key_file}
+    return out
+
+
+def _start_serve(http: dict | None) -> None:
+    if http is None:
+        serve.start(proxy_location="Disabled")
+    else:
+        serve.start(proxy_location="HeadOnly", http_options=http)
+
+
 def start_local(num_cpus: int = 8, metrics_interval_s: float | None = None, temp_dir: str | None = None,
-                metrics_port: int | None = None, token_file: str | Path | None = None) -> None:
-    """Start a local Ray instance and Serve (no HTTP proxy: units are reached through handles).
+                metrics_port: int | None = None, token_file: str | Path | None = None,
+                http: dict | None = None) -> None:
+    """Start a local Ray instance and Serve: with `http` (`http_options(topology)`), Serve's HTTP proxy on the head
+    node serves the OpenAI-compatible API; without it there is no proxy (units are reached through handles).
 
     Closed by default: every port of the cluster listens on 127.0.0.1 only, and its temp folder and logs are
     readable by their owner only. With `token_file` (or a token Ray finds in RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH)
@@ -91,10 +113,10 @@ def start_local(num_cpus: int = 8, metrics_interval_s: float | None = None, temp
             ray.shutdown()
             _started_here = False
             raise RuntimeError(f"the local Ray cluster took the node address {node_ip}, not 127.0.0.1")
-    serve.start(proxy_location="Disabled")
+    _start_serve(http)
 
 
-def connect(address: str, token_file: str | Path | None = None) -> None:
+def connect(address: str, token_file: str | Path | None = None, http: dict | None = None) -> None:
     """Join an existing Ray cluster (`ray://host:10001`, `host:6379` or `auto`).
 
     With `token_file` (or RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH) this driver uses Ray's token authentication; it
@@ -106,7 +128,7 @@ def connect(address: str, token_file: str | Path | None = None) -> None:
         with ray_security.loopback_node() if loopback else contextlib.nullcontext():
             ray.init(address=address)
     ray_security.warn_if_open(address)
-    serve.start(proxy_location="Disabled")
+    _start_serve(http)  # a Serve instance that runs already keeps its own HTTP options
 
 
 def deploy(topology: Topology | dict | str | Path | None = None) -> Unit:
@@ -127,18 +149,43 @@ def serve_endpoint(topology: Topology | dict | str | Path | None = None) -> Endp
         from dgserve.model.hub import default_model_dir
 
         default_model_dir()
-    from .gateway.deployment import gateway_app
+    from .gateway.deployment import gateway_app, route_prefix
 
-    handle = serve.run(gateway_app(topo), name=topo.name, route_prefix=None)
-    return Endpoint(handle, topo, handle.address.remote().result())
+    ingress = serve.run(gateway_app(topo), name=topo.name, route_prefix=route_prefix(topo))
+    if not topo.http.enabled:
+        return Endpoint(ingress, topo, ingress.address.remote().result())
+    handle = serve.get_deployment_handle("Gateway", app_name=topo.name)
+    return Endpoint(handle, topo, handle.address.remote().result(), ingress, http_address(topo))
+
+
+def http_address(topo: Topology) -> str:
+    """The base URL of the HTTP API (`.../v1` is what OpenAI clients take), on the Serve instance's proxy: its
+    own host and port where Serve ran before this topology (a joined cluster), else the topology's."""
+    from ray.serve.context import _get_global_client
+
+    try:
+        opts = _get_global_client().http_config
+        host, port = opts.host, opts.port
+    except Exception:  # not connected to Serve: the topology's settings
+        host, port = topo.http.host, topo.http.port
+    scheme = "https" if topo.gateway.tls else "http"
+    host = "127.0.0.1" if host in ("0.0.0.0", "") else f"[{host}]" if ":" in host and host[0] != "[" else host
+    return f"{scheme}://{host}:{port}{topo.http.route_prefix.rstrip('/')}"
 
 
 class Endpoint:
-    def __init__(self, handle, topology: Topology, address: str):
+    def __init__(self, handle, topology: Topology, address: str, http_handle=None, http_url: str | None = None):
+        """`handle`: the gRPC gateway; `http_handle` and `http_url`: the HTTP API's ingress and base URL (None when
+        `http.enabled` is false)."""
         self.handle, self.topology, self.address = handle, topology, address
+        self.http_handle, self.http_url = http_handle, http_url
 
     def drain(self, grace_s: float | None = None) -> dict:
-        return self.handle.drain.remote(grace_s).result()
+        """Both fronts stop taking requests and let theirs finish within the grace period, at the same time."""
+        grpc_left = self.handle.drain.remote(grace_s)
+        http_left = self.http_handle.drain.remote(grace_s) if self.http_handle is not None else None
+        failed = grpc_left.result()["failed"] + (http_left.result()["failed"] if http_left is not None else [])
+        return {"failed": failed}
 
     def status(self) -> dict:
         return self.handle.status.remote().result()

@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--address", help="join this Ray cluster (e.g. auto) instead of starting a local one")
     sv.add_argument("--host", help="gateway host (default: the topology's, 127.0.0.1)")
     sv.add_argument("--port", type=int, help="gateway port (default: the topology's, 50051)")
+    sv.add_argument("--http-host", help="the OpenAI-compatible HTTP API's host (default: the topology's, 127.0.0.1)")
+    sv.add_argument("--http-port", type=int, help="the HTTP API's port (default: the topology's, 8000)")
+    sv.add_argument("--no-http", action="store_true", help="serve gRPC only (no HTTP proxy)")
     sv.add_argument("--num-cpus", type=int, default=8, help="logical CPUs of a local Ray cluster (default 8)")
     sv.add_argument("--temp-dir", default=None, help="a local Ray cluster's temp folder (default /tmp/dgray)")
     sv.add_argument("--metrics-port", type=int, default=9464,

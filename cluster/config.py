@@ -106,6 +106,21 @@ class GatewaySettings:
 
 
 @dataclass(frozen=True)
+class HttpSettings:
+    """The OpenAI-compatible HTTP API, served by Ray Serve's HTTP proxy. The proxy is one per Ray cluster, so
+    `host` and `port` take effect where dgserve starts Serve (`dgserve serve` on its own cluster); a joined
+    cluster keeps its Serve's HTTP options. API keys and TLS are the gateway's (`gateway.api_keys_*`,
+    `gateway.tls_*`)."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"  # another address needs TLS (or gateway.insecure_remote: true)
+    port: int = 8000
+    route_prefix: str = "/"  # the routes are {route_prefix}/v1/chat/completions, ... ("/": /v1/...)
+    served_model_name: str | None = None  # the `model` clients send; None: `model`, or "dgserve/tiny"
+    request_timeout_s: float | None = None  # the proxy's timeout per request (None: serve.max_request_s)
+
+
+@dataclass(frozen=True)
 class Topology:
     model: str | None = None  # folder or hub id; None: the embedded tiny model
     revision: str | None = None
@@ -127,6 +142,7 @@ class Topology:
     watchdog_s: float = 10.0
     serve: ServeSettings = field(default_factory=ServeSettings)
     gateway: GatewaySettings = field(default_factory=GatewaySettings)
+    http: HttpSettings = field(default_factory=HttpSettings)
     name: str = "dgserve"
 
     @property
@@ -138,6 +154,11 @@ class Topology:
     def graceful_shutdown_s(self) -> float:
         s = self.serve
         return s.graceful_shutdown_timeout_s if s.graceful_shutdown_timeout_s is not None else s.max_request_s + 10
+
+    @property
+    def served_model_name(self) -> str:
+        """The model id of the HTTP API (`GET /v1/models`, and the `model` a request must name)."""
+        return self.http.served_model_name or self.model or "dgserve/tiny"
 
     @property
     def world(self) -> int:
@@ -207,6 +228,7 @@ def parse_topology(raw: dict | None) -> Topology:
         kw["watchdog_s"] = float(top["watchdog_s"])
     kw["serve"] = _serve(top.get("serve"))
     kw["gateway"] = _gateway(top.get("gateway"))
+    kw["http"] = _http(top.get("http"), kw["gateway"])
     return Topology(**kw)
 
 
@@ -242,6 +264,33 @@ def _gateway(raw) -> GatewaySettings:
           f"a loopback address ({', '.join(LOOPBACK_HOSTS[:3])}) without TLS: set gateway.tls_cert_file and "
           "tls_key_file to listen on another address, or gateway.insecure_remote: true for plaintext behind a "
           "proxy or mesh that terminates TLS")
+    return out
+
+
+def _http(raw, gateway: GatewaySettings) -> HttpSettings:
+    h = _section(raw, "http", {f.name for f in fields(HttpSettings)})
+    checks = {
+        "enabled": (lambda v: isinstance(v, bool), "true or false"),
+        "host": (lambda v: isinstance(v, str) and v != "", "a host name or address"),
+        "port": (lambda v: is_int(v) and 1 <= v <= 65535, "an integer in 1..65535"),
+        "route_prefix": (lambda v: isinstance(v, str) and v.startswith("/") and (v == "/" or not v.endswith("/"))
+                         and v.isprintable() and " " not in v and "{" not in v,
+                         "/ or a path that starts with '/' and does not end with it (e.g. /openai)"),
+        "served_model_name": (lambda v: v is None or (isinstance(v, str) and 0 < len(v) <= 256 and v.isprintable()),
+                              "null or a printable string of 1..256 characters"),
+        "request_timeout_s": (lambda v: v is None or (is_number(v) and v > 0), "null or a number of seconds > 0"),
+    }
+    for key, value in h.items():
+        ok, allowed = checks[key]
+        _need(f"http.{key}", value, ok(value), allowed)
+    out = HttpSettings(**h)
+    if out.enabled:
+        _need("http.host", out.host, out.host in LOOPBACK_HOSTS or gateway.tls or gateway.insecure_remote,
+              f"a loopback address ({', '.join(LOOPBACK_HOSTS[:3])}) without TLS: set gateway.tls_cert_file and "
+              "tls_key_file (the HTTP proxy serves HTTPS with them), or gateway.insecure_remote: true")
+        _need("gateway.tls_client_ca_file", gateway.tls_client_ca_file, gateway.tls_client_ca_file is None,
+              "null while http.enabled: Ray Serve's HTTP proxy cannot require client certificates (it does not "
+              "expose uvicorn's ssl_cert_reqs); set http.enabled: false to keep mTLS on gRPC only")
     return out
 
 

@@ -23,10 +23,14 @@ def run(args) -> int:
                                    ("tls_client_ca_file", args.tls_client_ca)) if v is not None}
     if args.insecure_remote:
         overrides["insecure_remote"] = True
-    if overrides:
+    http = {k: v for k, v in (("host", args.http_host), ("port", args.http_port)) if v is not None}
+    if args.no_http:
+        http["enabled"] = False
+    if overrides or http:
         raw = topo.to_dict()
         raw["gateway"] = {**raw["gateway"], **overrides}
-        topo = parse_topology({k: v for k, v in raw.items()})
+        raw["http"] = {**raw["http"], **http}
+        topo = parse_topology(raw)
     stop = threading.Event()
 
     def on_signal(*_):
@@ -41,9 +45,9 @@ def run(args) -> int:
         if started_ray:
             api.start_local(num_cpus=args.num_cpus, metrics_interval_s=topo.serve.metrics_interval_s,
                             temp_dir=args.temp_dir, metrics_port=args.metrics_port or None,
-                            token_file=args.ray_token_file)
+                            token_file=args.ray_token_file, http=api.http_options(topo))
         else:  # warns when the cluster does not require Ray's token
-            api.connect(args.address, token_file=args.ray_token_file)
+            api.connect(args.address, token_file=args.ray_token_file, http=api.http_options(topo))
         # Ray's core worker installs its own SIGTERM handler in this process (it aborts): take the signals back.
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, on_signal)
@@ -55,6 +59,12 @@ def run(args) -> int:
         print(f"dgserve is serving {model} on {endpoint.address} (ready in {time.monotonic() - t0:.1f}s)")
         print(f"try:  .venv/bin/dgserve-client --target {endpoint.address}{_client_flags(topo.gateway)} generate "
               f"--prompt 'Hello' --json")
+        if endpoint.http_url:
+            key = " -H 'Authorization: Bearer KEY'" if topo.gateway.auth else ""
+            print(f"OpenAI-compatible HTTP API on {endpoint.http_url}/v1 (model {topo.served_model_name!r})")
+            print(f"try:  curl{' --cacert CA.pem' if topo.gateway.tls else ''}{key} {endpoint.http_url}/v1/chat/"
+                  f"completions -H 'Content-Type: application/json' -d '{{\"model\": \"{topo.served_model_name}\", "
+                  f"\"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}]}}'")
         if started_ray and args.metrics_port:
             print(f"metrics (Prometheus): http://127.0.0.1:{args.metrics_port}/metrics")
         print("Ctrl-C stops it.", flush=True)

@@ -15,15 +15,12 @@ from collections import Counter
 import ray
 from ray import serve
 
-from dgserve.model.config import load_generation_defaults, load_model_config
-from dgserve.model.hub import TOKENIZER_PATTERNS, resolve_checkpoint
-from dgserve.model.tokenizer import load_tokenizer
-
 from ..config import Topology, topology_from_dict
 from ..engine.events import Finished
 from ..messages import GenerateRequest
 from ..units import unit_deployment
-from .convert import limits_for, model_info
+from .convert import model_info
+from .front import load_front
 from .probe import UnitProbe, Verdict
 from .server import set_serving, start_server
 from .service import DGServeService
@@ -40,19 +37,11 @@ class Gateway:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         self.topo = topology_from_dict(topology)
         self.unit = unit
-        if self.topo.model is None:
-            from dgserve.model.hub import default_model_dir
-
-            folder, model_id = default_model_dir(), "dgserve/tiny (embedded default, random weights)"
-        else:
-            folder = resolve_checkpoint(self.topo.model, self.topo.revision, patterns=TOKENIZER_PATTERNS)
-            model_id = self.topo.model
-        self.tokenizer = load_tokenizer(folder)
-        self.config, self.defaults = load_model_config(folder), load_generation_defaults(folder)
-        self.pad = self.defaults.pad_token_id
-        g = self.topo.gateway
-        self.limits = limits_for(self.config, g.max_prompt_tokens, g.max_text_bytes, g.max_message_bytes)
-        self.info = model_info(self.topo, self.config, self.defaults, self.limits, model_id, SERVER_VERSION)
+        front = load_front(self.topo)
+        self.tokenizer, self.config, self.defaults, self.limits = front.tokenizer, front.config, front.defaults, \
+            front.limits
+        self.pad = front.pad
+        self.info = model_info(self.topo, self.config, self.defaults, self.limits, front.model_id, SERVER_VERSION)
         self.inflight: Counter[str] = Counter()  # request ids are labels: two calls may share one
         self.caller = own_name()  # who calls the units: they cancel our calls if this actor dies
         app = serve.get_replica_context().app_name
@@ -60,7 +49,7 @@ class Gateway:
         self.last_verdict: Verdict | None = None
         self.text = TextWorker()
         self.draining, self.hard_stop, self.serving = False, asyncio.Event(), False
-        self.server, self.health, self.port = await start_server(DGServeService(self), g,
+        self.server, self.health, self.port = await start_server(DGServeService(self), self.topo.gateway,
                                                                  self.limits.max_request_bytes)
         log.info("gateway listening on %s:%d (NOT_SERVING until warm)", self.topo.gateway.host, self.port)
         self._warm = asyncio.create_task(self._watch_units())
@@ -154,10 +143,20 @@ def own_name() -> tuple[str, str] | None:
 
 
 def gateway_app(topo: Topology):
-    """The whole endpoint: the gateway (ingress) bound to the engine units."""
+    """The whole endpoint: the gRPC gateway bound to the engine units; with `http.enabled`, the HTTP API's ingress
+    is the application's ingress, bound to the same units and to the gateway. `route_prefix(topo)` is where
+    Serve's HTTP proxy mounts it."""
     units = unit_deployment(topo).bind(topo.to_dict())
     gw = serve.deployment(Gateway).options(
         name="Gateway", ray_actor_options={"num_cpus": GATEWAY_CPUS}, max_replicas_per_node=1, num_replicas=1,
         max_ongoing_requests=100, graceful_shutdown_timeout_s=topo.gateway.grace_s + 5,
-        health_check_period_s=topo.serve.health_check_period_s)
-    return gw.bind(units, topo.to_dict())
+        health_check_period_s=topo.serve.health_check_period_s).bind(units, topo.to_dict())
+    if not topo.http.enabled:
+        return gw
+    from .http.deployment import http_app
+
+    return http_app(topo, units, gw)
+
+
+def route_prefix(topo: Topology) -> str | None:
+    return topo.http.route_prefix if topo.http.enabled else None

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import uuid
 
 import grpc
-from ray.serve.exceptions import BackPressureError
 
 from dgserve.model.errors import DGServeError
 from dgserve.model.tokenizer import chat_prompt_ids
@@ -18,6 +15,7 @@ from ..engine.errors import Code, EngineError
 from ..engine.events import BlockCommitted, Failed, Finished
 from .chat.grpc import ChatTurn, chat_prompt
 from .convert import check_text, final_message, prompt_text, stream_message, text_prompt_ids, to_request
+from .front import request_id, unit_events
 
 log = logging.getLogger("dgserve.gateway")
 
@@ -30,15 +28,8 @@ STATUS = {Code.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
 PUSHBACK = "grpc-retry-pushback-ms"  # the retry hint of a RESOURCE_EXHAUSTED answer (gRPC's retry design, A6)
 
 
-def overloaded(e: BackPressureError) -> Failed:
-    return Failed(Code.RESOURCE_EXHAUSTED, f"overloaded: every engine unit is busy and the wait queue is full "
-                                           f"({e.message}, serve.max_queued_requests); retry later")
-
-
 def request_id_of(context) -> str:
-    given = dict(context.invocation_metadata() or ()).get("x-request-id", "")
-    # Echoed in the response headers: anything but printable ASCII would make gRPC refuse the header (INTERNAL).
-    return given if 0 < len(given) <= 128 and given.isascii() and given.isprintable() else uuid.uuid4().hex
+    return request_id(dict(context.invocation_metadata() or ()).get("x-request-id", ""))
 
 
 class DGServeService(pb_grpc.DGServeServicer):
@@ -121,50 +112,23 @@ class DGServeService(pb_grpc.DGServeServicer):
         await context.abort(code, f"request {rid}: {error}")
 
     async def _events(self, request, context, rid: str):
-        """(event, prompt tokens) until the Finished event; every failure becomes an abort with its code."""
+        """(event, prompt tokens) until the Finished event; a failure becomes an abort with its code."""
         try:
             req = await self._prepare(request, context, rid)
         except DGServeError as e:
             await self._refuse(context, rid, e)
         n_prompt = len(req.prompt_ids)
         log.info("request %s: %d prompt tokens, seed %d", rid, n_prompt, req.seed)
-        response = self.gw.unit.options(stream=True).generate.remote(req, self.gw.caller)
-        self.gw.inflight[rid] += 1
-        events = response.__aiter__()
-        ended = False  # the unit ended the call itself (Finished or Failed): nothing to cancel
-        try:
-            while True:
-                try:
-                    event, from_unit = await self._next(events)
-                except asyncio.CancelledError:
-                    raise
-                except BackPressureError as e:  # every unit is full and so is this gateway's wait queue
-                    event, from_unit = overloaded(e), False
-                except Exception as e:  # the unit's replica died, Serve refused or cancelled the call, ...
-                    log.warning("request %s: the engine unit failed: %r", rid, e)
-                    event, from_unit = Failed(Code.UNAVAILABLE, f"the engine unit failed ({type(e).__name__}); "
-                                                                f"send the request again"), False
-                if event is None:
-                    event = Failed(Code.UNAVAILABLE, "the engine unit ended the request without a result; send "
-                                                     "it again")
-                ended = from_unit and isinstance(event, Finished | Failed)
-                if isinstance(event, Failed):
-                    log.info("request %s: %s %s", rid, event.code.value, event.message)
-                    if event.code is Code.RESOURCE_EXHAUSTED:  # busy: say when to come back
-                        context.set_trailing_metadata((("x-request-id", rid),
-                                                       (PUSHBACK, str(self.gw.topo.gateway.retry_pushback_ms))))
-                    await context.abort(STATUS.get(event.code, grpc.StatusCode.INTERNAL),
-                                        f"request {rid}: {event.message}")
-                yield event, n_prompt
-                if isinstance(event, Finished):
-                    log.info("request %s: done, %d tokens in %.3fs", rid, len(event.token_ids), event.stats.total_s)
-                    return
-        finally:
-            self.gw.inflight[rid] -= 1
-            if self.gw.inflight[rid] <= 0:
-                del self.gw.inflight[rid]
-            if not ended:  # the client left, the server is stopping, ...: free the request on rank 0
-                response.cancel()
+        async for event in unit_events(self.gw.unit, req, self.gw.caller, self.gw.hard_stop, self.gw.inflight):
+            if isinstance(event, Failed):
+                log.info("request %s: %s %s", rid, event.code.value, event.message)
+                if event.code is Code.RESOURCE_EXHAUSTED:  # busy: say when to come back
+                    context.set_trailing_metadata((("x-request-id", rid),
+                                                   (PUSHBACK, str(self.gw.topo.gateway.retry_pushback_ms))))
+                await context.abort(STATUS.get(event.code, grpc.StatusCode.INTERNAL), f"request {rid}: {event.message}")
+            yield event, n_prompt
+            if isinstance(event, Finished):
+                log.info("request %s: done, %d tokens in %.3fs", rid, len(event.token_ids), event.stats.total_s)
 
     async def _prepare(self, request, context, rid: str):
         """The engine request of a Generate or Chat call: prompt ids (rendered off the event loop), checked knobs
@@ -184,24 +148,6 @@ class DGServeService(pb_grpc.DGServeServicer):
         cap = self.gw.topo.serve.max_request_s
         return to_request(request, rid, text_ids, limits, self.gw.defaults, self.gw.topo.sampler,
                           cap if left is None else min(left, cap))
-
-    async def _next(self, events) -> tuple[object | None, bool]:
-        """(the next event or None at the end, True), or (an UNAVAILABLE failure, False) when the server stops
-        waiting."""
-        nxt = asyncio.ensure_future(events.__anext__())
-        stop = asyncio.ensure_future(self.gw.hard_stop.wait())
-        try:
-            done, _ = await asyncio.wait({nxt, stop}, return_when=asyncio.FIRST_COMPLETED)
-            if nxt in done:
-                try:
-                    return nxt.result(), True
-                except StopAsyncIteration:
-                    return None, True
-            return Failed(Code.UNAVAILABLE, "the server shut down before the request finished; send it again"), False
-        finally:
-            stop.cancel()
-            if not nxt.done():
-                nxt.cancel()
 
 
 def _tokenize(tokenizer, request: pb.TokenizeRequest) -> list[int]:

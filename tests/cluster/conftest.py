@@ -9,8 +9,9 @@ import pytest
 def ray_cluster(tmp_path_factory):
     from dgserve.cluster import api
 
-    api.metrics_port = api.free_port()
-    api.start_local(num_cpus=8, metrics_interval_s=0.5, temp_dir="/tmp/dgray-tests", metrics_port=api.metrics_port)
+    api.metrics_port, api.test_http_port = api.free_port(), api.free_port()
+    api.start_local(num_cpus=8, metrics_interval_s=0.5, temp_dir="/tmp/dgray-tests", metrics_port=api.metrics_port,
+                    http={"host": "127.0.0.1", "port": api.test_http_port})
     yield api
     api.shutdown()
 

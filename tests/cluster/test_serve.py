@@ -6,10 +6,13 @@ import contextlib
 import json
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -37,12 +40,12 @@ def leftovers(marker: str) -> list[str]:
 
 class Server:
     def __init__(self, tmp_path: Path, *extra: str):
-        self.port, self.metrics_port = free_port(), free_port()
+        self.port, self.metrics_port, self.http_port = free_port(), free_port(), free_port()
         self.temp = f"/tmp/dgray-{uuid.uuid4().hex[:8]}"
         env = {**os.environ, "DGSERVE_HOME": str(tmp_path / "home")}
         self.env = env
         cmd = [sys.executable, "-m", "dgserve.cluster.cli", "serve", "--port", str(self.port), "--temp-dir", self.temp,
-               "--metrics-port", str(self.metrics_port), *extra]
+               "--metrics-port", str(self.metrics_port), "--http-port", str(self.http_port), *extra]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         self.out = Output(self.proc)
         self.output = self.out.output  # every line, stdout and stderr, in order
@@ -81,6 +84,7 @@ def test_make_serve_main_job_then_ctrl_c_leaves_nothing(tmp_path):
         line = srv.wait_for("dgserve is serving", 180)
         assert srv.address in line and "random weights" in line
         srv.wait_for("dgserve-client --target", 5)
+        http_line = srv.wait_for("OpenAI-compatible HTTP API on", 5)
         srv.wait_for(f"http://127.0.0.1:{srv.metrics_port}/metrics", 5)
         with Client(srv.address) as c:
             assert c.health() == "SERVING"
@@ -96,6 +100,11 @@ def test_make_serve_main_job_then_ctrl_c_leaves_nothing(tmp_path):
                               "--seed", "3", "--max-new-tokens", "40", "--max-denoising-steps", "6", "--json"],
                              capture_output=True, text=True, env=srv.env, timeout=120)
         assert json.loads(one.stdout.strip().splitlines()[-1])["token_ids"] == list(r.token_ids)
+        # the OpenAI-compatible HTTP API, at the address it printed, on Serve's proxy
+        base = http_line.split(" on ", 1)[1].split()[0]
+        assert base == f"http://127.0.0.1:{srv.http_port}/v1"
+        models = json.loads(urllib.request.urlopen(f"{base}/models", timeout=10).read())
+        assert models["data"][0]["id"] == "dgserve/tiny"
     finally:
         rc = srv.stop(signal.SIGINT)
     assert rc == 0
@@ -175,9 +184,10 @@ def test_serve_joins_an_existing_ray_cluster_and_leaves_it_running(tmp_path):
                           timeout=120)
     assert head.returncode == 0, head.stderr
     try:
-        port = free_port()
+        port, http_port = free_port(), free_port()
         proc = subprocess.Popen([sys.executable, "-m", "dgserve.cluster.cli", "serve", "--address",
-                                 f"127.0.0.1:{gcs}", "--port", str(port), "--tls-cert", certs.server_cert,
+                                 f"127.0.0.1:{gcs}", "--port", str(port), "--http-port", str(http_port),
+                                 "--tls-cert", certs.server_cert,
                                  "--tls-key", certs.server_key, "--api-keys-file", str(tmp_path / "keys")],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         out = []
@@ -193,6 +203,18 @@ def test_serve_joins_an_existing_ray_cluster_and_leaves_it_running(tmp_path):
             assert len(c.generate(token_ids=[5, 6], max_new_tokens=32, max_denoising_steps=2).token_ids) == 32
         with Client(f"localhost:{port}", tls=tls, api_key="", retries=0) as c, pytest.raises(Unauthenticated):
             c.generate(token_ids=[5, 6], max_new_tokens=32, max_denoising_steps=2)
+        # the HTTP API on Serve's proxy: HTTPS with the gateway's certificate, the gateway's API keys
+        line = next(x for x in out if "OpenAI-compatible HTTP API on" in x)
+        base = line.split(" on ", 1)[1].split()[0].replace("127.0.0.1", "localhost")
+        assert base == f"https://localhost:{http_port}/v1"
+        https = ssl.create_default_context(cafile=certs.ca)
+        models = urllib.request.Request(f"{base}/models", headers={"Authorization": "Bearer serve-key"})
+        assert json.loads(urllib.request.urlopen(models, context=https, timeout=10).read())["data"][0]["id"]
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"{base}/models", context=https, timeout=10)
+        assert refused.value.code == 401
+        with pytest.raises(OSError):  # plaintext to the HTTPS port gets no answer
+            urllib.request.urlopen(f"http://localhost:{http_port}/v1/models", timeout=10)
         proc.send_signal(signal.SIGINT)
         out += proc.stdout.readlines()
         assert proc.wait(90) == 0

@@ -8,6 +8,7 @@ import json
 from dgserve.model.errors import InputError
 from dgserve_client.v1 import dgserve_pb2 as pb
 
+from ..detok import Detokenizer
 from .messages import Conversation, parse_conversation, render_ids
 from .reply import ReplyParser, ToolCall
 
@@ -47,18 +48,11 @@ class ChatTurn:
     """One reply as it streams: the committed blocks' text with its special tokens, through a ReplyParser."""
 
     def __init__(self, tokenizer, pad: int | None, request_id: str):
-        self.tokenizer, self.pad = tokenizer, pad
+        self.text = Detokenizer(tokenizer, pad, skip_special_tokens=False)
         self.parser = ReplyParser(request_id)
-        self._ids: list[int] = []
-        self._text = ""
 
     def block(self, index: int, token_ids) -> pb.ChatDelta:
-        self._ids += [t for t in token_ids if t != self.pad]
-        text = self.tokenizer.decode(self._ids, skip_special_tokens=False)
-        # the decoded text only grows, except where a character split across blocks completes
-        common = len(self._text) if text.startswith(self._text) else len(self._text.rstrip("\ufffd"))
-        new, self._text = text[common:], text
-        return self._delta(index, self.parser.feed(new))
+        return self._delta(index, self.parser.feed(self.text.feed(token_ids)))
 
     def _delta(self, index: int, pieces) -> pb.ChatDelta:
         d = pb.ChatDelta(block=index)

@@ -151,6 +151,25 @@ def _calls(raw, i: int) -> tuple[ToolCall, ...]:
     return tuple(out)
 
 
+def text_chars(value) -> int:
+    """Characters of text in a JSON value (its strings, keys included), counted before anything is parsed."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, dict):
+        return sum(len(k) + text_chars(v) for k, v in value.items())
+    if isinstance(value, list):
+        return sum(text_chars(v) for v in value)
+    return 0
+
+
+def check_size(raw_messages, raw_tools, max_text_bytes: int) -> None:
+    """Refuses messages and tools with more text than the limit, before they are checked or rendered."""
+    total = text_chars(raw_messages) + text_chars(raw_tools)
+    if total > max_text_bytes:
+        raise InputError("messages", f"{total} characters of messages and tools exceed the limit of "
+                                     f"{max_text_bytes} bytes (gateway.max_text_bytes)")
+
+
 def parse_conversation(raw_messages, raw_tools=None, thinking: bool = False) -> Conversation:
     """Checks a chat request: roles, order, tool calls and the results that answer them, tool schemas."""
     if not isinstance(raw_messages, list) or not raw_messages:

@@ -26,15 +26,16 @@ def endpoint(ray_cluster, tiny_dir):
     from ray import serve
 
     from dgserve.cluster.config import parse_topology
-    from dgserve.cluster.gateway.deployment import gateway_app
+    from dgserve.cluster.gateway.deployment import gateway_app, route_prefix
 
     port = free_port()
     topo = parse_topology({"name": "gw", "model": str(tiny_dir), "gateway": {"port": port, "max_prompt_tokens": 512,
-                                                                            "grace_s": 2}})
+                                                                            "grace_s": 2},
+                           "http": {"port": ray_cluster.test_http_port, "served_model_name": "tiny"}})
     import threading
 
     deploying = threading.Thread(target=serve.run, args=(gateway_app(topo),),
-                                 kwargs={"name": "gw", "route_prefix": None}, daemon=True)
+                                 kwargs={"name": "gw", "route_prefix": route_prefix(topo)}, daemon=True)
     deploying.start()  # watch the health from the first answer, while the units load
     address, seen, t0 = f"127.0.0.1:{port}", [], time.monotonic()
     while time.monotonic() - t0 < 120:
@@ -48,3 +49,9 @@ def endpoint(ray_cluster, tiny_dir):
     deploying.join(60)
     yield address, seen, topo
     serve.delete("gw")
+
+
+@pytest.fixture(scope="package")
+def http_base(endpoint, ray_cluster) -> str:
+    """The endpoint's OpenAI-compatible API on the session's Serve HTTP proxy (model "tiny")."""
+    return f"http://127.0.0.1:{ray_cluster.test_http_port}/v1"

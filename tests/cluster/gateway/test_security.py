@@ -40,7 +40,7 @@ class Scripted(pb_grpc.DGServeServicer):
 @contextlib.contextmanager
 def server(**gateway):
     """The gateway's gRPC server on a free loopback port, run by an event loop in a thread; yields the address."""
-    settings = parse_topology({"gateway": {"port": 0, **gateway}}).gateway
+    settings = parse_topology({"gateway": {"port": 0, **gateway}, "http": {"enabled": False}}).gateway
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
@@ -166,6 +166,19 @@ def test_an_empty_key_file_is_refused_at_start(tmp_path):
 def test_gateway_settings_that_would_open_or_break_the_server_are_refused(gateway, field):
     with pytest.raises(ConfigError) as e:
         parse_topology({"gateway": gateway})
+    assert e.value.field == field
+
+
+@pytest.mark.parametrize(("raw", "field", "words"), [
+    ({"http": {"host": "0.0.0.0"}}, "http.host", "without TLS"),
+    ({"gateway": {"tls_cert_file": "c", "tls_key_file": "k", "tls_client_ca_file": "ca"}},
+     "gateway.tls_client_ca_file", "cannot require client certificates"),
+    ({"http": {"route_prefix": "openai"}}, "http.route_prefix", "starts with '/'"),
+    ({"http": {"port": 0}}, "http.port", "1..65535"),
+])
+def test_http_settings_that_would_open_the_api_or_promise_what_it_cannot_do_are_refused(raw, field, words):
+    with pytest.raises(ConfigError, match=words) as e:
+        parse_topology(raw)
     assert e.value.field == field
 
 

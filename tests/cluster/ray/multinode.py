@@ -78,7 +78,8 @@ def unit_status(name: str) -> dict:
 def endpoint(name: str, model: str, **topology):
     from dgserve.cluster import api
 
-    topo = {"name": name, "model": model, "gateway": {"port": api.free_port()}, "engine": {"max_running": 4},
+    topo = {"name": name, "model": model, "gateway": {"port": api.free_port()}, "http": {"enabled": False},
+            "engine": {"max_running": 4},
             "watchdog_s": 3, "serve": {"health_check_period_s": 1.0, "health_check_timeout_s": 5.0}} | topology
     ep = api.serve_endpoint(topo)
     assert ep.wait_serving(180), f"{name}: the gateway never became SERVING"
