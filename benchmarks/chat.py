@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks import common  # noqa: E402
 
 # the prompt is the fixed conversation below: --prompt-len does not apply
-QUICK = {"prompt_len": None, "max_new_tokens": 128, "max_denoising_steps": 4, "repeats": 1}
+QUICK = {"prompt_len": None, "max_new_tokens": 64, "max_denoising_steps": 2, "repeats": 1}
 FULL = {"prompt_len": None, "max_new_tokens": 192, "max_denoising_steps": 8, "repeats": 3}
 CONCURRENCY = (1, 8)
 SIDES = ("grpc", "http")
