@@ -53,17 +53,6 @@ REPLY = ('<|channel>thought\nTwo lookups: time and population.<channel|><|tool_c
          '<|"|>}<tool_call|><|tool_call>call:get_population{city:<|"|>Paris<|"|>}<tool_call|><|tool_response>')
 
 
-def summarize(n: int, runs: list[tuple[float, list[float], list[int]]], wall: float) -> dict:
-    from dgserve.cluster.engine.metrics import percentile
-
-    first = [t[0] - start for start, t, _ in runs if t]
-    gaps = [b - a for _, t, _ in runs for a, b in zip(t, t[1:], strict=False)]
-    tokens = sum(len(ids) for _, _, ids in runs)
-    return {"concurrency": n, "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
-            "ttfd_ms_p50": 1000 * percentile(first, 0.5), "between_ms_p50": 1000 * percentile(gaps, 0.5),
-            "between_ms_p99": 1000 * percentile(gaps, 0.99), "token_ids": [ids for _, _, ids in runs]}
-
-
 async def grpc_side(address: str, n: int, args) -> dict:
     from dgserve_client.aio import AsyncClient
 
@@ -81,7 +70,7 @@ async def grpc_side(address: str, n: int, args) -> dict:
         await c.info()
         t0 = time.perf_counter()
         runs = await asyncio.gather(*(one(c, i) for i in range(n)))
-    return summarize(n, runs, time.perf_counter() - t0)
+    return common.summarize_streams(n, runs, time.perf_counter() - t0)
 
 
 async def http_side(base: str, model: str, n: int, args) -> dict:
@@ -103,7 +92,7 @@ async def http_side(base: str, model: str, n: int, args) -> dict:
         await c.models.list()
         t0 = time.perf_counter()
         runs = await asyncio.gather(*(one(c, i) for i in range(n)))
-    return summarize(n, runs, time.perf_counter() - t0)
+    return common.summarize_streams(n, runs, time.perf_counter() - t0)
 
 
 def chat_core_times(folder: Path, repeats: int) -> dict:
@@ -139,14 +128,7 @@ def report_lines(config: dict, rows: dict[str, dict[int, dict]], ratio: dict) ->
              f"({core['prompt_tokens']} prompt tokens), {config['max_new_tokens']} new tokens, "
              f"{config['max_denoising_steps']} steps, cpu float32, streaming, repeats {config['repeats']} "
              f"(each row: its median run)"]
-    table = [("side", "N", "threads", "tok/s", "min", "max", "wall s", "first delta p50 ms", "between p50", "p99 ms")]
-    for side, levels in rows.items():
-        for n, lv in levels.items():
-            tps = lv["tokens_per_s_spread"]
-            table.append((side, str(n), str(config["threads_per_side"]), f"{lv['tokens_per_s']:.1f}",
-                          f"{tps['min']:.1f}", f"{tps['max']:.1f}", f"{lv['wall_s']:.2f}", f"{lv['ttfd_ms_p50']:.1f}",
-                          f"{lv['between_ms_p50']:.1f}", f"{lv['between_ms_p99']:.1f}"))
-    lines += common.table(table)
+    lines += common.stream_table(rows, config["threads_per_side"], "first delta")
     lines.append(f"http_overhead_ratio (HTTP / gRPC tok/s at {max(CONCURRENCY)} streams, pairwise per repeat): "
                  f"{common.fmt_spread(ratio, 'x')}")
     lines.append(f"chat core: render {core['render_ms_p50']:.2f} ms (check + template + tokenize), parse "

@@ -313,6 +313,31 @@ RAY_NOTE = ("the Ray side also runs processes outside the budget that relay but 
             "{extra}Ray's raylet, GCS and core workers")
 
 
+def stream_table(rows: dict[str, dict[int, dict]], threads_per_side: int, first: str) -> list[str]:
+    """serve.py's and chat.py's table: per side and N, tokens/s (median run, min, max), wall time, time to the
+    first streamed message (`first` names it) and between messages (`summarize_streams` rows)."""
+    out = [("side", "N", "threads", "tok/s", "min", "max", "wall s", f"{first} p50 ms", "between p50", "p99 ms")]
+    for side, levels in rows.items():
+        for n, lv in levels.items():
+            tps = lv["tokens_per_s_spread"]
+            out.append((side, str(n), str(threads_per_side), f"{lv['tokens_per_s']:.1f}", f"{tps['min']:.1f}",
+                        f"{tps['max']:.1f}", f"{lv['wall_s']:.2f}", f"{lv['ttfb_ms_p50']:.1f}",
+                        f"{lv['between_blocks_ms_p50']:.1f}", f"{lv['between_blocks_ms_p99']:.1f}"))
+    return table(out)
+
+
+def summarize_streams(n: int, runs: list[tuple[float, list[float], list[int]]], wall: float) -> dict:
+    """runs: (start, message arrival times, final token ids) per request."""
+    from dgserve.cluster.engine.metrics import percentile
+
+    ttfb = [times[0] - start for start, times, _ in runs if times]
+    gaps = [b - a for _, times, _ in runs for a, b in zip(times, times[1:], strict=False)]
+    tokens = sum(len(ids) for _, _, ids in runs)
+    return {"concurrency": n, "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
+            "ttfb_ms_p50": 1000 * percentile(ttfb, 0.5), "between_blocks_ms_p50": 1000 * percentile(gaps, 0.5),
+            "between_blocks_ms_p99": 1000 * percentile(gaps, 0.99), "token_ids": [ids for _, _, ids in runs]}
+
+
 def add_unit_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sampler-threads", type=int, default=1,
                    help="the engine's sampler threads on both sides (K-1 pool threads on top of the budget; "

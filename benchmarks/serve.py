@@ -33,18 +33,6 @@ CONCURRENCY = (1, 8, 32)
 SIDES = ("one-process", "grpc")
 
 
-def summarize(n: int, runs: list[tuple[float, list[float], list[int]]], wall: float) -> dict:
-    """runs: (start, block arrival times, final token ids) per request."""
-    from dgserve.cluster.engine.metrics import percentile
-
-    ttfb = [blocks[0] - start for start, blocks, _ in runs if blocks]
-    gaps = [b - a for _, blocks, _ in runs for a, b in zip(blocks, blocks[1:], strict=False)]
-    tokens = sum(len(ids) for _, _, ids in runs)
-    return {"concurrency": n, "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
-            "ttfb_ms_p50": 1000 * percentile(ttfb, 0.5), "between_blocks_ms_p50": 1000 * percentile(gaps, 0.5),
-            "between_blocks_ms_p99": 1000 * percentile(gaps, 0.99), "token_ids": [ids for _, _, ids in runs]}
-
-
 async def grpc_level(address: str, prompt: list[int], n: int, args) -> dict:
     from dgserve_client.aio import AsyncClient
 
@@ -62,7 +50,7 @@ async def grpc_level(address: str, prompt: list[int], n: int, args) -> dict:
         await c.info()
         t0 = time.perf_counter()
         runs = await asyncio.gather(*(one(c, i) for i in range(n)))
-    return summarize(n, runs, time.perf_counter() - t0)
+    return common.summarize_streams(n, runs, time.perf_counter() - t0)
 
 
 async def engine_level(engine, generation, prompt: list[int], n: int, args) -> dict:
@@ -84,21 +72,14 @@ async def engine_level(engine, generation, prompt: list[int], n: int, args) -> d
 
     t0 = time.perf_counter()
     runs = await asyncio.gather(*(one(i) for i in range(n)))
-    return summarize(n, runs, time.perf_counter() - t0)
+    return common.summarize_streams(n, runs, time.perf_counter() - t0)
 
 
 def report_lines(config: dict, rows: dict[str, dict[int, dict]], ratio: dict) -> list[str]:
     lines = [f"serve benchmark: bench checkpoint, prompt {config['prompt_len']}, {config['max_new_tokens']} new "
              f"tokens, {config['max_denoising_steps']} steps, cpu float32, repeats {config['repeats']} "
              f"(each row: its median run)"]
-    table = [("side", "N", "threads", "tok/s", "min", "max", "wall s", "TTFB p50 ms", "between p50", "p99 ms")]
-    for side, levels in rows.items():
-        for n, lv in levels.items():
-            tps = lv["tokens_per_s_spread"]
-            table.append((side, str(n), str(config["threads_per_side"]), f"{lv['tokens_per_s']:.1f}",
-                          f"{tps['min']:.1f}", f"{tps['max']:.1f}", f"{lv['wall_s']:.2f}", f"{lv['ttfb_ms_p50']:.1f}",
-                          f"{lv['between_blocks_ms_p50']:.1f}", f"{lv['between_blocks_ms_p99']:.1f}"))
-    lines += common.table(table)
+    lines += common.stream_table(rows, config["threads_per_side"], "TTFB")
     lines.append(f"overhead_ratio (gRPC end to end / one process, tok/s at {max(CONCURRENCY)}, pairwise per "
                  f"repeat): {common.fmt_spread(ratio, 'x')}")
     return lines

@@ -70,23 +70,20 @@ def make_app(service: OpenAIService, keys: ApiKeys | None = None) -> FastAPI:
                            "model", "model_not_found")
         return out.model(service.model_id, service.created, service.front.limits.context_length)
 
+    async def answer(request: Request, schema, unary, stream):
+        body = _parse(schema, await read_json(request, service.front.limits.max_request_bytes))
+        rid = request.state.request_id
+        if body.stream:  # the stream's first event is awaited first: a refusal still gets its status code
+            return StreamingResponse(await stream(body, rid), media_type="text/event-stream", headers=SSE_HEADERS)
+        return await unary(body, rid)
+
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        body = _parse(ChatCompletionRequest, await read_json(request, service.front.limits.max_request_bytes))
-        rid = request.state.request_id
-        if body.stream:
-            return StreamingResponse(await service.chat_stream(body, rid), media_type="text/event-stream",
-                                     headers=SSE_HEADERS)
-        return await service.chat(body, rid)
+        return await answer(request, ChatCompletionRequest, service.chat, service.chat_stream)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        body = _parse(CompletionRequest, await read_json(request, service.front.limits.max_request_bytes))
-        rid = request.state.request_id
-        if body.stream:
-            return StreamingResponse(await service.complete_stream(body, rid), media_type="text/event-stream",
-                                     headers=SSE_HEADERS)
-        return await service.complete(body, rid)
+        return await answer(request, CompletionRequest, service.complete, service.complete_stream)
 
     return app
 

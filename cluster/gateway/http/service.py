@@ -143,37 +143,29 @@ class OpenAIService:
         req, first, events = await self._open(body, rid)
         return self._chat_events(body, rid, req, first, events)
 
-    async def _chat_events(self, body, rid, req, first, events) -> AsyncIterator[str]:
+    def _chat_events(self, body, rid, req, first, events) -> AsyncIterator[str]:
         head = out.Head("chatcmpl", rid, self.model_id, int(time.time()))
-        turn, calls, event = ChatTurn(self.front.tokenizer, self.front.pad, rid), 0, first
+        turn, calls = ChatTurn(self.front.tokenizer, self.front.pad, rid), [0]
         usage = body.stream_options is not None and body.stream_options.include_usage
-        try:
-            yield out.chat_chunk(head, {"role": "assistant", "content": ""}, **({"usage": None} if usage else {}))
-            while True:
-                if isinstance(event, BlockCommitted):
-                    delta = out.chat_delta(turn.block(event.block, event.token_ids), calls)
-                    calls += len(delta.get("tool_calls", ()))
-                    if delta:
-                        yield out.chat_chunk(head, delta, **({"usage": None} if usage else {}))
-                elif isinstance(event, Finished):
-                    tail, final = turn.final(event, rid, *self._usage_stats(event, req))
-                    delta = out.chat_delta(tail, calls)
-                    if delta:
-                        yield out.chat_chunk(head, delta, **({"usage": None} if usage else {}))
-                    extra = {"usage": None} if usage else {}
-                    if body.return_token_ids:
-                        extra["token_ids"] = list(final.token_ids)
-                    yield out.chat_chunk(head, {}, final.finish_reason, **extra)
-                    if usage:
-                        yield out.sse(head.body("chat.completion.chunk", [], usage=out.usage(final.usage)))
-                    yield out.DONE
-                    return
-                elif isinstance(event, Failed):
-                    yield self._stream_error(event, rid)
-                    return
-                event = await events.__anext__()
-        finally:
-            await events.aclose()
+        null_usage = {"usage": None} if usage else {}  # OpenAI's chunks say usage: null until the last one
+
+        def block(event: BlockCommitted):
+            delta = out.chat_delta(turn.block(event.block, event.token_ids), calls[0])
+            calls[0] += len(delta.get("tool_calls", ()))
+            return [out.chat_chunk(head, delta, **null_usage)] if delta else []
+
+        def end(event: Finished):
+            tail, final = turn.final(event, rid, *self._usage_stats(event, req))
+            delta = out.chat_delta(tail, calls[0])
+            chunks = [out.chat_chunk(head, delta, **null_usage)] if delta else []
+            extra = {**null_usage, **({"token_ids": list(final.token_ids)} if body.return_token_ids else {})}
+            chunks.append(out.chat_chunk(head, {}, final.finish_reason, **extra))
+            if usage:
+                chunks.append(out.sse(head.body("chat.completion.chunk", [], usage=out.usage(final.usage))))
+            return chunks
+
+        opening = out.chat_chunk(head, {"role": "assistant", "content": ""}, **null_usage)
+        return self._sse(rid, first, events, block, end, opening)
 
     # -- completions -----------------------------------------------------------------------------------------
     async def complete(self, body: CompletionRequest, rid: str) -> dict:
@@ -188,22 +180,40 @@ class OpenAIService:
         req, first, events = await self._open(body, rid)
         return self._completion_events(body, rid, req, first, events)
 
-    async def _completion_events(self, body, rid, req, first, events) -> AsyncIterator[str]:
+    def _completion_events(self, body, rid, req, first, events) -> AsyncIterator[str]:
         head = out.Head("cmpl", rid, self.model_id, int(time.time()))
-        text, event = Detokenizer(self.front.tokenizer, self.front.pad, skip_special_tokens=True), first
+        text = Detokenizer(self.front.tokenizer, self.front.pad, skip_special_tokens=True)
         usage = body.stream_options is not None and body.stream_options.include_usage
+
+        def block(event: BlockCommitted):
+            piece = text.feed(event.token_ids)
+            return [out.completion_chunk(head, piece)] if piece else []
+
+        def end(event: Finished):
+            final = final_message(event, rid, len(req.prompt_ids), self.front.pad)
+            extra = {"token_ids": list(final.token_ids)} if body.return_token_ids else {}
+            chunks = [out.completion_chunk(head, "", out.finish_reason(final.finish_reason), **extra)]
+            if usage:
+                chunks.append(out.sse(head.body("text_completion", [], usage=out.usage(final.usage))))
+            return chunks
+
+        return self._sse(rid, first, events, block, end)
+
+    async def _sse(self, rid: str, first, events, block, end, opening: str | None = None) -> AsyncIterator[str]:
+        """Server-sent events from a request's events: `block(event)` gives a committed block's chunks and
+        `end(finished)` the last ones, then `[DONE]`; a failure gives an error event, then `[DONE]`. The unit's call
+        is closed however the stream ends (the client may leave at any point)."""
+        event = first
         try:
+            if opening is not None:
+                yield opening
             while True:
                 if isinstance(event, BlockCommitted):
-                    piece = text.feed(event.token_ids)
-                    if piece:
-                        yield out.completion_chunk(head, piece)
+                    for chunk in block(event):
+                        yield chunk
                 elif isinstance(event, Finished):
-                    final = final_message(event, rid, len(req.prompt_ids), self.front.pad)
-                    extra = {"token_ids": list(final.token_ids)} if body.return_token_ids else {}
-                    yield out.completion_chunk(head, "", out.finish_reason(final.finish_reason), **extra)
-                    if usage:
-                        yield out.sse(head.body("text_completion", [], usage=out.usage(final.usage)))
+                    for chunk in end(event):
+                        yield chunk
                     yield out.DONE
                     return
                 elif isinstance(event, Failed):
