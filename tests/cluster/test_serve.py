@@ -116,7 +116,7 @@ def test_make_serve_main_job_then_ctrl_c_leaves_nothing(tmp_path):
 def test_sigterm_drains_in_flight_requests_and_fails_the_rest_as_unavailable(tmp_path):
     cfg = tmp_path / "topology.yaml"
     cfg.write_text("gateway: {grace_s: 3}\nserve: {max_request_s: 60}\n")
-    srv = Server(tmp_path, "--config", str(cfg))
+    srv = Server(tmp_path, "--config", str(cfg), "--no-http")  # gRPC only: the HTTP drain is in test_http
     results: dict = {}
     try:
         srv.wait_for("dgserve is serving", 180)

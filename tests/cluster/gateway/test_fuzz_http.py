@@ -7,7 +7,7 @@ The oracle is the server's own rules applied here, in this process: a body must 
 exactly when the schema or the chat core refuses it, 404 for a model or route this server does not have, and
 otherwise 200 with a well-formed completion (or a stream that ends with `[DONE]`); nothing may be a 5xx. After
 the fuzz the endpoint is healthy and a fixed request gives the same tokens as before it.
-`DGSERVE_FUZZ_HTTP_REQUESTS` sets the count (default 120)."""
+`DGSERVE_FUZZ_HTTP_REQUESTS` sets the count (default 80)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from .test_http import request
 
-REQUESTS = int(os.environ.get("DGSERVE_FUZZ_HTTP_REQUESTS", "120"))
+REQUESTS = int(os.environ.get("DGSERVE_FUZZ_HTTP_REQUESTS", "80"))
 BATCH, CONCURRENCY = 8, 4
 BUSY = {429, 504}  # load-dependent answers any request may get
 ROLES = ["system", "developer", "user", "assistant", "tool", "model", "", "User"]
