@@ -5,8 +5,9 @@ and the time the chat core takes to render and parse a 6-turn conversation with 
 Both sides send the same conversation (a system prompt, tools, a tool round and a new question) to the same
 engine unit, request i with seed + i, streaming, alternating the sides at each N; request i must give the same
 token ids on both sides (the script exits 1 with the first difference otherwise). Per side and N: aggregate
-tokens/s, time to first delta (p50), time between deltas (p50/p99). The HTTP side is the official `openai`
-client (AsyncOpenAI, `stream=True`, the knobs in `extra_body`); the gRPC side `dgserve_client.aio.AsyncClient`.
+tokens/s, time to the first delta with text or a call (p50), time between such deltas (p50/p99). The HTTP side
+is the official `openai` client (AsyncOpenAI, `stream=True`, the knobs in `extra_body`); the gRPC side
+`dgserve_client.aio.AsyncClient`.
 `http_overhead_ratio` = HTTP tokens/s over gRPC tokens/s at 8 streams.
 
     python benchmarks/chat.py --quick
@@ -30,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks import common  # noqa: E402
 
 # the prompt is the fixed conversation below: --prompt-len does not apply
-QUICK = {"prompt_len": None, "max_new_tokens": 64, "max_denoising_steps": 2, "repeats": 1}
+QUICK = {"prompt_len": None, "max_new_tokens": 128, "max_denoising_steps": 2, "repeats": 1}
 FULL = {"prompt_len": None, "max_new_tokens": 192, "max_denoising_steps": 8, "repeats": 3}
 CONCURRENCY = (1, 8)
 SIDES = ("grpc", "http")
@@ -61,7 +62,8 @@ async def grpc_side(address: str, n: int, args) -> dict:
         async for m in c.chat_stream(CONVERSATION, TOOLS, seed=args.seed + i, max_new_tokens=args.max_new_tokens,
                                      max_denoising_steps=args.max_denoising_steps):
             if m.HasField("delta"):
-                times.append(time.perf_counter())
+                if m.delta.content or m.delta.reasoning or m.delta.tool_calls:
+                    times.append(time.perf_counter())
             else:
                 ids = list(m.final.token_ids)
         return start, times, ids
@@ -82,11 +84,12 @@ async def http_side(base: str, model: str, n: int, args) -> dict:
             model=model, messages=CONVERSATION, tools=TOOLS, seed=args.seed + i, max_tokens=args.max_new_tokens,
             stream=True, extra_body={"max_denoising_steps": args.max_denoising_steps, "return_token_ids": True})
         async for chunk in stream:
-            if chunk.choices and chunk.choices[0].finish_reason is None:
+            delta = chunk.choices[0].delta if chunk.choices else None
+            if delta is not None and (delta.content or getattr(delta, "reasoning_content", None) or delta.tool_calls):
                 times.append(time.perf_counter())
-            elif chunk.choices:
+            if chunk.choices and chunk.choices[0].finish_reason is not None:
                 ids = chunk.model_extra["token_ids"]
-        return start, times[1:], ids  # the first chunk (the role) comes before any block
+        return start, times, ids
 
     async with openai.AsyncOpenAI(base_url=base, api_key="none", max_retries=0, timeout=600) as c:
         await c.models.list()
