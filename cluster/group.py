@@ -40,6 +40,8 @@ class Ownership:
                        evict=tuple(r for r in plan.evict if r in mine),
                        release=tuple(r for r in plan.release if r in mine),
                        items=tuple(it for it in plan.items if it.rid in mine),
+                       reuse=tuple(p for p in plan.reuse if p.rid in mine),
+                       store=tuple(p for p in plan.store if p.rid in mine),
                        exchange=self.experts and bool(plan.items))
         for rid in plan.release:
             self.owner.pop(rid, None)
@@ -76,7 +78,8 @@ def merge(iteration: int, outcomes: list[StepOutcome]) -> StepOutcome:
                        max(o.forward_s for o in outcomes), max(o.sampling_s for o in outcomes),
                        sum(o.kv_bytes for o in outcomes), tuple(f for o in outcomes for f in o.failed),
                        max(o.passes for o in outcomes), max(o.exchange_s for o in outcomes),
-                       _add_rows([o.expert_rows for o in outcomes]))
+                       _add_rows([o.expert_rows for o in outcomes]), tuple(e for o in outcomes for e in o.stored),
+                       sum(o.prefix_bytes for o in outcomes))
 
 
 def _add_rows(per_rank: list[tuple[tuple[int, ...], ...]]) -> tuple[tuple[int, ...], ...]:

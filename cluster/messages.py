@@ -21,6 +21,7 @@ class GenerateRequest:
     drafts: bool = False
     timeout_s: float | None = None
     request_id: str | None = None  # the client's label (x-request-id) for logs, events and status; never a handle
+    tenant: str = ""  # set by the gateway from the caller's API key: who may share cached prompt prefixes
 
     def to_engine(self, defaults, overrides: dict):
         """Validated engine request (an EngineRequest, on rank 0): checkpoint defaults, then the deployment's
@@ -34,7 +35,7 @@ class GenerateRequest:
         except ConfigError as e:
             raise InputError(e.field, f"{e.value!r} is not allowed; allowed: {e.allowed}") from e
         return EngineRequest(list(self.prompt_ids), settings, self.seed, self.drafts, self.timeout_s,
-                             self.request_id)
+                             self.request_id, self.tenant)
 
 
 def failure_event(error: Exception) -> Failed:

@@ -36,12 +36,24 @@ class UnitMetrics:
                                        "Max / mean rows per expert rank, averaged over layers (last iteration)", keys)
         self.expert_rows = metrics.Counter("dgserve_expert_rows_total", "Rows sent to each expert rank",
                                            ("unit", "expert_rank"))
+        # the prefix cache: counters as totals over the unit's attention ranks, and what it holds now
+        self.prefix_counters = {
+            name: metrics.Counter(f"dgserve_prefix_{name}_total", doc, keys) for name, doc in (
+                ("lookups", "Requests admitted that looked up a cached prompt prefix"),
+                ("hits", "Requests that started from a cached prompt prefix"),
+                ("tokens_reused", "Prompt tokens not encoded thanks to cached prefixes"),
+                ("evictions", "Cached prefixes dropped to make room for requests"))}
+        self.prefix_bytes = metrics.Gauge("dgserve_prefix_bytes", "Memory budget held by cached prompt prefixes",
+                                          keys)
+        self.prefix_entries = metrics.Gauge("dgserve_prefix_entries", "Cached prompt prefixes held", keys)
         for m in (self.queue, self.running, self.kv_used, self.budget_used, self.budget, self.canvases, self.step,
-                  self.steps_per_block, self.tokens_per_forward, self.exchange, self.imbalance):
+                  self.steps_per_block, self.tokens_per_forward, self.exchange, self.imbalance, self.prefix_bytes,
+                  self.prefix_entries, *self.prefix_counters.values()):
             m.set_default_tags(tags)
         self.unit = unit
         self._seen_rejections: dict[str, int] = {}
         self._seen_errors: dict[str, int] = {}
+        self._seen_prefix: dict[str, int] = {}
 
     def on_step(self, engine, outcome, step_s: float) -> None:
         m = engine.metrics
@@ -50,6 +62,13 @@ class UnitMetrics:
         self.kv_used.set(m.kv_bytes)
         self.budget_used.set(m.budget_used_bytes)
         self.budget.set(m.budget_bytes)
+        self.prefix_bytes.set(m.prefix_bytes)
+        self.prefix_entries.set(m.prefix_entries)
+        for name, counter in self.prefix_counters.items():
+            now = getattr(m.prefix, name)
+            if now > self._seen_prefix.get(name, 0):
+                counter.inc(now - self._seen_prefix.get(name, 0))
+                self._seen_prefix[name] = now
         self.canvases.observe(len(outcome.canvases))
         self.step.observe(step_s)
         for c in outcome.canvases:

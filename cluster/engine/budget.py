@@ -31,20 +31,37 @@ class MemorySizes:
             self.canvas_bytes = C * D * dtype.itemsize + small + workspace_bytes(C, D, V, torch.device(device))
         else:
             self.canvas_bytes = C * V * 4 + C * D * 4 + small
+        text, size = config.text, dtype.itemsize
+        # one page of every full-attention layer, keys and values; a sliding layer's window per position held
+        self.full_page_bytes = sum(2 * page_size * s.num_kv_heads * s.head_dim * size
+                                   for s in text.layers if not s.is_sliding)
+        self._window_row = sum(2 * s.num_kv_heads * s.head_dim * size for s in text.layers if s.is_sliding)
 
     def kv(self, positions: int) -> int:
         return kv_bytes(self.config.text, positions, self.dtype, self.page_size)
+
+    def pages(self, positions: int) -> int:
+        """Full-layer pages holding `positions` positions."""
+        return -(-positions // self.page_size)
+
+    def window_bytes(self, positions: int) -> int:
+        """The sliding layers' windows after `positions` positions."""
+        return min(positions, self.config.text.sliding_window - 1) * self._window_row
 
     def request(self, positions: int) -> int:
         return self.kv(positions) + self.canvas_bytes
 
 
+PREFIX = "prefix"  # the reservation key of a rank's cached prefixes
+
+
 class MemoryBudget:
-    """Reservations by request id against a fixed capacity (thread-safe reads for metrics)."""
+    """Reservations by request id (or PREFIX, the cached prefixes) against a fixed capacity (thread-safe reads for
+    metrics)."""
 
     def __init__(self, capacity: int):
         self.capacity = capacity
-        self._held: dict[int, int] = {}
+        self._held: dict[int | str, int] = {}
         self._lock = threading.Lock()
 
     @property
@@ -52,10 +69,10 @@ class MemoryBudget:
         with self._lock:
             return sum(self._held.values())
 
-    def held(self, rid: int) -> int:
+    def held(self, rid: int | str) -> int:
         return self._held.get(rid, 0)
 
-    def try_set(self, rid: int, nbytes: int) -> bool:
+    def try_set(self, rid: int | str, nbytes: int) -> bool:
         """Make rid's reservation `nbytes` (grow or shrink); False, and nothing changed, if it would not fit."""
         with self._lock:
             other = sum(self._held.values()) - self._held.get(rid, 0)
@@ -64,6 +81,6 @@ class MemoryBudget:
             self._held[rid] = nbytes
             return True
 
-    def free(self, rid: int) -> None:
+    def free(self, rid: int | str) -> None:
         with self._lock:
             self._held.pop(rid, None)

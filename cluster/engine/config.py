@@ -45,6 +45,9 @@ class EngineConfig:
     # On CUDA with every expert in this process: the decoder step of up to max_running canvases (1, 2, 4, ... 32)
     # as CUDA graphs captured when the engine starts (model/step_graphs.py); attention runs between them.
     cuda_graphs: bool = True
+    # Reuse the KV of prompt prefixes already encoded on the same attention rank by the same tenant (driver.py,
+    # prefix.py): entries live in the memory budget and give way to requests.
+    prefix_cache: bool = True
 
     def __post_init__(self) -> None:
         def need(name: str, ok: bool, allowed: str) -> None:
@@ -74,6 +77,7 @@ class EngineConfig:
         need("expert_exchange", self.expert_exchange in ("variable", "fixed"), "variable | fixed")
         need("sampler", self.sampler in ("auto", "exact", "fused"), "auto | exact | fused")
         need("cuda_graphs", isinstance(self.cuda_graphs, bool), "true | false")
+        need("prefix_cache", isinstance(self.prefix_cache, bool), "true | false")
 
     def max_step_rows(self, canvas_length: int) -> int:
         """The most token rows one iteration runs on one attention rank: a denoise canvas and a fresh commit per

@@ -53,6 +53,9 @@ class EngineRequest:
     drafts: bool = False  # stream the argmax canvas after every step
     timeout_s: float | None = None  # from submit; None: the engine's default_timeout_s
     request_id: str | None = None  # a label (logs, events, status), made if absent; never a handle: it may repeat
+    # Who sent it: cached prompt prefixes are shared only between requests of one tenant (the gateway passes a
+    # digest of the caller's API key; "" when the endpoint has no keys)
+    tenant: str = ""
 
 
 class Engine:
@@ -232,6 +235,8 @@ class Engine:
         request_id = req.request_id if req.request_id is not None else uuid.uuid4().hex
         if not isinstance(request_id, str) or not 0 < len(request_id) <= 128:
             raise InputError("request_id", "must be a string of 1..128 characters")
+        if not isinstance(req.tenant, str) or len(req.tenant) > 128:
+            raise InputError("tenant", "must be a string of at most 128 characters")
         prompt = validate_prompt(req.prompt_ids, self.model.config, req.settings.max_new_tokens)
         need = self.driver.max_bytes(prompt.numel(), req.settings)
         if need > self.budget_bytes:
@@ -244,7 +249,8 @@ class Engine:
         blocks = num_blocks(req.settings.max_new_tokens, self.model.config.canvas_length)
         output = None if self.tokenizer is None else Detokenizer(self.tokenizer, req.settings.pad_token_id)
         return Request(next(self._rids), request_id, tuple(prompt.tolist()), req.settings, req.seed, req.drafts,
-                       blocks, ev.RequestStream(request_id, output), now, None if timeout is None else now + timeout)
+                       blocks, ev.RequestStream(request_id, output), now, None if timeout is None else now + timeout,
+                       tenant=req.tenant)
 
     def _has_work(self) -> bool:
         """Called holding `_wake`."""
@@ -268,6 +274,7 @@ class Engine:
         m.budget_used_bytes = sum(b.used for b in self.budgets)
         c = self.driver.counts()
         m.queue_depth, m.running, m.paused, m.preemptions = c.waiting, c.running, c.paused, c.preemptions
+        m.prefix, m.prefix_entries, m.prefix_bytes = self.driver.prefix_stats()
 
     def _fail_unit(self, reason: str) -> None:
         """The failure policy's unit failure: everything in flight ends as retriable; new work is refused."""

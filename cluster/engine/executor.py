@@ -18,6 +18,7 @@ from typing import Protocol
 import torch
 
 from dgserve.kernels.vocab import VocabOut, vocab_pass
+from dgserve.model.cache import KVCache, PrefixKV, distinct_bytes
 from dgserve.model.config import num_blocks
 from dgserve.model.sampler import BlockDenoiser, NoiseStream, StepResult, finalize_block
 from dgserve.model.step_graphs import DecoderGraphs
@@ -25,7 +26,7 @@ from dgserve.model.transformer import DiffusionGemma, WorkItem
 
 from .errors import Code, UnitFailure
 from .graphs import run_pass
-from .plan import Admit, CanvasResult, ItemFailure, ItemKind, PlanItem, StepOutcome, StepPlan
+from .plan import Admit, CanvasResult, ItemFailure, ItemKind, PlanItem, Prefix, StepOutcome, StepPlan
 from .progress import Progress
 
 log = logging.getLogger("dgserve.engine")
@@ -123,6 +124,7 @@ class Executor:
         self.model, self.page_size, self.prefetch_noise, self.fused = model, page_size, prefetch_noise, fused
         self.graphs = graphs
         self.slots: dict[int, Slot] = {}
+        self.prefixes: dict[int, PrefixKV] = {}  # cached prompt prefixes by entry id (the driver decides which)
         self.sampler_threads = sampler_threads
         self._progress = Progress()
         self._pool = (ThreadPoolExecutor(sampler_threads - 1, thread_name_prefix="dgserve-sampler")
@@ -139,7 +141,12 @@ class Executor:
             self._pool.shutdown(wait=True)
 
     def kv_bytes(self) -> int:
-        return sum(s.cache.nbytes() for s in self.slots.values() if s.cache is not None)
+        """Bytes of KV held, requests' caches and cached prefixes together (a shared page counts once)."""
+        held = [t for s in self.slots.values() if s.cache is not None for t in s.cache.tensors()]
+        return distinct_bytes(held + self._prefix_tensors())
+
+    def _prefix_tensors(self) -> list[torch.Tensor]:
+        return [t for p in self.prefixes.values() for t in p.tensors()]
 
     def _admit(self, a: Admit) -> None:
         cfg = self.model.config
@@ -165,6 +172,11 @@ class Executor:
         for a in plan.admit:
             self._isolated(a.rid, "admitting it", failed, self._admit, a)
             self._progress.beat()
+        for p in plan.reuse:
+            if p.rid not in failed:
+                self._isolated(p.rid, "starting its cache from a cached prefix", failed, self._reuse, p)
+        for entry in plan.drop:
+            self.prefixes.pop(entry, None)
         items = self._prepare([it for it in plan.items if it.rid not in failed], failed)
         if plan.exchange and (fixed := getattr(self.model.experts, "set_capacity", None)) is not None:
             fixed(plan.capacity)  # the pass's exchange: fixed capacity from the plan, or variable (0)
@@ -172,14 +184,52 @@ class Executor:
             if plan.exchange:  # the expert ranks wait for this rank at every layer: join with zero rows
                 self.join_exchange()
             return self._outcome(plan, (), {}, 0.0, 0.0, failed, int(plan.exchange))
-        t0 = time.perf_counter()
-        passes = self._forward(_by_request(items), failed, lockstep=plan.exchange)
-        forward_s = time.perf_counter() - t0
+        self._want(plan.store, True)
+        try:
+            t0 = time.perf_counter()
+            passes = self._forward(_by_request(items), failed, lockstep=plan.exchange)
+            forward_s = time.perf_counter() - t0
+            stored = self._store(plan.store, failed)
+        finally:
+            self._want(plan.store, False)
         canvases, sampling_s, logits_s = self._sample(passes, failed)
         rows = {k.value: sum(p.rows.get(k.value, 0) for p in passes) for k in ItemKind}
-        return self._outcome(plan, canvases, rows, forward_s + logits_s, sampling_s, failed, len(passes))
+        return self._outcome(plan, canvases, rows, forward_s + logits_s, sampling_s, failed, len(passes), stored)
 
-    def _outcome(self, plan, canvases, rows, forward_s, sampling_s, failed, passes) -> StepOutcome:
+    # -- the prefix cache --------------------------------------------------------------------------------------
+    def _reuse(self, p: Prefix) -> None:
+        prefix = self.prefixes.get(p.entry)
+        if prefix is None or prefix.length != p.positions:
+            raise PlanError(f"request {p.rid}: cached prefix {p.entry} of {p.positions} positions is not held here")
+        slot = self.slots.get(p.rid)
+        if slot is None:
+            raise PlanError(f"reuse for unknown request {p.rid}")
+        slot.cache = KVCache.from_prefix(self.model.cfg, self.model.dtype, prefix, self.model.device)
+
+    def _want(self, stores: tuple[Prefix, ...], on: bool) -> None:
+        """Have the caches of `stores` record their state at the stored positions during the pass (or stop)."""
+        wanted: dict[int, set[int]] = {}
+        for s in stores:
+            wanted.setdefault(s.rid, set()).add(s.positions)
+        for rid, positions in wanted.items():
+            slot = self.slots.get(rid)
+            if slot is not None and slot.cache is not None:
+                slot.cache.want(frozenset(positions) if on else frozenset())
+
+    def _store(self, stores: tuple[Prefix, ...], failed: dict[int, ItemFailure]) -> tuple[int, ...]:
+        """Keep the states the plan asked for (a request that failed in the pass stores nothing)."""
+        stored = []
+        for s in stores:
+            slot = self.slots.get(s.rid)
+            if s.rid in failed or slot is None or slot.cache is None:
+                continue
+            prefix = slot.cache.snapshot(s.positions)
+            if prefix is not None:
+                self.prefixes[s.entry] = prefix
+                stored.append(s.entry)
+        return tuple(stored)
+
+    def _outcome(self, plan, canvases, rows, forward_s, sampling_s, failed, passes, stored=()) -> StepOutcome:
         for rid in failed:
             self.slots.pop(rid, None)
         done = {c.rid for c in canvases if c.finished}
@@ -189,7 +239,8 @@ class Executor:
         take = getattr(self.model.experts, "take_stats", None)  # expert ranks: what the exchanges carried
         exchange_s, expert_rows = take() if take is not None else (0.0, ())
         return StepOutcome(plan.iteration, canvases, rows, forward_s, sampling_s, self.kv_bytes(),
-                           tuple(failed.values()), passes, exchange_s, expert_rows)
+                           tuple(failed.values()), passes, exchange_s, expert_rows, stored,
+                           distinct_bytes(self._prefix_tensors()))
 
     def _isolated(self, rid: int, what: str, failed: dict[int, ItemFailure], fn, *args):
         """fn(*args); an exception fails request `rid` only (recorded in `failed`). A UnitFailure still ends the

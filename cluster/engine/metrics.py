@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from .plan import StepOutcome
+from .prefix import PrefixStats
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -53,6 +54,11 @@ class EngineMetrics:
     # for the latest iterations that exchanged rows, and rows sent to each expert rank in all
     recent_exchanges: deque = field(default_factory=lambda: deque(maxlen=4096))
     expert_rows: Counter = field(default_factory=Counter)
+    # The prefix cache, over all ranks: lookups, hits, prompt tokens reused, entries stored and evicted; entries
+    # held and the bytes they reserve in the budget
+    prefix: PrefixStats = field(default_factory=PrefixStats)
+    prefix_entries: int = 0
+    prefix_bytes: int = 0
 
     def record(self, out: StepOutcome, step_s: float) -> None:
         """One iteration: its latency, its control share, and the forward time split by row kind."""

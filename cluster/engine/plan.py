@@ -33,6 +33,16 @@ class Admit:
 
 
 @dataclass(frozen=True, slots=True)
+class Prefix:
+    """A cached prompt prefix and a request: `Reuse` starts the request's cache from the entry (positions
+    [0, positions) encoded); `Store` keeps the request's cache state at `positions` as the entry, after the pass."""
+
+    rid: int
+    entry: int
+    positions: int
+
+
+@dataclass(frozen=True, slots=True)
 class PlanItem:
     rid: int
     kind: ItemKind
@@ -47,6 +57,11 @@ class StepPlan:
     evict: tuple[int, ...] = ()  # drop the KV cache only (preempted; recomputed later by replaying its encodes)
     release: tuple[int, ...] = ()  # drop everything (finished elsewhere, cancelled, expired)
     items: tuple[PlanItem, ...] = ()  # in pass order: a request's encode item precedes its denoise item
+    # The prefix cache, in this order: caches started from entries (after `admit`), entries dropped (before the
+    # pass), entries stored from the pass's prefill chunks (after it)
+    reuse: tuple[Prefix, ...] = ()
+    drop: tuple[int, ...] = ()
+    store: tuple[Prefix, ...] = ()
     # With expert ranks: this iteration runs one pass whose every MoE layer is an exchange with the expert ranks,
     # so an attention rank joins it even with no items of its own (zero rows). Set per rank by the group.
     exchange: bool = False
@@ -56,7 +71,7 @@ class StepPlan:
 
     @property
     def empty(self) -> bool:
-        return not (self.admit or self.evict or self.release or self.items)
+        return not (self.admit or self.evict or self.release or self.items or self.drop)
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,3 +113,5 @@ class StepOutcome:
     # expert rank, per layer
     exchange_s: float = 0.0
     expert_rows: tuple[tuple[int, ...], ...] = ()
+    stored: tuple[int, ...] = ()  # prefix entries the plan asked to store that now exist
+    prefix_bytes: int = 0  # bytes the executor's prefix entries hold (tensors not held by a request included)

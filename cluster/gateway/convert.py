@@ -75,9 +75,10 @@ def text_prompt_ids(tokenizer, msg: pb.GenerateRequest) -> list[int]:
 
 
 def to_request(msg: pb.GenerateRequest, request_id: str, text_ids: list[int] | None, limits: Limits,
-               defaults: SamplerSettings, overrides: dict, timeout_s: float | None) -> GenerateRequest:
-    """Validate and convert (`text_ids`: the tokenized text prompt); raises InputError naming the field and the
-    limit."""
+               defaults: SamplerSettings, overrides: dict, timeout_s: float | None,
+               tenant: str = "") -> GenerateRequest:
+    """Validate and convert (`text_ids`: the tokenized text prompt; `tenant`: the caller's, from its API key);
+    raises InputError naming the field and the limit."""
     if text_ids is not None:
         ids = text_ids
     else:
@@ -99,7 +100,7 @@ def to_request(msg: pb.GenerateRequest, request_id: str, text_ids: list[int] | N
         SamplerSettings.from_defaults(defaults, **{**overrides, **knobs})
     except ConfigError as e:
         raise InputError(f"sampler.{e.field}", f"{e.value!r} is not allowed; allowed: {e.allowed}") from e
-    return GenerateRequest(tuple(ids), seed, knobs, msg.stream_drafts, timeout_s, request_id)
+    return GenerateRequest(tuple(ids), seed, knobs, msg.stream_drafts, timeout_s, request_id, tenant)
 
 
 def stream_message(event, request_id: str, prompt_tokens: int, pad: int | None) -> pb.GenerateStreamResponse:
@@ -149,7 +150,9 @@ def model_info(topo, config: ModelConfig, defaults: SamplerSettings, limits: Lim
         topology=pb.Topology(profile=topo.profile, units_min=topo.units.min, units_max=topo.units.max,
                              attention_ranks=topo.attention_ranks, expert_ranks=topo.expert_ranks,
                              dtype=topo.weights_dtype, device=topo.device,
-                             experts_dtype="fp8" if topo.experts_dtype == "fp8" else topo.weights_dtype),
+                             experts_dtype="fp8" if topo.experts_dtype == "fp8" else topo.weights_dtype,
+                             prefix_caching=topo.engine.prefix_cache,
+                             prefix_chunk_tokens=topo.engine.prefill_chunk if topo.engine.prefix_cache else 0),
         limits=pb.Limits(max_prompt_tokens=limits.max_prompt_tokens, context_length=limits.context_length,
                          canvas_length=limits.canvas_length, max_request_bytes=limits.max_request_bytes,
                          max_text_bytes=limits.max_text_bytes,

@@ -112,6 +112,14 @@ class ApiKeys:
         return found
 
 
+def tenant_of(key: str | None) -> str:
+    """The tenant of a caller (whose cached prompt prefixes it may share): a digest of its API key, never the key
+    itself; callers that send no key share one tenant, ""."""
+    if key is None:
+        return ""
+    return hashlib.sha256(b"dgserve-tenant\0" + key.encode("utf-8", "surrogateescape")).hexdigest()[:32]
+
+
 def bearer_key(metadata) -> str | None:
     """The key of an `authorization: Bearer <key>` header, or None."""
     for name, value in metadata or ():

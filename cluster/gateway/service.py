@@ -16,6 +16,7 @@ from ..engine.events import BlockCommitted, Failed, Finished
 from .chat.grpc import ChatTurn, chat_prompt
 from .convert import check_text, final_message, prompt_text, stream_message, text_prompt_ids, to_request
 from .front import request_id, unit_events
+from .security import bearer_key, tenant_of
 
 log = logging.getLogger("dgserve.gateway")
 
@@ -147,7 +148,7 @@ class DGServeService(pb_grpc.DGServeServicer):
         left = context.time_remaining()
         cap = self.gw.topo.serve.max_request_s
         return to_request(request, rid, text_ids, limits, self.gw.defaults, self.gw.topo.sampler,
-                          cap if left is None else min(left, cap))
+                          cap if left is None else min(left, cap), tenant_of(bearer_key(context.invocation_metadata())))
 
 
 def _tokenize(tokenizer, request: pb.TokenizeRequest) -> list[int]:

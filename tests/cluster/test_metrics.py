@@ -62,3 +62,22 @@ def test_expert_imbalance_is_max_over_mean_rows_averaged_over_layers():
     m.record(StepOutcome(2, ()), 0.1)  # no exchange: not counted
     s = m.step_summary()
     assert s["exchange_s_mean"] == 0.25 and s["expert_imbalance_mean"] == 1.25 and s["expert_rows"] == {0: 5, 1: 3}
+
+
+def test_rank_0_reports_the_prefix_cache(tiny, monkeypatch):
+    for cls in ("Gauge", "Histogram", "Counter"):
+        monkeypatch.setattr(m.metrics, cls, Recorder)
+    Recorder.made = []
+    um = m.UnitMetrics("u1")
+    engine = make_engine(tiny, prefill_chunk=16)
+    engine.on_step = um.on_step
+    s = settings(tiny, max_new_tokens=32, max_denoising_steps=2)
+    for tail in ([1], [2], [3]):
+        engine.submit(EngineRequest(list(range(10, 50)) + tail, s))
+        engine.run_until_idle()
+    by = {r.name: r for r in Recorder.made}
+    total = {n: sum(v for v, _ in by[f"dgserve_prefix_{n}_total"].values)
+             for n in ("lookups", "hits", "tokens_reused", "evictions")}
+    assert total == {"lookups": 3, "hits": 2, "tokens_reused": 64, "evictions": 0}
+    assert by["dgserve_prefix_bytes"].values[-1] == engine.metrics.prefix_bytes > 0
+    assert by["dgserve_prefix_entries"].values[-1] == 5  # at 16 and 32 (shared), and each prompt's end (41)

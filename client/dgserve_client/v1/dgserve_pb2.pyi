@@ -245,7 +245,7 @@ class Range(_message.Message):
     def __init__(self, name: _Optional[str] = ..., min: _Optional[float] = ..., max: _Optional[float] = ..., min_exclusive: _Optional[bool] = ..., note: _Optional[str] = ...) -> None: ...
 
 class Topology(_message.Message):
-    __slots__ = ("profile", "units_min", "units_max", "attention_ranks", "expert_ranks", "dtype", "device", "all_to_all", "experts_dtype")
+    __slots__ = ("profile", "units_min", "units_max", "attention_ranks", "expert_ranks", "dtype", "device", "all_to_all", "experts_dtype", "prefix_caching", "prefix_chunk_tokens")
     PROFILE_FIELD_NUMBER: _ClassVar[int]
     UNITS_MIN_FIELD_NUMBER: _ClassVar[int]
     UNITS_MAX_FIELD_NUMBER: _ClassVar[int]
@@ -255,6 +255,8 @@ class Topology(_message.Message):
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     ALL_TO_ALL_FIELD_NUMBER: _ClassVar[int]
     EXPERTS_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHING_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CHUNK_TOKENS_FIELD_NUMBER: _ClassVar[int]
     profile: str
     units_min: int
     units_max: int
@@ -264,7 +266,9 @@ class Topology(_message.Message):
     device: str
     all_to_all: _containers.RepeatedCompositeFieldContainer[AllToAllRow]
     experts_dtype: str
-    def __init__(self, profile: _Optional[str] = ..., units_min: _Optional[int] = ..., units_max: _Optional[int] = ..., attention_ranks: _Optional[int] = ..., expert_ranks: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., all_to_all: _Optional[_Iterable[_Union[AllToAllRow, _Mapping]]] = ..., experts_dtype: _Optional[str] = ...) -> None: ...
+    prefix_caching: bool
+    prefix_chunk_tokens: int
+    def __init__(self, profile: _Optional[str] = ..., units_min: _Optional[int] = ..., units_max: _Optional[int] = ..., attention_ranks: _Optional[int] = ..., expert_ranks: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., all_to_all: _Optional[_Iterable[_Union[AllToAllRow, _Mapping]]] = ..., experts_dtype: _Optional[str] = ..., prefix_caching: _Optional[bool] = ..., prefix_chunk_tokens: _Optional[int] = ...) -> None: ...
 
 class AllToAllRow(_message.Message):
     __slots__ = ("bytes", "time_us", "algbw_gbs", "busbw_gbs")

@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
 from ..front import request_id
-from ..security import ApiKeys, bearer_key
+from ..security import ApiKeys, bearer_key, tenant_of
 from . import responses as out
 from .errors import ApiError, from_validation
 from .schema import ChatCompletionRequest, CompletionRequest
@@ -43,13 +43,13 @@ def make_app(service: OpenAIService, keys: ApiKeys | None = None) -> FastAPI:
     @app.middleware("http")
     async def guard(request: Request, call_next):
         request.state.request_id = request_id(request.headers.get("x-request-id"))
-        if keys is not None and request.url.path != "/health":
-            key = bearer_key(request.headers.items())
-            if key is None or not keys.accepts(key):
-                why = "no API key was sent" if key is None else "the API key is not valid"
-                err = ApiError(401, f"{why}: send the header 'Authorization: Bearer <key>'", code="invalid_api_key")
-                return JSONResponse(err.body(), 401, headers={"WWW-Authenticate": "Bearer", **_rid_header(
-                    request.state.request_id)})
+        key = bearer_key(request.headers.items())
+        request.state.tenant = tenant_of(key)  # whose cached prompt prefixes the request may share
+        if keys is not None and request.url.path != "/health" and (key is None or not keys.accepts(key)):
+            why = "no API key was sent" if key is None else "the API key is not valid"
+            err = ApiError(401, f"{why}: send the header 'Authorization: Bearer <key>'", code="invalid_api_key")
+            return JSONResponse(err.body(), 401, headers={"WWW-Authenticate": "Bearer", **_rid_header(
+                request.state.request_id)})
         response = await call_next(request)
         response.headers.update(_rid_header(request.state.request_id))
         return response
@@ -72,10 +72,11 @@ def make_app(service: OpenAIService, keys: ApiKeys | None = None) -> FastAPI:
 
     async def answer(request: Request, schema, unary, stream):
         body = _parse(schema, await read_json(request, service.front.limits.max_request_bytes))
-        rid = request.state.request_id
+        rid, tenant = request.state.request_id, request.state.tenant
         if body.stream:  # the stream's first event is awaited first: a refusal still gets its status code
-            return StreamingResponse(await stream(body, rid), media_type="text/event-stream", headers=SSE_HEADERS)
-        return await unary(body, rid)
+            return StreamingResponse(await stream(body, rid, tenant), media_type="text/event-stream",
+                                     headers=SSE_HEADERS)
+        return await unary(body, rid, tenant)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):

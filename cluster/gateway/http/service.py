@@ -80,33 +80,35 @@ class OpenAIService:
             raise ApiError(404, f"model: {body.model!r} is not served here; this server serves {self.model_id!r} "
                                 f"(GET /v1/models)", "model", "model_not_found")
 
-    def _request(self, body: Request, rid: str, text_ids: list[int] | None, token_ids=None) -> GenerateRequest:
+    def _request(self, body: Request, rid: str, tenant: str, text_ids: list[int] | None,
+                 token_ids=None) -> GenerateRequest:
         msg = pb.GenerateRequest(sampler=pb.SamplerParams(**body.sampler()))
         if token_ids is not None:
             msg.token_ids.ids.extend(token_ids)
         if body.seed is not None:
             msg.seed = body.seed
         f = self.front
-        return to_request(msg, rid, text_ids, f.limits, f.defaults, f.topo.sampler, f.topo.serve.max_request_s)
+        return to_request(msg, rid, text_ids, f.limits, f.defaults, f.topo.sampler, f.topo.serve.max_request_s,
+                          tenant)
 
-    async def _prepare(self, body: Request, rid: str) -> GenerateRequest:
+    async def _prepare(self, body: Request, rid: str, tenant: str) -> GenerateRequest:
         self._check(body)
         f, limits = self.front, self.front.limits
         try:
             if isinstance(body, ChatCompletionRequest):
                 ids = await self.text.run(render_chat, f.tokenizer, body, limits.max_text_bytes,
                                           limits.max_prompt_tokens)
-                return self._request(body, rid, ids)
+                return self._request(body, rid, tenant, ids)
             if isinstance(body.prompt, str):
                 check_text(body.prompt, limits, "prompt")
-                return self._request(body, rid, await self.text.run(encode_text, f.tokenizer, body.prompt))
-            return self._request(body, rid, None, body.prompt)
+                return self._request(body, rid, tenant, await self.text.run(encode_text, f.tokenizer, body.prompt))
+            return self._request(body, rid, tenant, None, body.prompt)
         except DGServeError as e:
             raise from_error(e, self.retry_after_s) from None
 
-    async def _open(self, body: Request, rid: str):
+    async def _open(self, body: Request, rid: str, tenant: str):
         """The engine request and its events, with the first event already read: a refusal is raised here."""
-        req = await self._prepare(body, rid)
+        req = await self._prepare(body, rid, tenant)
         log.info("request %s: %d prompt tokens, seed %d (HTTP)", rid, len(req.prompt_ids), req.seed)
         events = unit_events(self.unit, req, self.caller, self.hard_stop, self.inflight)
         first = await events.__anext__()
@@ -128,8 +130,8 @@ class OpenAIService:
         return blocks, event
 
     # -- chat ------------------------------------------------------------------------------------------------
-    async def chat(self, body: ChatCompletionRequest, rid: str) -> dict:
-        req, first, events = await self._open(body, rid)
+    async def chat(self, body: ChatCompletionRequest, rid: str, tenant: str = "") -> dict:
+        req, first, events = await self._open(body, rid, tenant)
         blocks, done = await self._all(first, events)
         turn = ChatTurn(self.front.tokenizer, self.front.pad, rid)
         for b in blocks:
@@ -139,8 +141,8 @@ class OpenAIService:
         return out.chat_completion(out.Head("chatcmpl", rid, self.model_id, int(time.time())), final,
                                    body.return_token_ids)
 
-    async def chat_stream(self, body: ChatCompletionRequest, rid: str) -> AsyncIterator[str]:
-        req, first, events = await self._open(body, rid)
+    async def chat_stream(self, body: ChatCompletionRequest, rid: str, tenant: str = "") -> AsyncIterator[str]:
+        req, first, events = await self._open(body, rid, tenant)
         return self._chat_events(body, rid, req, first, events)
 
     def _chat_events(self, body, rid, req, first, events) -> AsyncIterator[str]:
@@ -168,16 +170,16 @@ class OpenAIService:
         return self._sse(rid, first, events, block, end, opening)
 
     # -- completions -----------------------------------------------------------------------------------------
-    async def complete(self, body: CompletionRequest, rid: str) -> dict:
-        req, first, events = await self._open(body, rid)
+    async def complete(self, body: CompletionRequest, rid: str, tenant: str = "") -> dict:
+        req, first, events = await self._open(body, rid, tenant)
         _, done = await self._all(first, events)
         text = Detokenizer(self.front.tokenizer, self.front.pad, skip_special_tokens=True)
         final = final_message(done, rid, len(req.prompt_ids), self.front.pad)
         return out.completion(out.Head("cmpl", rid, self.model_id, int(time.time())), final,
                               text.feed(done.token_ids), body.return_token_ids)
 
-    async def complete_stream(self, body: CompletionRequest, rid: str) -> AsyncIterator[str]:
-        req, first, events = await self._open(body, rid)
+    async def complete_stream(self, body: CompletionRequest, rid: str, tenant: str = "") -> AsyncIterator[str]:
+        req, first, events = await self._open(body, rid, tenant)
         return self._completion_events(body, rid, req, first, events)
 
     def _completion_events(self, body, rid, req, first, events) -> AsyncIterator[str]:

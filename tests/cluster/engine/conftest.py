@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 from dgserve.cluster.engine import Engine, EngineConfig, EngineRequest
+from dgserve.cluster.engine.budget import PREFIX
 from dgserve.model.sampler import SamplerSettings
 
 
@@ -26,3 +27,8 @@ def varied_requests(ck, n: int, seed: int = 0, max_len: int = 90) -> list[Engine
 
 def make_engine(ck, **cfg) -> Engine:
     return Engine(ck.model, EngineConfig(**cfg))
+
+
+def held_by_requests(engine: Engine) -> int:
+    """Budget bytes reserved by requests (cached prefixes, which stay after requests end, left out)."""
+    return engine.budget.used - engine.budget.held(PREFIX)

@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 
 from dgserve.cluster.engine import EngineRequest
+from dgserve.cluster.engine.budget import PREFIX
 from dgserve.cluster.engine.errors import Code, ResourceExhausted, TooLarge
 from dgserve.model.generate import generate
 
-from .conftest import make_engine, settings
+from .conftest import held_by_requests, make_engine, settings
 
 
 def prompts(n: int, length: int) -> list[list[int]]:
@@ -61,7 +62,8 @@ def test_admission_waits_for_bytes_not_only_for_count(tiny):
     run_checked(engine)
     for r, st in zip(reqs, streams, strict=True):
         assert list(st.result(0).token_ids) == generate(tiny.model, list(r.prompt_ids), s, seed=r.seed).token_ids
-    assert engine.budget.used == 0 and not engine.executor.slots and engine.executor.kv_bytes() == 0
+    assert held_by_requests(engine) == 0 and not engine.executor.slots
+    assert engine.executor.kv_bytes() == engine.budget.held(PREFIX)  # what is left: the cached prefixes, exactly
 
 
 def test_growth_past_the_budget_pauses_the_newest_and_recomputes_it_exactly(tiny):
@@ -79,7 +81,7 @@ def test_growth_past_the_budget_pauses_the_newest_and_recomputes_it_exactly(tiny
     assert stats[0].preemptions == 0  # the oldest is never the one paused while newer ones run
     for r, st in zip(reqs, streams, strict=True):  # replaying the encode passes recomputes the same cache
         assert list(st.result(0).token_ids) == generate(tiny.model, list(r.prompt_ids), s, seed=r.seed).token_ids
-    assert engine.budget.used == 0 and engine.executor.kv_bytes() == 0
+    assert held_by_requests(engine) == 0 and engine.executor.kv_bytes() == engine.budget.held(PREFIX)
 
 
 def test_a_request_paused_late_replays_its_context_within_the_step_cap(tiny):

@@ -16,7 +16,7 @@ from dgserve.cluster.engine.executor import Executor
 from dgserve.model.generate import generate
 from dgserve.model.transformer import DiffusionGemma
 
-from .conftest import settings, varied_requests
+from .conftest import held_by_requests, settings, varied_requests
 
 
 def solo_tokens(ck, req) -> list[int]:
@@ -29,7 +29,7 @@ def run(ck, reqs, **cfg) -> tuple[list, list]:
     engine = Engine(ck.model, EngineConfig(**cfg), on_step=lambda e, out, s: outcomes.append(out))
     streams = [engine.submit(r) for r in reqs]
     engine.run_until_idle()
-    assert engine.budget.used == 0 and not engine.executor.slots and engine.healthy
+    assert held_by_requests(engine) == 0 and not engine.executor.slots and engine.healthy
     return [s.final for s in streams], outcomes
 
 

@@ -14,7 +14,7 @@ from dgserve.model.errors import ConfigError, InputError
 from dgserve.model.generate import generate
 from dgserve.model.tokenizer import decode, load_tokenizer
 
-from .conftest import make_engine, settings
+from .conftest import held_by_requests, make_engine, settings
 
 
 class FakeClock:
@@ -44,7 +44,7 @@ def test_cancel_mid_block_frees_the_request_at_the_next_iteration(tiny):
     assert isinstance(a.final, Failed) and a.final.code is Code.CANCELLED and "drop" in a.final.message
     engine.run_until_idle()
     assert list(b.result(0).token_ids) == generate(tiny.model, [5, 6, 7, 8], s, seed=3).token_ids
-    assert engine.metrics.errors["CANCELLED"] == 1 and engine.budget.used == 0
+    assert engine.metrics.errors["CANCELLED"] == 1 and held_by_requests(engine) == 0
 
 
 def test_an_expired_request_ends_with_a_deadline_error_and_frees_its_memory(tiny):
@@ -60,7 +60,7 @@ def test_an_expired_request_ends_with_a_deadline_error_and_frees_its_memory(tiny
     assert "deadline" in late.final.message
     assert len(engine.executor.slots) == 1
     engine.run_until_idle()
-    assert isinstance(ok.final, Finished) and engine.budget.used == 0
+    assert isinstance(ok.final, Finished) and held_by_requests(engine) == 0
 
 
 def test_a_long_request_still_progresses_under_a_stream_of_short_ones(tiny):
@@ -228,7 +228,7 @@ def test_requests_sharing_a_request_id_are_separate_requests(tiny):
     for stream, prompt, s, seed in ((victim, [5, 6, 7], long_s, 1), (short, [8, 9], short_s, 2),
                                     (retry, [10, 11], long_s, 3)):
         assert list(stream.result(0).token_ids) == generate(tiny.model, prompt, s, seed=seed).token_ids
-    assert engine.metrics.errors["CANCELLED"] == 1 and engine.budget.used == 0
+    assert engine.metrics.errors["CANCELLED"] == 1 and held_by_requests(engine) == 0
 
 
 def test_a_failing_iteration_fails_its_requests_and_the_engine_keeps_serving(tiny, monkeypatch):
@@ -243,7 +243,7 @@ def test_a_failing_iteration_fails_its_requests_and_the_engine_keeps_serving(tin
     monkeypatch.setattr(engine.executor.model, "forward", real)
     ok = engine.submit(EngineRequest([5, 6], s))
     engine.run_until_idle()
-    assert isinstance(ok.final, Finished) and engine.budget.used == 0 and not engine.executor.slots
+    assert isinstance(ok.final, Finished) and held_by_requests(engine) == 0 and not engine.executor.slots
 
 
 def test_the_step_plan_is_a_plain_picklable_message(tiny):
