@@ -77,6 +77,7 @@ class Request:
     in_executor: bool = False
     tenant: str = ""  # whose cached prefixes it may use and add to
     pages: list[int] = field(default_factory=list)  # logical ids of its cache's full-layer pages (prefix.py)
+    cached_tokens: int | None = None  # prompt positions its first admission took from the prefix cache
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,6 +260,8 @@ class Driver:
     def _start_from(self, r: Request, hit: Entry | None) -> None:
         """r's cache starts empty, or from `hit` (shared whole pages keep their ids)."""
         r.pages = []
+        if r.cached_tokens is None:
+            r.cached_tokens = hit.positions if hit is not None else 0
         if self.prefix is None:
             return
         stats = self.prefix[r.rank].stats
@@ -441,7 +444,7 @@ class Driver:
             passes = sum(r.steps_per_block)
             stats = ev.Stats(len(r.steps_per_block), tuple(r.steps_per_block), valid / passes if passes else 0.0,
                              r.first_block_at - r.submitted_at, now - r.submitted_at,
-                             (r.admitted_at or now) - r.submitted_at, r.preemptions)
+                             (r.admitted_at or now) - r.submitted_at, r.preemptions, r.cached_tokens or 0)
             self._drop(r)
             r.stream.push(ev.Finished(tuple(r.tokens), "eos" if c.hit_eos else "length", stats))
         else:

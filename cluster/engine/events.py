@@ -44,6 +44,7 @@ class Stats:
     total_s: float
     queue_s: float  # from submit to admission
     preemptions: int = 0
+    cached_tokens: int = 0  # prompt tokens taken from the prefix cache at admission (not encoded)
 
 
 @dataclass(frozen=True, slots=True)

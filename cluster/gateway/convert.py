@@ -119,7 +119,8 @@ def final_message(event: Finished, request_id: str, prompt_tokens: int, pad: int
     completion = sum(1 for t in event.token_ids if pad is None or t != pad)
     return pb.GenerateResponse(
         request_id=request_id, token_ids=event.token_ids, text=event.text or "", finish_reason=event.finish_reason,
-        usage=pb.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion),
+        usage=pb.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion,
+                       cached_prompt_tokens=s.cached_tokens),
         stats=pb.Stats(blocks=s.blocks, steps_per_block=s.steps_per_block, tokens_per_forward=s.tokens_per_forward,
                        time_to_first_block_s=s.time_to_first_block_s or 0.0, total_s=s.total_s, queue_s=s.queue_s))
 

@@ -16,7 +16,8 @@ def sse(obj: dict) -> str:
 
 def usage(u: pb.Usage) -> dict:
     return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
-            "total_tokens": u.prompt_tokens + u.completion_tokens}
+            "total_tokens": u.prompt_tokens + u.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": u.cached_prompt_tokens}}
 
 
 def tool_call(c: pb.ToolCall, index: int | None = None) -> dict:

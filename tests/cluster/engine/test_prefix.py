@@ -71,12 +71,13 @@ def test_prefill_rows_run_only_for_the_part_not_cached(tiny):
     p = prompts(2 * CHUNK, [30, 30], seed=2)
     engine = make_engine(tiny, prefill_chunk=CHUNK, max_prefill_tokens=4 * CHUNK)
     for i, ids in enumerate(p):
-        engine.submit(request(tiny, ids, i))
+        stream = engine.submit(request(tiny, ids, i))
         rows = 0
         while not engine.idle:
             out = engine.step()
             rows += out.rows.get("prefill", 0) if out is not None else 0
         assert rows == (len(ids) if i == 0 else 30)
+        assert stream.result(0).stats.cached_tokens == (0 if i == 0 else 2 * CHUNK)
 
 
 def test_tenants_never_share_entries(tiny):

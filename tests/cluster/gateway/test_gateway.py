@@ -281,6 +281,38 @@ def test_model_info_reports_the_experts_dtype(tiny_dir):
         assert model_info(parse_topology(raw), cfg, defaults, limits, "m", "v").topology.experts_dtype == want
 
 
+def test_model_info_says_whether_prefix_caching_is_on(tiny_dir):
+    from dgserve.cluster.config import parse_topology
+    from dgserve.cluster.gateway.convert import Limits, model_info
+    from dgserve.model.config import load_generation_defaults, load_model_config
+
+    cfg, defaults = load_model_config(tiny_dir), load_generation_defaults(tiny_dir)
+    limits = Limits(512, 32768, 32, 1024, 10_000)
+    on = model_info(parse_topology({}), cfg, defaults, limits, "m", "v").topology
+    off = model_info(parse_topology({"engine": {"prefix_cache": False}}), cfg, defaults, limits, "m", "v").topology
+    assert (on.prefix_caching, on.prefix_chunk_tokens) == (True, 512)  # on by default, in prefill chunks
+    assert (off.prefix_caching, off.prefix_chunk_tokens) == (False, 0)
+
+
+def test_each_api_key_is_its_own_tenant_and_the_key_never_reaches_the_unit(tiny_dir, tmp_path):
+    """Cached prefixes are shared within a tenant only: the servicer gives the unit a digest of the caller's key."""
+    from dgserve.model.config import load_generation_defaults
+
+    (tmp_path / "keys").write_text("key-a\nkey-b\n")
+    unit = StandInUnit(finished_block)
+
+    async def calls(stub):
+        req = pb.GenerateRequest(token_ids=pb.TokenIds(ids=[5, 6]))
+        for key in ("key-a", "key-b", "key-a"):
+            await stub.Generate(req, metadata=(("authorization", f"Bearer {key}"),))
+
+    serve_stand_in(tiny_dir, unit, calls, gateway={"port": 0, "api_keys_file": str(tmp_path / "keys"),
+                                                   "insecure_remote": False})
+    a, b, a2 = (r.tenant for r in unit.sent)
+    assert a == a2 and a != b and len(a) == 32 and "key" not in a + b
+    assert unit.sent[0].to_engine(load_generation_defaults(tiny_dir), {}).tenant == a  # rank 0 passes it on
+
+
 def test_model_info_carries_the_serving_units_all_to_all_sweep(tiny_dir):
     from dgserve.cluster.gateway.probe import Verdict
 

@@ -178,8 +178,8 @@ def test_bodies_that_are_not_requests_are_refused_before_parsing(tiny_dir, tok):
 def test_api_keys_guard_every_route_but_health(tiny_dir, tok, tmp_path):
     from dgserve.cluster.gateway.security import ApiKeys
 
-    (tmp_path / "keys").write_text("k-1\n")
-    unit = replies(tok, "fine<turn|>")
+    (tmp_path / "keys").write_text("k-1\nk-3\n")
+    unit = replies(tok, "fine<turn|>", "fine<turn|>")
     with serve_http(tiny_dir, unit, keys=ApiKeys(str(tmp_path / "keys"), None)) as (base, _):
         assert request(f"{base[:-3]}/health")[0] == 200
         status, headers, body = request(f"{base}/models")
@@ -189,6 +189,10 @@ def test_api_keys_guard_every_route_but_health(tiny_dir, tok, tmp_path):
         c = openai.OpenAI(base_url=base, api_key="k-1", max_retries=0)
         assert [m.id for m in c.models.list()] == ["tiny"]
         assert c.chat.completions.create(model="tiny", messages=ASK).choices[0].message.content == "fine"
+        other = openai.OpenAI(base_url=base, api_key="k-3", max_retries=0)
+        other.completions.create(model="tiny", prompt=[5, 6])
+    one, three = (r.tenant for r in unit.sent)  # each key its own tenant: cached prefixes are not shared
+    assert one and three and one != three and "k-" not in one + three
 
 
 def test_a_full_queue_is_429_with_retry_after_and_a_stream_that_fails_ends_with_an_error(tiny_dir, tok):
