@@ -46,12 +46,9 @@ class PrefixKV:
 
 
 def distinct_bytes(tensors) -> int:
-    """Bytes of the distinct storages among `tensors` (shared pages count once)."""
-    seen: dict[int, int] = {}
-    for t in tensors:
-        storage = t.untyped_storage()
-        seen[storage.data_ptr()] = storage.nbytes()
-    return sum(seen.values())
+    """Bytes of the distinct tensors among `tensors` (shared pages count once). A cache's tensors are whole
+    pages and compact windows, never views, so a tensor's address names its memory."""
+    return sum({t.data_ptr(): t.nbytes for t in tensors}.values())
 
 
 class LayerKV:

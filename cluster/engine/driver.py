@@ -244,12 +244,12 @@ class Driver:
             if self._count(self.running, r.rank) >= self.engine.max_running:
                 return None
             hit = self._lookup(r.rank, r)
-            return (r.rank, hit) if self._fit(r.rank, r.rid, need) else None
+            return (r.rank, hit) if self._fit(r.rank, r.rid, need, hit) else None
         hits = {k: self._lookup(k, r) for k in range(len(self.budgets))}
         ranks = sorted(range(len(self.budgets)), key=lambda k: (-(hits[k].positions if hits[k] else 0),
                                                                  self._holding(k), self.budgets[k].used))
         for k in ranks:
-            if self._holding(k) < self.engine.max_running and self._fit(k, r.rid, need):
+            if self._holding(k) < self.engine.max_running and self._fit(k, r.rid, need, hits[k]):
                 return k, hits[k]
         return None
 
@@ -273,9 +273,12 @@ class Driver:
             stats.hits += 1
             stats.tokens_reused += hit.positions
 
-    def _fit(self, rank: int, key: int, need: int) -> bool:
+    def _fit(self, rank: int, key: int, need: int, hit: Entry | None = None) -> bool:
         """Reserve `need` bytes for `key` on `rank`, dropping cached prefixes (least recently used first) if that
-        makes it fit; none is dropped when it would not fit even without them."""
+        makes it fit; none is dropped when it would not fit even without them. `hit`, the entry the request will
+        start from, is marked used first (it goes last)."""
+        if hit is not None:
+            self.prefix[rank].touch(hit)
         budget = self.budgets[rank]
         if budget.try_set(key, need):
             return True
@@ -318,7 +321,7 @@ class Driver:
     def _confirm(self, stores: tuple[Prefix, ...], stored: tuple[int, ...]) -> None:
         """Entries the executor stored become usable; the others are forgotten (and dropped there, if held)."""
         done = set(stored)
-        for index in self.prefix or ():
+        for rank, index in enumerate(self.prefix or ()):
             for s in stores:
                 e = index.entries.get(s.entry)
                 if e is None:
@@ -328,7 +331,7 @@ class Driver:
                     index.stats.stored += 1
                 else:
                     index.drop(e)
-                    self.budgets[self.prefix.index(index)].try_set(PREFIX, index.bytes)
+                    self.budgets[rank].try_set(PREFIX, index.bytes)
                     self._drops.append(e.id)
 
     def prefix_stats(self) -> tuple[PrefixStats, int, int]:

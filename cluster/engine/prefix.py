@@ -19,8 +19,7 @@ rank's memory budget, and drops entries least recently used when a request needs
 
 from __future__ import annotations
 
-import itertools
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -42,7 +41,6 @@ class Entry:
     node: Node
     tenant: str
     pages: tuple[int, ...]  # logical ids of the full layers' pages it holds
-    used: int  # the index's clock at its last use (least recently used goes first)
     ready: bool = False  # the executor confirmed it holds the state (a store is planned, then confirmed)
 
     @property
@@ -69,10 +67,9 @@ class PrefixIndex:
     def __init__(self, chunk: int, sizes: MemorySizes, ids: Iterator[int]):
         self.chunk, self.sizes, self._ids = chunk, sizes, ids
         self.roots: dict[str, Node] = {}
-        self.entries: dict[int, Entry] = {}
+        self.entries: OrderedDict[int, Entry] = OrderedDict()  # least recently used first
         self.page_refs: Counter = Counter()
         self.window_bytes = 0
-        self._clock = itertools.count()
         self.stats = PrefixStats()
 
     @property
@@ -84,7 +81,7 @@ class PrefixIndex:
             yield tuple(prompt[start:start + self.chunk])
 
     def lookup(self, tenant: str, prompt: Sequence[int]) -> Entry | None:
-        """The ready entry of `tenant` for the longest chunk path `prompt` starts with; marks it used."""
+        """The ready entry of `tenant` for the longest chunk path `prompt` starts with (`touch` it if used)."""
         node, best = self.roots.get(tenant), None
         if node is None:
             return None
@@ -94,9 +91,11 @@ class PrefixIndex:
                 break
             if node.entry is not None and node.entry.ready:
                 best = node.entry
-        if best is not None:
-            best.used = next(self._clock)
         return best
+
+    def touch(self, e: Entry) -> None:
+        """`e` was just used: it goes last in eviction order."""
+        self.entries.move_to_end(e.id)
 
     def has(self, tenant: str, prompt: Sequence[int], positions: int) -> bool:
         node = self._node(tenant, prompt, positions, create=False)
@@ -107,7 +106,7 @@ class PrefixIndex:
         node = self._node(tenant, prompt, positions, create=True)
         if node.entry is not None:
             raise ValueError(f"an entry for {positions} positions of this prompt exists already")
-        e = Entry(next(self._ids), node, tenant, pages, next(self._clock))
+        e = Entry(next(self._ids), node, tenant, pages)
         node.entry = e
         self.entries[e.id] = e
         self.page_refs.update(pages)
@@ -130,7 +129,7 @@ class PrefixIndex:
 
     def oldest(self) -> Entry | None:
         """The least recently used entry."""
-        return min(self.entries.values(), key=lambda e: e.used, default=None)
+        return next(iter(self.entries.values()), None)
 
     def _node(self, tenant: str, prompt: Sequence[int], positions: int, create: bool) -> Node | None:
         if not 0 < positions <= len(prompt) or (positions % self.chunk and positions != len(prompt)):
