@@ -17,6 +17,7 @@ from collections import OrderedDict
 from datetime import timedelta
 
 from .config import topology_from_dict
+from .engine.budget import PREFIX
 from .engine.events import Finished, RequestStream
 
 log = logging.getLogger("dgserve.ranks")
@@ -252,9 +253,12 @@ class RankActor:
         if self.rank == 0 and self.engine is not None:
             m = self.engine.metrics
             placed = sorted(self.engine.placements())
+            used = sum(b.used for b in self.engine.budgets)
+            cached = sum(b.held(PREFIX) for b in self.engine.budgets)
             out |= {"healthy": self.engine.healthy, "failure": self.engine.failure, "queue_depth": m.queue_depth,
                     "running": m.running, "iterations": m.iterations, "kv_bytes": m.kv_bytes,
-                    "budget_used_bytes": sum(b.used for b in self.engine.budgets), "budget_bytes": m.budget_bytes,
+                    "budget_used_bytes": used, "budget_bytes": m.budget_bytes,
+                    "request_bytes": used - cached, "prefix_bytes": cached, "prefix_entries": m.prefix_entries,
                     "rejections": dict(m.rejections), "errors": dict(m.errors),
                     "admitted_per_rank": dict(m.admitted_per_rank), "steps": m.step_summary(),
                     "request_ids": [rid for rid, _ in placed], "ranks_of_requests": placed,

@@ -26,7 +26,6 @@ Policy, per iteration:
 
 from __future__ import annotations
 
-import itertools
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -36,11 +35,11 @@ from dgserve.model.config import ModelConfig, num_blocks
 from dgserve.model.sampler import SamplerSettings
 
 from . import events as ev
-from .budget import PREFIX, MemoryBudget, MemorySizes
+from .budget import MemoryBudget, MemorySizes
 from .config import EngineConfig
 from .errors import Code
-from .plan import Admit, ItemKind, PlanItem, Prefix, StepOutcome, StepPlan
-from .prefix import Entry, PrefixIndex, PrefixStats
+from .plan import Admit, ItemKind, PlanItem, StepOutcome, StepPlan
+from .prefix import Entry, PrefixCache
 
 
 class State(Enum):
@@ -101,13 +100,7 @@ class Driver:
         self.iteration = 0
         self._order = 0
         self._release: list[int] = []  # executor state to drop in the next plan
-        ids = itertools.count()
-        self.prefix = ([PrefixIndex(engine.prefill_chunk, sizes, ids) for _ in budgets] if engine.prefix_cache
-                       else None)
-        self._page_ids = itertools.count()
-        self._reuse: list[Prefix] = []  # this plan's prefix work
-        self._drops: list[int] = []
-        self._store: list[Prefix] = []
+        self.prefix = PrefixCache(engine.prefill_chunk, sizes, budgets, engine.prefix_cache)
 
     # -- requests --------------------------------------------------------------------------------------------
     def max_positions(self, prompt_len: int, settings: SamplerSettings) -> int:
@@ -152,7 +145,7 @@ class Driver:
 
     def fail_plan(self, plan: StepPlan, code: Code, message: str) -> None:
         """End every request the plan touched; the executor state they may hold is released by the next plan."""
-        self._confirm(plan.store, ())
+        self.prefix.confirm(plan.store, ())
         for rid in {a.rid for a in plan.admit} | {it.rid for it in plan.items}:
             r = self.by_rid.get(rid)
             if r is not None:
@@ -191,15 +184,12 @@ class Driver:
             if r.state is not State.RUNNING:
                 continue  # paused by an older request's growth earlier in this loop
             prefill_left = self._items_for(r, items, evict, prefill_left)
-        if self.prefix is not None:
+        if self.prefix.enabled:
             for it in items:
                 if it.kind is ItemKind.PREFILL:
-                    self._maybe_store(self.by_rid[it.rid], it.stop)
+                    self.prefix.store(self.by_rid[it.rid], it.stop)
         release, self._release = tuple(self._release), []
-        live = {e for index in self.prefix or () for e in index.entries}
-        reuse, drop = tuple(self._reuse), tuple(self._drops)
-        store = tuple(s for s in self._store if s.entry in live)  # an entry stored and dropped in one plan: neither
-        self._reuse, self._drops, self._store = [], [], []
+        reuse, drop, store = self.prefix.take()
         return StepPlan(self.iteration, tuple(admit), tuple(evict), release, tuple(items), reuse, drop, store)
 
     def _expire(self) -> None:
@@ -230,7 +220,7 @@ class Driver:
                 r.admitted_at = self.clock()
                 admits.append(Admit(r.rid, r.prompt_ids, r.settings, r.seed, r.drafts, r.rank))
                 r.in_executor = True
-            self._start_from(r, hit)
+            self.prefix.start(r, hit)
             r.state = State.RUNNING
             self.running.append(r)
             self.running.sort(key=lambda q: q.order)
@@ -243,104 +233,15 @@ class Driver:
         if r.state is State.PAUSED:  # its canvas lives on its rank
             if self._count(self.running, r.rank) >= self.engine.max_running:
                 return None
-            hit = self._lookup(r.rank, r)
-            return (r.rank, hit) if self._fit(r.rank, r.rid, need, hit) else None
-        hits = {k: self._lookup(k, r) for k in range(len(self.budgets))}
+            hit = self.prefix.lookup(r.rank, r.tenant, r.prompt_ids)
+            return (r.rank, hit) if self.prefix.fit(r.rank, r.rid, need, hit) else None
+        hits = {k: self.prefix.lookup(k, r.tenant, r.prompt_ids) for k in range(len(self.budgets))}
         ranks = sorted(range(len(self.budgets)), key=lambda k: (-(hits[k].positions if hits[k] else 0),
                                                                  self._holding(k), self.budgets[k].used))
         for k in ranks:
-            if self._holding(k) < self.engine.max_running and self._fit(k, r.rid, need, hits[k]):
+            if self._holding(k) < self.engine.max_running and self.prefix.fit(k, r.rid, need, hits[k]):
                 return k, hits[k]
         return None
-
-    # -- the prefix cache ------------------------------------------------------------------------------------
-    def _lookup(self, rank: int, r: Request) -> Entry | None:
-        return None if self.prefix is None else self.prefix[rank].lookup(r.tenant, r.prompt_ids)
-
-    def _start_from(self, r: Request, hit: Entry | None) -> None:
-        """r's cache starts empty, or from `hit` (shared whole pages keep their ids)."""
-        r.pages = []
-        if r.cached_tokens is None:
-            r.cached_tokens = hit.positions if hit is not None else 0
-        if self.prefix is None:
-            return
-        stats = self.prefix[r.rank].stats
-        stats.lookups += 1
-        if hit is not None:
-            r.encoded = hit.positions
-            r.pages = list(hit.pages[: hit.positions // self.sizes.page_size])
-            self._reuse.append(Prefix(r.rid, hit.id, hit.positions))
-            stats.hits += 1
-            stats.tokens_reused += hit.positions
-
-    def _fit(self, rank: int, key: int, need: int, hit: Entry | None = None) -> bool:
-        """Reserve `need` bytes for `key` on `rank`, dropping cached prefixes (least recently used first) if that
-        makes it fit; none is dropped when it would not fit even without them. `hit`, the entry the request will
-        start from, is marked used first (it goes last)."""
-        if hit is not None:
-            self.prefix[rank].touch(hit)
-        budget = self.budgets[rank]
-        if budget.try_set(key, need):
-            return True
-        index = self.prefix[rank] if self.prefix is not None else None
-        if index is None or budget.used - budget.held(key) - budget.held(PREFIX) + need > budget.capacity:
-            return False
-        while not budget.try_set(key, need):
-            oldest = index.oldest()
-            if oldest is None:
-                return False
-            self._evict(rank, oldest)
-        return True
-
-    def _evict(self, rank: int, e: Entry) -> None:
-        index = self.prefix[rank]
-        index.drop(e)
-        index.stats.evictions += 1
-        self.budgets[rank].try_set(PREFIX, index.bytes)  # smaller: always fits
-        self._drops.append(e.id)
-
-    def _maybe_store(self, r: Request, stop: int) -> None:
-        """Plan to keep r's state at `stop` (the end of a prefill chunk) as an entry, if its tenant has none there
-        and the rank's budget has room for it (older entries make way; requests never do)."""
-        index = self.prefix[r.rank]
-        if index.has(r.tenant, r.prompt_ids, stop):
-            return
-        while len(r.pages) < self.sizes.pages(stop):
-            r.pages.append(next(self._page_ids))
-        e = index.add(r.tenant, r.prompt_ids, stop, tuple(r.pages[: self.sizes.pages(stop)]))
-        budget = self.budgets[r.rank]
-        while not budget.try_set(PREFIX, index.bytes):
-            oldest = index.oldest()
-            if oldest is e:
-                index.drop(e)
-                budget.try_set(PREFIX, index.bytes)
-                return
-            self._evict(r.rank, oldest)
-        self._store.append(Prefix(r.rid, e.id, stop))
-
-    def _confirm(self, stores: tuple[Prefix, ...], stored: tuple[int, ...]) -> None:
-        """Entries the executor stored become usable; the others are forgotten (and dropped there, if held)."""
-        done = set(stored)
-        for rank, index in enumerate(self.prefix or ()):
-            for s in stores:
-                e = index.entries.get(s.entry)
-                if e is None:
-                    continue
-                if s.entry in done:
-                    e.ready = True
-                    index.stats.stored += 1
-                else:
-                    index.drop(e)
-                    self.budgets[rank].try_set(PREFIX, index.bytes)
-                    self._drops.append(e.id)
-
-    def prefix_stats(self) -> tuple[PrefixStats, int, int]:
-        """The prefix cache's counters over all ranks, its entries and the bytes they hold."""
-        total = PrefixStats()
-        for index in self.prefix or ():
-            total.add(index.stats)
-        return (total, sum(len(i.entries) for i in self.prefix or ()),
-                sum(i.bytes for i in self.prefix or ()))
 
     @staticmethod
     def _count(group, rank: int) -> int:
@@ -391,10 +292,8 @@ class Driver:
 
     def _grow(self, r: Request, evict: list[int]) -> bool:
         need = self.sizes.request(r.context_len)
-        index = self.prefix[r.rank] if self.prefix is not None else None
         while not self.budgets[r.rank].try_set(r.rid, need):
-            if index is not None and index.entries:  # cached prefixes make room before any request is paused
-                self._evict(r.rank, index.oldest())
+            if self.prefix.make_room(r.rank):  # cached prefixes make room before any request is paused
                 continue
             victim = [q for q in self.running if q.rank == r.rank][-1]  # the newest running request on its rank
             self._pause(victim, evict)
@@ -411,7 +310,7 @@ class Driver:
 
     # -- results ---------------------------------------------------------------------------------------------
     def apply(self, plan: StepPlan, outcome: StepOutcome) -> None:
-        self._confirm(plan.store, outcome.stored)
+        self.prefix.confirm(plan.store, outcome.stored)
         for f in outcome.failed:  # one request's own failure; the executor freed its state already
             r = self.by_rid.get(f.rid)
             if r is not None:

@@ -274,7 +274,7 @@ class Engine:
         m.budget_used_bytes = sum(b.used for b in self.budgets)
         c = self.driver.counts()
         m.queue_depth, m.running, m.paused, m.preemptions = c.waiting, c.running, c.paused, c.preemptions
-        m.prefix, m.prefix_entries, m.prefix_bytes = self.driver.prefix_stats()
+        m.prefix, m.prefix_entries, m.prefix_bytes = self.driver.prefix.stats()
 
     def _fail_unit(self, reason: str) -> None:
         """The failure policy's unit failure: everything in flight ends as retriable; new work is refused."""

@@ -19,11 +19,17 @@ rank's memory budget, and drops entries least recently used when a request needs
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter, OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from .budget import MemorySizes
+from .budget import PREFIX, MemoryBudget, MemorySizes
+from .plan import Prefix
+
+if TYPE_CHECKING:
+    from .driver import Request
 
 
 @dataclass(eq=False)
@@ -147,3 +153,118 @@ class PrefixIndex:
                 child = node.children[key] = Node(node, key, node.depth + len(key))
             node = child
         return node
+
+
+class PrefixCache:
+    """The driver's side of the prefix cache: an index per attention rank, its reservation in the rank's budget,
+    and the prefix work of the plan being built (`take`). Disabled, it finds nothing and stores nothing."""
+
+    def __init__(self, chunk: int, sizes: MemorySizes, budgets: list[MemoryBudget], enabled: bool = True):
+        ids = itertools.count()  # entry ids, unique over the ranks (a plan's drops go to every rank)
+        self.indexes = [PrefixIndex(chunk, sizes, ids) for _ in budgets] if enabled else []
+        self.sizes, self.budgets = sizes, budgets
+        self._page_ids = itertools.count()
+        self._reuse: list[Prefix] = []
+        self._drops: list[int] = []
+        self._stores: list[Prefix] = []
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.indexes)
+
+    def lookup(self, rank: int, tenant: str, prompt: Sequence[int]) -> Entry | None:
+        return self.indexes[rank].lookup(tenant, prompt) if self.indexes else None
+
+    def fit(self, rank: int, key: int, need: int, hit: Entry | None = None) -> bool:
+        """Reserve `need` bytes for `key` on `rank`, dropping entries (least recently used first) if that makes it
+        fit; none is dropped when it would not fit even without them. `hit`, the entry the request will start
+        from, is marked used first (it goes last)."""
+        if hit is not None:
+            self.indexes[rank].touch(hit)
+        budget = self.budgets[rank]
+        if budget.try_set(key, need):
+            return True
+        if not self.indexes or budget.used - budget.held(key) - budget.held(PREFIX) + need > budget.capacity:
+            return False
+        while not budget.try_set(key, need):
+            if not self.make_room(rank):
+                return False
+        return True
+
+    def make_room(self, rank: int) -> bool:
+        """Drop `rank`'s least recently used entry; False when it holds none."""
+        index = self.indexes[rank] if self.indexes else None
+        oldest = index.oldest() if index is not None else None
+        if oldest is None:
+            return False
+        self._drop(rank, oldest)
+        index.stats.evictions += 1
+        return True
+
+    def start(self, r: Request, hit: Entry | None) -> None:
+        """r, admitted on r.rank, starts empty or from `hit` (its whole pages, and their ids, are shared)."""
+        r.pages = []
+        if r.cached_tokens is None:
+            r.cached_tokens = hit.positions if hit is not None else 0
+        if not self.indexes:
+            return
+        stats = self.indexes[r.rank].stats
+        stats.lookups += 1
+        if hit is not None:
+            r.encoded = hit.positions
+            r.pages = list(hit.pages[: hit.positions // self.sizes.page_size])
+            self._reuse.append(Prefix(r.rid, hit.id, hit.positions))
+            stats.hits += 1
+            stats.tokens_reused += hit.positions
+
+    def store(self, r: Request, stop: int) -> None:
+        """Plan to keep r's state at `stop` (the end of a prefill chunk) as an entry, if its tenant has none there
+        and the rank's budget has room for it (older entries make way; requests never do)."""
+        index = self.indexes[r.rank]
+        if index.has(r.tenant, r.prompt_ids, stop):
+            return
+        while len(r.pages) < self.sizes.pages(stop):
+            r.pages.append(next(self._page_ids))
+        e = index.add(r.tenant, r.prompt_ids, stop, tuple(r.pages[: self.sizes.pages(stop)]))
+        while not self.budgets[r.rank].try_set(PREFIX, index.bytes):
+            if index.oldest() is e:  # nothing older left to drop: no room for it
+                index.drop(e)
+                self.budgets[r.rank].try_set(PREFIX, index.bytes)
+                return
+            self.make_room(r.rank)
+        self._stores.append(Prefix(r.rid, e.id, stop))
+
+    def confirm(self, stores: tuple[Prefix, ...], stored: tuple[int, ...]) -> None:
+        """Entries the executor stored become usable; the others are forgotten (and dropped there, if held)."""
+        done = set(stored)
+        for rank, index in enumerate(self.indexes):
+            for s in stores:
+                e = index.entries.get(s.entry)
+                if e is None:
+                    continue
+                if s.entry in done:
+                    e.ready = True
+                    index.stats.stored += 1
+                else:
+                    self._drop(rank, e)
+
+    def take(self) -> tuple[tuple[Prefix, ...], tuple[int, ...], tuple[Prefix, ...]]:
+        """The plan's (reuse, drop, store), and a fresh start for the next plan's. An entry stored and dropped in
+        the same plan is neither."""
+        live = {e for index in self.indexes for e in index.entries}
+        out = tuple(self._reuse), tuple(self._drops), tuple(s for s in self._stores if s.entry in live)
+        self._reuse, self._drops, self._stores = [], [], []
+        return out
+
+    def stats(self) -> tuple[PrefixStats, int, int]:
+        """The counters over all ranks, the entries held and the bytes they reserve."""
+        total = PrefixStats()
+        for index in self.indexes:
+            total.add(index.stats)
+        return total, sum(len(i.entries) for i in self.indexes), sum(i.bytes for i in self.indexes)
+
+    def _drop(self, rank: int, e: Entry) -> None:
+        index = self.indexes[rank]
+        index.drop(e)
+        self.budgets[rank].try_set(PREFIX, index.bytes)  # smaller: always fits
+        self._drops.append(e.id)

@@ -113,6 +113,7 @@ def test_make_serve_main_job_then_ctrl_c_leaves_nothing(tmp_path):
     assert leftovers(srv.temp) == []
 
 
+@pytest.mark.slow  # ~45 s
 def test_sigterm_drains_in_flight_requests_and_fails_the_rest_as_unavailable(tmp_path):
     cfg = tmp_path / "topology.yaml"
     cfg.write_text("gateway: {grace_s: 3}\nserve: {max_request_s: 60}\n")
@@ -169,6 +170,7 @@ def test_serve_bad_arguments_are_clear_errors(args, message):
     assert message in r.stderr, r.stderr
 
 
+@pytest.mark.slow  # ~50 s
 def test_serve_joins_an_existing_ray_cluster_and_leaves_it_running(tmp_path):
     """... with the gateway behind TLS and API keys (`--tls-cert/--tls-key`, `--api-keys-file`), and a warning that
     the joined cluster does not require Ray's token."""

@@ -76,7 +76,7 @@ def test_in_bfloat16_the_kernel_rounds_as_its_reference_does():
     torch.testing.assert_close(got.soft_CD, want["soft"], rtol=2e-2, atol=2e-2)
 
 
-@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("impl", ["torch", pytest.param("triton", marks=pytest.mark.slow)])  # interpreted: ~27 s
 def test_samples_follow_the_probabilities_by_chi_square(impl, monkeypatch):
     """4,000 draws (one key each) from one row's distribution over 12 tokens: the chi-square statistic is under
     the 0.1 % critical value of 11 degrees of freedom (31.26); the draws are fixed by the keys, so this is

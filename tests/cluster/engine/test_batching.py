@@ -111,6 +111,7 @@ def test_teacher_forced_batched_logits_match_solo(tiny, capsys):
     assert exact == 0.0  # on CPU float32 the engine is bitwise batch-invariant (RowLayout)
 
 
+@pytest.mark.slow  # ~25 s
 def test_bfloat16_batched_against_solo_by_distribution(confident, confident_bf16, capsys):
     """bf16 batching is not bitwise (kernels round by batch shape); it must not move results further than bf16
     rounding itself does: the floor is how far solo bf16 runs are from solo float32 runs of the same requests."""
@@ -162,6 +163,7 @@ def test_batching_stays_exact_with_two_cpu_threads(tiny):
         torch.set_num_threads(before)
 
 
+@pytest.mark.slow  # ~32 s; test_batching_stays_exact_with_two_cpu_threads runs in `make test`
 def test_batching_stays_exact_with_128_experts_at_two_threads(ref_folders):
     """The real structure (tests/reference.py "real"): with 128 experts top-8 most (item, expert) groups are under
     the 2-thread small-M bound, so each must keep the row order it has when its item runs alone."""

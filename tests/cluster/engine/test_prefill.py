@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import pytest
 import torch
 
 from dgserve.cluster.engine import EngineRequest
@@ -23,6 +24,7 @@ def spec_cache_bytes(cfg, positions: int, page: int) -> int:
     return total
 
 
+@pytest.mark.slow  # ~50 s
 def test_32k_prompt_prefills_in_chunks_and_the_cache_has_the_spec_size(tiny):
     cfg = tiny.config
     C = cfg.canvas_length

@@ -219,10 +219,20 @@ def test_a_new_request_goes_to_the_rank_holding_its_longest_prefix_when_it_has_r
 
     a = submit(0, shared[0])
     b = submit(1, other)
-    assert (a.rank, b.rank) == (0, 1) and d.prefix[0].entries and d.budgets[0].used > d.budgets[1].used
+    assert (a.rank, b.rank) == (0, 1) and d.prefix.indexes[0].entries and d.budgets[0].used > d.budgets[1].used
     c = submit(2, shared[1])  # equal load, rank 1 uses fewer bytes: the prefix on rank 0 decides
     assert c.rank == 0 and c.encoded >= 2 * CHUNK
     e = submit(3, shared[2])  # rank 0 is full (max_running=2): rank 1, from scratch
     assert e.rank == 1
-    stats, _, _ = d.prefix_stats()
+    stats, _, _ = d.prefix.stats()
     assert (stats.lookups, stats.hits, stats.tokens_reused) == (4, 1, 2 * CHUNK)
+
+
+def test_the_topology_setting_is_checked_by_name():
+    from dgserve.cluster.config import parse_topology
+    from dgserve.model.errors import ConfigError
+
+    assert parse_topology({}).engine.prefix_cache is True  # on by default
+    assert parse_topology({"engine": {"prefix_cache": False}}).engine.prefix_cache is False
+    with pytest.raises(ConfigError, match=r"engine\.prefix_cache.*true \| false"):
+        parse_topology({"engine": {"prefix_cache": "yes"}})

@@ -723,10 +723,10 @@ def test_fuzz_every_rpc(endpoint, tiny_dir, capsys):
     t0 = time.monotonic()
     while time.monotonic() - t0 < 60:
         unit = unit_status(topo)
-        if not unit["slots"] and not unit["request_ids"] and unit["budget_used_bytes"] == 0:
+        if not unit["slots"] and not unit["request_ids"] and unit["request_bytes"] == 0:
             break
         time.sleep(0.2)
-    assert not unit["slots"] and not unit["request_ids"] and unit["budget_used_bytes"] == 0, unit
+    assert not unit["slots"] and not unit["request_ids"] and unit["request_bytes"] == 0, unit
     assert unit["healthy"] and unit["failure"] is None and unit["pid"] == unit_before["pid"], unit
     assert unit["errors"].get("INTERNAL", 0) == unit_before["errors"].get("INTERNAL", 0), unit["errors"]
     gw = gateway_status(topo)

@@ -130,7 +130,7 @@ class Oracle:
         except ValidationError as e:
             return 400, from_validation(e).param
         try:
-            asyncio.run(self.service._prepare(parsed, "r"))
+            asyncio.run(self.service._prepare(parsed, "r", ""))
         except ApiError as e:
             return e.status, e.param
         return 200, None

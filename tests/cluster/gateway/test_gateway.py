@@ -164,7 +164,7 @@ def test_a_client_that_cancels_frees_its_request_on_the_server(endpoint):
         if "cancel-me" not in st["request_ids"] and not st["slots"]:
             break
         time.sleep(0.2)
-    assert "cancel-me" not in st["request_ids"] and not st["slots"] and st["budget_used_bytes"] == 0
+    assert "cancel-me" not in st["request_ids"] and not st["slots"] and st["request_bytes"] == 0
 
 
 def test_the_deadline_ends_the_request_on_both_sides(endpoint):

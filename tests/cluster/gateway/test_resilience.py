@@ -73,7 +73,7 @@ def test_a_gateway_that_dies_with_a_stream_open_leaves_no_orphan(endpoint, capsy
             time.sleep(0.1)
         freed = time.monotonic() - t0
         call.cancel()
-    assert "orphan" not in st["request_ids"] and not st["slots"] and st["budget_used_bytes"] == 0
+    assert "orphan" not in st["request_ids"] and not st["slots"] and st["request_bytes"] == 0
     assert st["errors"].get("CANCELLED", 0) >= 1
     up = wait_health(address, "SERVING", 90)
     with capsys.disabled():

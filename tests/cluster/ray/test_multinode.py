@@ -17,6 +17,7 @@ from dgserve.model.loader import load_checkpoint
 from .test_units import requests, solo
 
 ROOT = Path(__file__).resolve().parents[3]
+pytestmark = pytest.mark.slow  # ~110 s: a labelled 3-node cluster; tests/cluster/experts cover the split in-process
 
 
 @pytest.fixture(scope="module")
