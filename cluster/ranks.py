@@ -17,7 +17,6 @@ from collections import OrderedDict
 from datetime import timedelta
 
 from .config import topology_from_dict
-from .engine.budget import PREFIX
 from .engine.events import Finished, RequestStream
 
 log = logging.getLogger("dgserve.ranks")
@@ -252,6 +251,8 @@ class RankActor:
         out = {"rank": self.rank, "pid": os.getpid(), "slots": sorted(self.local.slots) if self.local else []}
         if self.rank == 0 and self.engine is not None:
             m = self.engine.metrics
+            from .engine.budget import PREFIX  # here: the relaying replica imports this module without torch
+
             placed = sorted(self.engine.placements())
             used = sum(b.used for b in self.engine.budgets)
             cached = sum(b.held(PREFIX) for b in self.engine.budgets)

@@ -10,7 +10,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from .plan import StepOutcome
-from .prefix import PrefixStats
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -27,6 +26,19 @@ def imbalance(rows: tuple[tuple[int, ...], ...]) -> float:
     """The mean over layers (that sent rows) of max / mean rows per expert rank: 1.0 is perfectly even."""
     ratios = [max(layer) * len(layer) / sum(layer) for layer in rows if sum(layer)]
     return sum(ratios) / len(ratios) if ratios else 1.0
+
+
+@dataclass
+class PrefixStats:
+    lookups: int = 0  # requests admitted with caching on (each looked up once)
+    hits: int = 0
+    tokens_reused: int = 0  # prompt positions not encoded thanks to a hit
+    stored: int = 0
+    evictions: int = 0  # entries dropped for room
+
+    def add(self, other: PrefixStats) -> None:
+        for k in vars(self):
+            setattr(self, k, getattr(self, k) + getattr(other, k))
 
 
 @dataclass

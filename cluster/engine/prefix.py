@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from .budget import PREFIX, MemoryBudget, MemorySizes
+from .metrics import PrefixStats
 from .plan import Prefix
 
 if TYPE_CHECKING:
@@ -52,19 +53,6 @@ class Entry:
     @property
     def positions(self) -> int:
         return self.node.depth
-
-
-@dataclass
-class PrefixStats:
-    lookups: int = 0  # requests admitted with caching on (each looked up once)
-    hits: int = 0
-    tokens_reused: int = 0  # prompt positions not encoded thanks to a hit
-    stored: int = 0
-    evictions: int = 0  # entries dropped for room
-
-    def add(self, other: PrefixStats) -> None:
-        for k in vars(self):
-            setattr(self, k, getattr(self, k) + getattr(other, k))
 
 
 class PrefixIndex:

@@ -41,6 +41,7 @@ class SplitResult:
     token_ids: tuple[int, ...]
     steps_per_block: tuple[int, ...]
     finish_reason: str
+    cached_tokens: int = 0  # prompt tokens it took from the prefix cache
 
 
 @dataclass(frozen=True)
@@ -251,7 +252,8 @@ def _drive(local, model, defaults, requests, engine, world, attention, alone, re
         bad = [f for f in finals if not isinstance(f, Finished)]
         if bad:
             raise RuntimeError(f"a request failed: {bad[0]}")
-        return [SplitResult(tuple(f.token_ids), tuple(f.stats.steps_per_block), f.finish_reason) for f in finals]
+        return [SplitResult(tuple(f.token_ids), tuple(f.stats.steps_per_block), f.finish_reason,
+                            f.stats.cached_tokens) for f in finals]
 
     try:
         if alone:

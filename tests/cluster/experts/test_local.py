@@ -40,6 +40,8 @@ def test_the_split_gives_single_process_tokens_alone_and_batched_and_its_logits(
         for got in (alone, batched):
             assert list(got.token_ids) == want.token_ids, (attention, experts, r)
             assert list(got.steps_per_block) == want.steps_per_block
+        # each prompt ran alone first: in the batch, it starts from its cached prompt, on the rank that holds it
+        assert (alone.cached_tokens, batched.cached_tokens) == (0, len(r.prompt_ids))
     for case, got in zip(cases, run.logits, strict=True):
         want = solo_logits(tiny, case)
         assert got.shape == want.shape and torch.equal(got, want), (attention, experts, (got - want).abs().max())
