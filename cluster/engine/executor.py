@@ -142,11 +142,13 @@ class Executor:
 
     def kv_bytes(self) -> int:
         """Bytes of KV held, requests' caches and cached prefixes together (a shared page counts once)."""
-        held = [t for s in self.slots.values() if s.cache is not None for t in s.cache.tensors()]
-        return distinct_bytes(held + self._prefix_tensors())
+        return self._held_bytes()[0]
 
-    def _prefix_tensors(self) -> list[torch.Tensor]:
-        return [t for p in self.prefixes.values() for t in p.tensors()]
+    def _held_bytes(self) -> tuple[int, int]:
+        """(all KV bytes, the cached prefixes' bytes), walking the prefixes' tensors once."""
+        prefix = [t for p in self.prefixes.values() for t in p.tensors()]
+        held = [t for s in self.slots.values() if s.cache is not None for t in s.cache.tensors()]
+        return distinct_bytes(held + prefix), distinct_bytes(prefix)
 
     def _admit(self, a: Admit) -> None:
         cfg = self.model.config
@@ -238,9 +240,9 @@ class Executor:
             self.slots.pop(rid, None)
         take = getattr(self.model.experts, "take_stats", None)  # expert ranks: what the exchanges carried
         exchange_s, expert_rows = take() if take is not None else (0.0, ())
-        return StepOutcome(plan.iteration, canvases, rows, forward_s, sampling_s, self.kv_bytes(),
-                           tuple(failed.values()), passes, exchange_s, expert_rows, stored,
-                           distinct_bytes(self._prefix_tensors()))
+        kv, prefix = self._held_bytes()
+        return StepOutcome(plan.iteration, canvases, rows, forward_s, sampling_s, kv, tuple(failed.values()),
+                           passes, exchange_s, expert_rows, stored, prefix)
 
     def _isolated(self, rid: int, what: str, failed: dict[int, ItemFailure], fn, *args):
         """fn(*args); an exception fails request `rid` only (recorded in `failed`). A UnitFailure still ends the

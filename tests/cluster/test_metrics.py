@@ -28,11 +28,16 @@ class Recorder:
         self.values.append((v, tags))
 
 
-def test_rank_0_reports_queue_canvases_latency_kv_and_errors(confident, monkeypatch):
+def recorded_unit_metrics(monkeypatch) -> m.UnitMetrics:
+    """UnitMetrics whose Ray metric classes record what they are given (in Recorder.made)."""
     for cls in ("Gauge", "Histogram", "Counter"):
         monkeypatch.setattr(m.metrics, cls, Recorder)
     Recorder.made = []
-    um = m.UnitMetrics("u1")
+    return m.UnitMetrics("u1")
+
+
+def test_rank_0_reports_queue_canvases_latency_kv_and_errors(confident, monkeypatch):
+    um = recorded_unit_metrics(monkeypatch)
     engine = make_engine(confident, max_running=2)
     engine.on_step = um.on_step
     s = settings(confident, max_new_tokens=64)
@@ -65,10 +70,7 @@ def test_expert_imbalance_is_max_over_mean_rows_averaged_over_layers():
 
 
 def test_rank_0_reports_the_prefix_cache(tiny, monkeypatch):
-    for cls in ("Gauge", "Histogram", "Counter"):
-        monkeypatch.setattr(m.metrics, cls, Recorder)
-    Recorder.made = []
-    um = m.UnitMetrics("u1")
+    um = recorded_unit_metrics(monkeypatch)
     engine = make_engine(tiny, prefill_chunk=16)
     engine.on_step = um.on_step
     s = settings(tiny, max_new_tokens=32, max_denoising_steps=2)
