@@ -4,7 +4,9 @@ Projections, q/k norms and RoPE run on packed rows of all work items; the attent
 (the exact path: on CPU float32 each item gets bitwise what it gets alone) or in one kernel call per batch of
 items (`attention_batch`, the GPU path), with the same rules:
 - encode (prompt chunk or committed block): causal over [cached ; new], writes the new K/V to the cache;
-  sliding layers also mask keys older than W positions.
+  sliding layers also mask keys older than W positions. The soft tokens of one image or video frame (a block)
+  also see each other, both ways, on every layer (`use_bidirectional_attention: vision`, as the reference's
+  `generate` builds its masks; a block lies whole in one pass).
 - decode (denoise a canvas): bidirectional over [cached ; canvas], reads the cache and never writes it. Sliding
   layers see every cached key (the cache holds the last W-1): a block-anchored window, as the reference.
 Attention scale is 1.0; V on full layers is the raw k projection; V is normed without a weight.
@@ -16,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .attention_batch import BatchPlan, Member, batches, run_batch, sdpa
+from .attention_batch import BatchPlan, Member, batches, in_same_block, run_batch, sdpa
 from .cache import LayerKV
 from .config import LayerSpec
 from .layers import RowLayout, apply_rope, linear, rms_norm
@@ -31,18 +33,21 @@ class AttnItem:
     stop: int
     cache_start: int  # absolute position of the item's first row
     encode: bool  # True: causal, writes KV; False: bidirectional canvas, read-only
+    blocks: tuple[tuple[int, int], ...] = ()  # absolute [start, stop) of each image's soft tokens (encode only)
 
 
-def _encode_mask(cached: int, new: int, first_pos: int, window: int | None, device) -> torch.Tensor | None:
+def _encode_mask(cached: int, new: int, first_pos: int, window: int | None, device,
+                 blocks: tuple[tuple[int, int], ...] = ()) -> torch.Tensor | None:
     """Bool mask [new, cached + new] (True = attend); None when plain causal applies."""
-    if cached == 0 and (window is None or new <= window):
+    if cached == 0 and (window is None or new <= window) and not blocks:
         return None
     q_pos = first_pos + torch.arange(new, device=device)[:, None]
     k_pos = first_pos - cached + torch.arange(cached + new, device=device)[None, :]
     allowed = k_pos <= q_pos
     if window is not None:
         allowed &= k_pos > q_pos - window
-    return allowed
+    return allowed | in_same_block(q_pos, k_pos, blocks)
+
 
 
 def batch_plans(items: list[AttnItem], caches: list[LayerKV], window: int | None,
@@ -55,7 +60,8 @@ def batch_plans(items: list[AttnItem], caches: list[LayerKV], window: int | None
     members = []
     for it, cache in zip(items, caches, strict=True):
         total = held.get(id(cache), cache.length)
-        members.append(Member(it.start, it.stop, it.cache_start, total if keep is None else min(total, keep)))
+        members.append(Member(it.start, it.stop, it.cache_start, total if keep is None else min(total, keep),
+                              it.blocks))
         if it.encode:
             held[id(cache)] = total + it.stop - it.start
     out: list[BatchPlan | int] = []
@@ -120,7 +126,7 @@ def item_attention(item: AttnItem, cache: LayerKV, q_HNd: torch.Tensor, k_KNd: t
     keys, values = cache.with_new(k_new, v_new)
     mask, causal = None, False
     if item.encode:
-        mask = _encode_mask(cached, item.stop - item.start, item.cache_start, window, q_HNd.device)
+        mask = _encode_mask(cached, item.stop - item.start, item.cache_start, window, q_HNd.device, item.blocks)
         causal = mask is None
         cache.append(k_new, v_new)
     o = sdpa(q_HNd[None, :, rows], keys[None], values[None], mask, causal)

@@ -8,7 +8,8 @@ MODEL_SPEC 3.4 by absolute positions:
 
 - canvas rows see every valid key ([cached ; canvas]: sliding layers hold only the last W-1 positions, so a
   canvas sees the block-anchored window, as the reference);
-- encoder rows see keys at or before their position and, on sliding layers, newer than W positions back.
+- encoder rows see keys at or before their position and, on sliding layers, newer than W positions back; the
+  soft tokens of one image or frame (a member's `blocks`) see each other.
 
 Canvas queries fold their G = H / Kv query heads into the query length ([B, Kv, G*T, d]), so the mask is one
 row per item and any SDPA backend takes it without repeating K/V. Padded query rows attend to key 0 (never a
@@ -37,6 +38,7 @@ class Member:
     stop: int
     first_pos: int
     cached: int
+    blocks: tuple[tuple[int, int], ...] = ()  # absolute [start, stop) of bidirectional image blocks
 
     @property
     def rows(self) -> int:
@@ -45,6 +47,14 @@ class Member:
     @property
     def keys(self) -> int:
         return self.cached + self.rows
+
+
+def in_same_block(q_pos: torch.Tensor, k_pos: torch.Tensor, blocks: tuple[tuple[int, int], ...]) -> torch.Tensor:
+    """Query/key pairs (broadcast positions) inside one block: an image's soft tokens see each other."""
+    both = torch.zeros(torch.broadcast_shapes(q_pos.shape, k_pos.shape), dtype=torch.bool, device=q_pos.device)
+    for a, b in blocks:
+        both |= (q_pos >= a) & (q_pos < b) & (k_pos >= a) & (k_pos < b)
+    return both
 
 
 def batches(encode: list[bool], cache_ids: list[int]) -> list[list[int]]:
@@ -112,6 +122,9 @@ class BatchPlan:
             allowed = k_valid[:, None, :] & (k_pos <= q_pos)
             if window is not None:
                 allowed &= k_pos > q_pos - window
+            for b, m in enumerate(members):
+                if m.blocks:
+                    allowed[b] |= in_same_block(q_pos[b], k_pos[b], m.blocks) & k_valid[b][None, :]
             padded_q = (tq >= rows_d)[:, :, None]  # [B, T, 1]
             allowed |= padded_q & (k == 0)[:, None, :]  # padded rows: key 0, never fully masked
             mask = allowed[:, None]  # [B, 1, T, L]

@@ -91,6 +91,38 @@ class TextConfig:
 
 
 @dataclass(frozen=True)
+class VisionConfig:
+    """The Gemma 4 vision tower (MODEL_SPEC 3.8): patches -> bidirectional layers -> pooled soft tokens."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    patch_size: int = 16
+    pooling_kernel_size: int = 3
+    position_embedding_size: int = 10 * 1024
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 100.0
+    standardize: bool = False
+    default_output_length: int = 280
+
+    def __post_init__(self) -> None:
+        _positive(self, "hidden_size", "intermediate_size", "num_layers", "num_attention_heads",
+                  "num_key_value_heads", "head_dim", "patch_size", "pooling_kernel_size", "position_embedding_size")
+        if self.head_dim % 4:
+            raise ConfigError("vision_config.head_dim", self.head_dim, "a multiple of 4 (2-D RoPE rotates x and y)")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError("vision_config.num_key_value_heads", self.num_key_value_heads,
+                              f"a divisor of num_attention_heads ({self.num_attention_heads})")
+
+    @property
+    def patch_pixels(self) -> int:
+        return 3 * self.patch_size**2
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     text: TextConfig
     canvas_length: int
@@ -98,9 +130,15 @@ class ModelConfig:
     boi_token_id: int | None = None
     eoi_token_id: int | None = None
     video_token_id: int | None = None
+    vision: VisionConfig | None = None
 
     def __post_init__(self) -> None:
         _positive(self, "canvas_length")
+
+    @property
+    def media_token_ids(self) -> frozenset[int]:
+        """The soft-token ids a vision block fills (images and video frames)."""
+        return frozenset(t for t in (self.image_token_id, self.video_token_id) if t is not None)
 
 
 def _positive(obj: object, *names: str) -> None:
@@ -210,6 +248,36 @@ def text_config_from_dict(tc: dict) -> TextConfig:
     )
 
 
+def vision_config_from_dict(vc: dict) -> VisionConfig:
+    src = "config.json vision_config"
+    if vc.get("model_type") not in (None, "gemma4_vision"):
+        raise ConfigError("vision_config.model_type", vc.get("model_type"), "gemma4_vision", "config.json")
+    if vc.get("use_clipped_linears"):
+        raise ConfigError("vision_config.use_clipped_linears", True, "false", "config.json")
+    act = vc.get("hidden_activation", "gelu_pytorch_tanh")
+    if act != "gelu_pytorch_tanh":
+        raise ConfigError("vision_config.hidden_activation", act, "gelu_pytorch_tanh", "config.json")
+    rope = vc.get("rope_parameters") or {}
+    if rope.get("rope_type", "axial") not in ("axial", "default"):  # transformers reads "default" as axial
+        raise ConfigError("vision_config.rope_parameters.rope_type", rope.get("rope_type"), "axial", "config.json")
+    heads = _get(vc, "num_attention_heads", 12)
+    return VisionConfig(
+        hidden_size=_get(vc, "hidden_size", required=True, source=src),
+        intermediate_size=_get(vc, "intermediate_size", required=True, source=src),
+        num_layers=_get(vc, "num_hidden_layers", required=True, source=src),
+        num_attention_heads=heads,
+        num_key_value_heads=_get(vc, "num_key_value_heads", heads),
+        head_dim=_get(vc, "head_dim", required=True, source=src),
+        patch_size=_get(vc, "patch_size", 16),
+        pooling_kernel_size=_get(vc, "pooling_kernel_size", 3),
+        position_embedding_size=_get(vc, "position_embedding_size", 10 * 1024),
+        rms_norm_eps=float(_get(vc, "rms_norm_eps", 1e-6)),
+        rope_theta=float(rope.get("rope_theta", 100.0)),
+        standardize=bool(vc.get("standardize", False)),
+        default_output_length=_get(vc, "default_output_length", 280),
+    )
+
+
 def model_config_from_dict(raw: dict) -> ModelConfig:
     if raw.get("model_type") not in (None, "diffusion_gemma"):
         raise ConfigError("model_type", raw.get("model_type"), "diffusion_gemma", "config.json")
@@ -225,6 +293,7 @@ def model_config_from_dict(raw: dict) -> ModelConfig:
         boi_token_id=raw.get("boi_token_id"),
         eoi_token_id=raw.get("eoi_token_id"),
         video_token_id=raw.get("video_token_id"),
+        vision=vision_config_from_dict(raw["vision_config"]) if isinstance(raw.get("vision_config"), dict) else None,
     )
 
 

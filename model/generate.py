@@ -6,15 +6,17 @@ This is the in-process reference path (`dgserve generate`); the engine batches t
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from .config import ModelConfig, num_blocks
 from .errors import InputError
+from .media import MediaItem, check_media, media_spans
 from .sampler import BlockDenoiser, NoiseStream, SamplerSettings, finalize_block
 from .transformer import DiffusionGemma
+from .vision import as_patches
 
 
 @dataclass
@@ -44,7 +46,9 @@ class Progress:
 
 
 def validate_prompt(ids: list[int] | torch.Tensor, config: ModelConfig, max_new_tokens: int,
-                    field_name: str = "prompt_ids") -> torch.Tensor:
+                    field_name: str = "prompt_ids", media: Sequence[MediaItem] = ()) -> torch.Tensor:
+    """The prompt as a tensor, checked: ids in the vocabulary, the context, and its image/video soft-token runs
+    against `media` (one run per image or frame, in order, of the size each gives)."""
     t = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
     if t.numel() == 0:
         raise InputError(field_name, "is empty; at least one token is required")
@@ -53,10 +57,11 @@ def validate_prompt(ids: list[int] | torch.Tensor, config: ModelConfig, max_new_
     if bad.numel():
         i = int(bad[0, 0])
         raise InputError(field_name, f"token id {int(t[i])} at index {i} is outside the vocabulary (0..{V - 1})")
-    media = {config.image_token_id, config.boi_token_id, config.eoi_token_id, config.video_token_id} - {None}
-    if media and bool(torch.isin(t, torch.tensor(sorted(media))).any()):
-        raise InputError(field_name, "contains image/video tokens; image and video input is not supported yet "
-                                     "(it arrives with the vision tower)")
+    soft = config.media_token_ids
+    if media or (soft and bool(torch.isin(t, torch.tensor(sorted(soft))).any())):
+        if config.vision is None:
+            raise InputError(field_name, "contains image/video soft tokens, but this checkpoint has no vision tower")
+        check_media(t.tolist(), media, soft, config.image_token_id, field_name)
     total = t.numel() + num_blocks(max_new_tokens, config.canvas_length) * config.canvas_length
     if total > config.text.max_position_embeddings:
         raise InputError(field_name, f"{t.numel()} prompt tokens + {max_new_tokens} new tokens (rounded up to "
@@ -68,9 +73,12 @@ def validate_prompt(ids: list[int] | torch.Tensor, config: ModelConfig, max_new_
 @torch.inference_mode()
 def generate(model: DiffusionGemma, prompt_ids: list[int] | torch.Tensor, settings: SamplerSettings,
              seed: int = 0, on_progress: Callable[[Progress], None] | None = None,
-             generator: torch.Generator | None = None, prefetch_noise: bool = True) -> GenerationResult:
+             generator: torch.Generator | None = None, prefetch_noise: bool = True,
+             media: Sequence[MediaItem] = ()) -> GenerationResult:
+    """`media`: the images and video frames whose soft tokens the prompt holds, in order (model.media)."""
     cfg = model.config
-    prompt = validate_prompt(prompt_ids, cfg, settings.max_new_tokens).to(model.device)
+    prompt = validate_prompt(prompt_ids, cfg, settings.max_new_tokens, media=media).to(model.device)
+    spans = media_spans(prompt.tolist(), cfg.media_token_ids) if media else []
     if generator is None:
         generator = torch.Generator(device=model.device).manual_seed(seed)
     temps = settings.temperatures()
@@ -81,10 +89,18 @@ def generate(model: DiffusionGemma, prompt_ids: list[int] | torch.Tensor, settin
     steps: list[int] = []
     t0 = time.perf_counter()
     timings = {"prefill_s": 0.0, "denoise_s": 0.0, "commit_s": 0.0}
+    t = time.perf_counter()
+    if media and model.vision is None:
+        raise InputError("media", "was given but the vision tower is not loaded (load_checkpoint(vision=True))")
+    patches = [as_patches(m) for m in media]
+    for i, p in enumerate(patches):
+        model.vision.check(p, f"media[{i}]")
+    soft_rows = model.vision.encode(patches) if media else []
+    timings["vision_s"] = time.perf_counter() - t
     pending, finish = prompt, "length"
     for b in range(blocks):
         t = time.perf_counter()
-        model.encode(cache, pending)
+        model.encode(cache, pending, media=spans if b == 0 else None, soft_rows=soft_rows)
         timings["prefill_s" if b == 0 else "commit_s"] += time.perf_counter() - t
         t = time.perf_counter()
         block = BlockDenoiser(settings, noise, temps)

@@ -24,6 +24,7 @@ from .moe import ExpertWeights, LocalExperts
 from .quantized import PROJECTIONS, Quantization, channel_scale, check_consumed, expert_names
 from .sampler import SamplerSettings
 from .transformer import DiffusionGemma
+from .vision import VisionTower, read_vision_weights
 from .weights import LayerWeights, TensorSpec, TextWeights, expert_specs, global_specs, layer_specs
 
 # float64 is for verification: it separates logic errors from float32 rounding in tests.
@@ -231,9 +232,11 @@ def _expert_selection(experts: Sequence[int] | None, num_experts: int) -> tuple[
 
 def load_checkpoint(model: str | os.PathLike, dtype: str | torch.dtype = AUTO,
                     experts: Sequence[int] | None = None, revision: str | None = None,
-                    device: str | torch.device = "cpu", experts_dtype: str = AUTO) -> LoadedCheckpoint:
+                    device: str | torch.device = "cpu", experts_dtype: str = AUTO,
+                    vision: bool = True) -> LoadedCheckpoint:
     """Load config, generation defaults and weights. `experts`: None = all, [] = none, or the ids to hold;
-    `experts_dtype`: "auto" (as `dtype`) or "fp8" (quantized at load, kernels/fp8).
+    `experts_dtype`: "auto" (as `dtype`) or "fp8" (quantized at load, kernels/fp8); `vision`: the vision tower
+    too when the checkpoint has one (`model.vision`).
 
     With a partial expert set the returned model's backend only serves those experts; the caller replaces
     `model.experts` with a backend that reaches the others (expert parallelism).
@@ -247,12 +250,13 @@ def load_checkpoint(model: str | os.PathLike, dtype: str | torch.dtype = AUTO,
     try:
         weights = read_text_weights(reader, cfg, dt)
         expert_weights = read_experts(reader, cfg, dt, ids, experts_dtype) if ids else []
+        tower = VisionTower(cfg, read_vision_weights(reader, cfg, dt)) if vision and cfg.vision else None
         if reader.quantization is not None:
             check_consumed(reader.weight_map, reader.consumed)
             experts_dtype = "fp8"  # pre-quantized experts load as they are
     finally:
         reader.close()
-    model_ = DiffusionGemma(cfg, weights, LocalExperts(expert_weights, ids, cfg.text.num_experts))
+    model_ = DiffusionGemma(cfg, weights, LocalExperts(expert_weights, ids, cfg.text.num_experts), tower)
     return LoadedCheckpoint(folder, cfg, load_generation_defaults(folder), model_, ids, reader.bytes_read,
                             reader.largest_read, experts_dtype)
 

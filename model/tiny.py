@@ -61,6 +61,8 @@ class TinyPreset:
     max_position_embeddings: int = 32768
     vision_hidden: int = 32
     vision_layers: int = 1
+    vision_heads: int = 2
+    vision_positions: int = 1024  # position table rows per axis: patch grids up to this many patches a side
     # A planted copy path. `branch_scale` scales every layer's post-attention and post-feedforward norm weights:
     # well under 1 the residual stream keeps each position's own token, so the logits favour it by a margin that
     # `head_scale` (on the final norm) sets. The sampler's stable-and-confident stop then fires when the falling
@@ -76,7 +78,8 @@ PRESETS = {
     "bench": TinyPreset(vocab_size=32000, hidden_size=512, intermediate_size=1024, moe_intermediate_size=256,
                         num_experts=32, top_k_experts=4, num_hidden_layers=8, full_every=4,
                         num_attention_heads=8, num_key_value_heads=4, head_dim=64, global_head_dim=128,
-                        num_global_key_value_heads=2, sliding_window=128, canvas_length=64),
+                        num_global_key_value_heads=2, sliding_window=128, canvas_length=64,
+                        vision_hidden=192, vision_layers=4, vision_heads=4),
     # The tiny model with a planted copy path: blocks stop after about 10 to 25 of 48 steps (tests of step counts).
     "confident": TinyPreset(branch_scale=0.02, head_scale=0.4),
 }
@@ -159,10 +162,10 @@ def _config_json(p: TinyPreset, media_ids: dict[str, int]) -> dict:
     }
     vision = {
         "model_type": "gemma4_vision", "hidden_size": p.vision_hidden, "intermediate_size": 2 * p.vision_hidden,
-        "num_hidden_layers": p.vision_layers, "num_attention_heads": 2, "num_key_value_heads": 2,
-        "head_dim": p.vision_hidden // 2, "patch_size": 16, "pooling_kernel_size": 3,
-        "position_embedding_size": 64, "rms_norm_eps": 1e-6, "rope_parameters": {"rope_type": "default",
-                                                                                  "rope_theta": 100.0},
+        "num_hidden_layers": p.vision_layers, "num_attention_heads": p.vision_heads,
+        "num_key_value_heads": p.vision_heads, "head_dim": p.vision_hidden // p.vision_heads, "patch_size": 16,
+        "pooling_kernel_size": 3, "position_embedding_size": p.vision_positions, "rms_norm_eps": 1e-6,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 100.0}, "hidden_activation": "gelu_pytorch_tanh",
         "standardize": True, "use_clipped_linears": False, "default_output_length": 280,
     }
     return {
@@ -225,25 +228,51 @@ def _text_tensors(p: TinyPreset, g: torch.Generator) -> dict[str, torch.Tensor]:
 
 
 def _vision_tensors(p: TinyPreset, g: torch.Generator) -> dict[str, torch.Tensor]:
-    Hv, D = p.vision_hidden, p.hidden_size
+    """The tower and projector, with norms, position tables and standardization away from their trivial values so
+    every term of the tower's math changes its output (the text weights are drawn first: they do not move)."""
+    Hv, D, d = p.vision_hidden, p.hidden_size, p.vision_hidden // p.vision_heads
     pre = "model.encoder.vision_tower"
-    out = {f"{pre}.patch_embedder.input_proj.weight": torch.randn(Hv, 3 * 16 * 16, generator=g) * 0.02,
-           f"{pre}.patch_embedder.position_embedding_table": torch.randn(2, 64, Hv, generator=g) * 0.02,
-           f"{pre}.std_bias": torch.zeros(Hv), f"{pre}.std_scale": torch.ones(Hv),
-           "model.encoder.embed_vision.embedding_projection.weight": torch.randn(D, Hv, generator=g) * 0.02}
+
+    def mat(*shape):
+        return torch.randn(*shape, generator=g) / math.sqrt(shape[-1])
+
+    def norm(n):
+        return 1.0 + 0.25 * torch.randn(n, generator=g)
+
+    out = {f"{pre}.patch_embedder.input_proj.weight": mat(Hv, 3 * 16 * 16),
+           f"{pre}.patch_embedder.position_embedding_table": 0.5 * torch.randn(2, p.vision_positions, Hv, generator=g),
+           f"{pre}.std_bias": 0.5 * torch.randn(Hv, generator=g), f"{pre}.std_scale": 0.5 + torch.rand(Hv, generator=g),
+           "model.encoder.embed_vision.embedding_projection.weight": mat(D, Hv)}
     for i in range(p.vision_layers):
         lp = f"{pre}.encoder.layers.{i}"
         for n in ("q", "k", "v", "o"):
-            out[f"{lp}.self_attn.{n}_proj.linear.weight"] = torch.randn(Hv, Hv, generator=g) * 0.02
-        out[f"{lp}.self_attn.q_norm.weight"] = torch.ones(Hv // 2)
-        out[f"{lp}.self_attn.k_norm.weight"] = torch.ones(Hv // 2)
-        out[f"{lp}.mlp.gate_proj.linear.weight"] = torch.randn(2 * Hv, Hv, generator=g) * 0.02
-        out[f"{lp}.mlp.up_proj.linear.weight"] = torch.randn(2 * Hv, Hv, generator=g) * 0.02
-        out[f"{lp}.mlp.down_proj.linear.weight"] = torch.randn(Hv, 2 * Hv, generator=g) * 0.02
+            out[f"{lp}.self_attn.{n}_proj.linear.weight"] = mat(Hv, Hv)
+        out[f"{lp}.self_attn.q_norm.weight"] = norm(d)
+        out[f"{lp}.self_attn.k_norm.weight"] = norm(d)
+        out[f"{lp}.mlp.gate_proj.linear.weight"] = mat(2 * Hv, Hv)
+        out[f"{lp}.mlp.up_proj.linear.weight"] = mat(2 * Hv, Hv)
+        out[f"{lp}.mlp.down_proj.linear.weight"] = mat(Hv, 2 * Hv)
         for n in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
                   "post_feedforward_layernorm"):
-            out[f"{lp}.{n}.weight"] = torch.ones(Hv)
+            out[f"{lp}.{n}.weight"] = norm(Hv)
     return out
+
+
+# Gemma 4's video processor defaults (transformers' Gemma4VideoProcessor): 70 soft tokens a frame, 32 frames.
+VIDEO_PROCESSOR = {"video_processor_type": "Gemma4VideoProcessor", "patch_size": 16, "pooling_kernel_size": 3,
+                   "max_soft_tokens": 70, "num_frames": 32, "do_sample_frames": True, "do_convert_rgb": True,
+                   "do_resize": True, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+                   "image_mean": [0.0, 0.0, 0.0], "image_std": [1.0, 1.0, 1.0], "resample": 3}
+
+
+def write_processor_configs(folder: Path, image_soft_tokens: int = 280) -> None:
+    """The image processor's file as transformers writes it, the video processor's and the processor's."""
+    from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
+
+    Gemma4ImageProcessorPil(max_soft_tokens=image_soft_tokens).save_pretrained(folder)
+    (folder / "video_preprocessor_config.json").write_text(json.dumps(VIDEO_PROCESSOR, indent=2))
+    (folder / "processor_config.json").write_text(json.dumps({
+        "processor_class": "Gemma4Processor", "image_seq_length": image_soft_tokens}, indent=2))
 
 
 def _stored(name: str, t: torch.Tensor) -> torch.Tensor:
@@ -290,6 +319,7 @@ def make_tiny(folder: str | Path, seed: int = 0, preset: str = "tiny", num_shard
     (folder / "chat_template.jinja").write_text(resources.files(__package__).joinpath("chat_template.jinja")
                                                .read_text())
     config = _config_json(p, media_ids)
+    write_processor_configs(folder)
     (folder / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=2))
     g = torch.Generator().manual_seed(seed)
     tensors = _text_tensors(p, g) | _vision_tensors(p, g)

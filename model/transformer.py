@@ -16,23 +16,40 @@ from .attention import AttnItem, attention
 from .cache import KVCache
 from .config import ModelConfig
 from .layers import RowLayout, gated_mlp, linear, rms_norm, rope_cos_sin, rope_inv_freq
+from .media import chunk_bounds
 from .moe import ExpertBackend, route
+from .vision import VisionTower
 from .weights import LayerWeights, TextWeights
 
 
 @dataclass(frozen=True, slots=True)
 class WorkItem:
-    """A span of rows in a packed pass: an encoder chunk (ids) or a canvas (ids + optional soft embedding)."""
+    """A span of rows in a packed pass: an encoder chunk (ids, and the image rows that replace its soft tokens) or a
+    canvas (ids + optional soft embedding)."""
 
     cache: KVCache
     ids: torch.Tensor  # [T] token ids
     encode: bool
     soft_CD: torch.Tensor | None = None  # self-conditioning soft embedding, canvases only
+    media: tuple[tuple[int, int], ...] = ()  # [a, b) rows of the item holding one image's (or frame's) soft tokens
+    media_MD: torch.Tensor | None = None  # the vision tower's rows for them, in order [sum(b - a), D]
+
+
+def media_rows(spans: list[tuple[int, int]], soft_rows: list[torch.Tensor], a: int, b: int
+               ) -> tuple[tuple[tuple[int, int], ...], torch.Tensor | None]:
+    """The image runs of prompt positions [a, b) relative to a, and their tower rows (runs lie whole in a chunk)."""
+    inside = [(k, s, e) for k, (s, e) in enumerate(spans) if a <= s and e <= b]
+    if not inside:
+        return (), None
+    rows = [soft_rows[k] for k, _, _ in inside]
+    return tuple((s - a, e - a) for _, s, e in inside), rows[0] if len(rows) == 1 else torch.cat(rows)
 
 
 class DiffusionGemma:
-    def __init__(self, config: ModelConfig, weights: TextWeights, experts: ExpertBackend):
+    def __init__(self, config: ModelConfig, weights: TextWeights, experts: ExpertBackend,
+                 vision: VisionTower | None = None):
         self.config, self.cfg, self.weights, self.experts = config, config.text, weights, experts
+        self.vision = vision  # the image encoder (model.vision), when loaded
         self.dtype = weights.dtype
         self.device = weights.embed.device
         # Batched passes give every item bitwise the rows it would get alone where the kernels allow it: CPU
@@ -76,6 +93,17 @@ class DiffusionGemma:
             e = e + gated_mlp(rms_norm(soft_CD, w.sc_pre_norm, eps), w.sc_gate, w.sc_up, w.sc_down)
         return rms_norm(e, None, eps)
 
+    def _encoder_input(self, it: WorkItem) -> torch.Tensor:
+        """Scaled token embeddings, with each image's soft-token rows replaced by the tower's (MODEL_SPEC 3.2)."""
+        h = self.embed(it.ids)
+        if it.media:
+            rows = torch.cat([torch.arange(a, b, device=self.device) for a, b in it.media])
+            if it.media_MD is None or it.media_MD.shape[0] != rows.shape[0]:
+                raise ValueError(f"work item has {rows.shape[0]} image rows but "
+                                 f"{None if it.media_MD is None else it.media_MD.shape[0]} tower rows")
+            h[rows] = it.media_MD.to(device=self.device, dtype=self.dtype)
+        return h
+
     def logits(self, hidden_TD: torch.Tensor, layout: RowLayout | None = None) -> torch.Tensor:
         """Tied LM head with the float32 softcap: [T, V] float32."""
         cap = self.cfg.final_logit_softcapping
@@ -97,12 +125,13 @@ class DiffusionGemma:
         next_pos: dict[int, int] = {}
         for it in items:
             n = it.ids.shape[0]
-            h_parts.append(self.embed(it.ids) if it.encode else self.decoder_input(it.ids, it.soft_CD))
+            h_parts.append(self._encoder_input(it) if it.encode else self.decoder_input(it.ids, it.soft_CD))
             start = next_pos.get(id(it.cache), it.cache.length)
             if it.encode:
                 next_pos[id(it.cache)] = start + n
             pos_parts.append(torch.arange(start, start + n, device=self.device))
-            attn_items.append(AttnItem(bounds[-1], bounds[-1] + n, start, it.encode))
+            blocks = tuple((start + a, start + b) for a, b in it.media) if self.cfg.vision_bidirectional else ()
+            attn_items.append(AttnItem(bounds[-1], bounds[-1] + n, start, it.encode, blocks))
             bounds.append(bounds[-1] + n)
         h = h_parts[0] if len(h_parts) == 1 else torch.cat(h_parts)
         positions = pos_parts[0] if len(pos_parts) == 1 else torch.cat(pos_parts)
@@ -155,10 +184,17 @@ class DiffusionGemma:
 
     # -- single-item forms ---------------------------------------------------------------------------------
     @torch.inference_mode()
-    def encode(self, cache: KVCache, ids_T: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
-        """Causal pass over a prompt or committed block; writes KV. Returns final-normed hidden [T, D]."""
-        outs = [self.forward([WorkItem(cache, ids_T[s:s + chunk], encode=True)])
-                for s in range(0, ids_T.shape[0], chunk)]
+    def encode(self, cache: KVCache, ids_T: torch.Tensor, chunk: int = 4096,
+               media: list[tuple[int, int]] | None = None, soft_rows: list[torch.Tensor] | None = None
+               ) -> torch.Tensor:
+        """Causal pass over a prompt or committed block; writes KV. Returns final-normed hidden [T, D].
+        `media`: [start, stop) of each image's soft tokens in `ids_T`, `soft_rows` the tower's rows for each; a
+        chunk never ends inside one."""
+        spans = media or []
+        outs = []
+        for a, b in chunk_bounds(ids_T.shape[0], chunk, spans):
+            rows, rows_MD = media_rows(spans, soft_rows or [], a, b)
+            outs.append(self.forward([WorkItem(cache, ids_T[a:b], encode=True, media=rows, media_MD=rows_MD)]))
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     @torch.inference_mode()

@@ -30,6 +30,13 @@ class RefSpec:
     max_position_embeddings: int = 4096
     generation: dict = field(default_factory=dict)
     seed: int = 0
+    # the vision tower (small unless a spec tests images)
+    vision_hidden: int = 16
+    vision_layers: int = 1
+    vision_heads: int = 2
+    vision_kv_heads: int = 2
+    vision_positions: int = 64
+    standardize: bool = False
 
 
 SPECS = {
@@ -53,6 +60,10 @@ SPECS = {
                     num_experts=128, top_k_experts=8, layer_types=("sliding_attention",) * 5 + ("full_attention",),
                     num_attention_heads=16, num_key_value_heads=8, head_dim=256, global_head_dim=512,
                     num_global_key_value_heads=2, sliding_window=1024, canvas_length=256, seed=3),
+    # Images: a tower of two layers with grouped KV heads and standardization; a window shorter than an image's
+    # soft tokens, so an image block's bidirectional overlay reaches past the sliding window.
+    "v": RefSpec("v", sliding_window=8, canvas_length=16, seed=4, vision_hidden=32, vision_layers=2,
+                 vision_heads=4, vision_kv_heads=2, vision_positions=128, standardize=True),
 }
 
 
@@ -74,9 +85,11 @@ def build_reference(spec: RefSpec, folder: Path | None = None, dtype=torch.float
         sliding_window=spec.sliding_window, max_position_embeddings=spec.max_position_embeddings,
         use_bidirectional_attention="vision", final_logit_softcapping=30.0, rms_norm_eps=1e-6,
         pad_token_id=0, eos_token_id=1, bos_token_id=2)
-    vc = Gemma4VisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                            num_key_value_heads=2, head_dim=8, patch_size=16, pooling_kernel_size=3,
-                            position_embedding_size=64)
+    vc = Gemma4VisionConfig(hidden_size=spec.vision_hidden, intermediate_size=2 * spec.vision_hidden,
+                            num_hidden_layers=spec.vision_layers, num_attention_heads=spec.vision_heads,
+                            num_key_value_heads=spec.vision_kv_heads, head_dim=spec.vision_hidden // spec.vision_heads,
+                            patch_size=16, pooling_kernel_size=3, position_embedding_size=spec.vision_positions,
+                            standardize=spec.standardize)
     V = spec.vocab_size
     cfg = DiffusionGemmaConfig(text_config=tc, vision_config=vc, canvas_length=spec.canvas_length,
                                boi_token_id=V - 3, eoi_token_id=V - 2, image_token_id=V - 1)
@@ -106,6 +119,10 @@ def randomize(model, seed: int) -> None:
         for name, b in model.named_buffers():
             if name.endswith("layer_scalar"):
                 b.fill_(0.6 + 0.6 * float(torch.rand((), generator=g)))
+            elif name.endswith("std_bias"):
+                b.copy_(0.5 * torch.randn(b.shape, generator=g))
+            elif name.endswith("std_scale"):
+                b.copy_(0.5 + torch.rand(b.shape, generator=g))
 
 
 def load_reference(folder: Path):
