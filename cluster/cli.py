@@ -52,6 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--prompts-file", type=Path,
                      help="JSON Lines of requests run together through the engine; one JSON line out per request")
     gen.add_argument("--thinking", action="store_true", help="chat template in thinking mode")
+    m = gen.add_argument_group("images and video (with --prompt; the tower runs in this process)")
+    m.add_argument("--image", action="append", type=Path, default=[], help="a PNG, JPEG or WebP file (repeatable)")
+    m.add_argument("--video", action="append", type=Path, default=[],
+                   help="a video file, decoded with PyAV and sampled at --video-fps (repeatable)")
+    m.add_argument("--visual-budget", type=int, help="soft tokens an image: 70 | 140 | 280 | 560 | 1120 "
+                                                      "(default: the checkpoint's, 280)")
+    m.add_argument("--frame-budget", type=int, help="soft tokens a video frame (default: the checkpoint's, 70)")
+    m.add_argument("--video-fps", type=float, default=1.0, help="frames sampled a second of video (default 1)")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--dtype", default="auto", help="auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16")
     gen.add_argument("--experts-dtype", default="auto",
@@ -139,19 +147,25 @@ def cmd_generate(args) -> dict:
     from dgserve.model.tokenizer import decode, load_tokenizer
 
     if (args.attention_ranks, args.expert_ranks) != (1, 0):
+        if args.image or args.video:
+            raise InputError("image", "images and videos run in one process here (the split's ranks take text "
+                                      "prompts); serve the model to send them to a cluster")
         return _generate_split(args)
     t0 = time.perf_counter()
     ck = load_checkpoint(args.model or default_model_dir(), dtype=args.dtype, device=args.device,
                          experts_dtype=args.experts_dtype)
     load_s = time.perf_counter() - t0
     tok = load_tokenizer(ck.folder)
-    prompt = _prompt(args, tok)
+    images, videos = _media(args, ck.folder)
+    prompt = _prompt(args, tok, (images, videos))
     settings = SamplerSettings.from_defaults(ck.generation, **_sampler_overrides(args))
     show = _progress_printer(sys.stderr) if sys.stderr.isatty() and not args.json else None
-    res = generate(ck.model, prompt, settings, seed=args.seed, on_progress=show)
+    media = images + [f for v in videos for f in v.frames]
+    res = generate(ck.model, prompt, settings, seed=args.seed, on_progress=show, media=media)
     text = decode(tok, res.token_ids, settings.pad_token_id)
     return {
         "model": str(ck.folder), "experts_dtype": args.experts_dtype, "prompt_tokens": len(prompt),
+        "images": len(images), "video_frames": sum(len(v.frames) for v in videos),
         "token_ids": res.token_ids, "text": text,
         "finish_reason": res.finish_reason, "steps_per_block": res.steps_per_block,
         "decoder_passes": res.decoder_passes, "tokens_per_forward": res.tokens_per_forward,
@@ -160,14 +174,36 @@ def cmd_generate(args) -> dict:
     }
 
 
-def _prompt(args, tok) -> list[int]:
+def _prompt(args, tok, media: tuple = ((), ())) -> list[int]:
     from dgserve.model.tokenizer import chat_prompt_ids
 
     if args.prompt_ids is not None:
         return args.prompt_ids
     if args.prompt is not None:
-        return chat_prompt_ids(tok, args.prompt, enable_thinking=args.thinking)
+        return chat_prompt_ids(tok, args.prompt, enable_thinking=args.thinking, images=media[0], videos=media[1])
     raise InputError("prompt", "give --prompt TEXT or --prompt-ids IDS")
+
+
+def _media(args, folder) -> tuple[list, list]:
+    """--image and --video files, processed with the checkpoint's processor files."""
+    if not (args.image or args.video):
+        return [], []
+    if args.prompt is None:
+        raise InputError("image", "images and videos go with --prompt (the chat template places them)")
+    from dgserve.model.media import MediaProcessor
+
+    proc = MediaProcessor.from_checkpoint(folder)
+    images = [proc.image(_read_file(p, "image"), f"--image {p}", args.visual_budget) for p in args.image]
+    videos = [proc.video(_read_file(p, "video"), f"--video {p}", args.frame_budget, args.video_fps)
+              for p in args.video]
+    return images, videos
+
+
+def _read_file(path: Path, flag: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise InputError(flag, f"{path}: {e.strerror}") from e
 
 
 def _generate_split(args) -> dict:

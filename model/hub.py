@@ -51,7 +51,7 @@ def default_model_dir() -> Path:
 
     root = Path(os.environ.get("DGSERVE_HOME") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
                 / "dgserve")
-    target = root / "tiny-v1-seed0"
+    target = root / "tiny-v2-seed0"  # v2: the vision tower, processor files, image parts in the template
     if (target / "model.safetensors.index.json").is_file():
         return target
     root.mkdir(parents=True, exist_ok=True)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 from .errors import InputError
+from .media import MediaItem, Video, expand_prompt
 
 log = logging.getLogger(__name__)
 
@@ -22,18 +24,37 @@ def load_tokenizer(folder: str | Path):
     return AutoTokenizer.from_pretrained(str(folder))
 
 
-def chat_prompt_ids(tokenizer, text: str, *, system: str | None = None, enable_thinking: bool = False) -> list[int]:
-    """Render one user turn with the checkpoint's chat template and tokenize it."""
+def chat_prompt_ids(tokenizer, text: str, *, system: str | None = None, enable_thinking: bool = False,
+                    images: Sequence[MediaItem] = (), videos: Sequence[Video] = ()) -> list[int]:
+    """Render one user turn with the checkpoint's chat template and tokenize it. Images and videos come first in
+    the turn (as content parts), their placeholders expanded as Gemma4Processor expands them."""
     if tokenizer is None:
         raise InputError("prompt", "this checkpoint has no tokenizer files; pass token ids (--prompt-ids)")
     if not text:
         raise InputError("prompt", "is empty")
     if not getattr(tokenizer, "chat_template", None):
         raise InputError("prompt", "the checkpoint has no chat template (chat_template.jinja)")
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+    content: str | list = text
+    if images or videos:
+        content = [{"type": "image"}] * len(images) + [{"type": "video"}] * len(videos) + [{"type": "text",
+                                                                                           "text": text}]
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": content}]
+    if images or videos:
+        rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False,
+                                                 enable_thinking=enable_thinking)
+        expanded = expand_prompt(rendered, images, videos, media_tokens(tokenizer))
+        return list(tokenizer(expanded, add_special_tokens=False)["input_ids"])
     out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                         enable_thinking=enable_thinking)
     return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
+
+
+def media_tokens(tokenizer) -> dict[str, str]:
+    """The image, video, begin- and end-of-image token strings (tokenizer_config.json; `<|video|>` as Gemma 4's
+    processor adds it)."""
+    return {"image": getattr(tokenizer, "image_token", None) or "<|image|>",
+            "boi": getattr(tokenizer, "boi_token", None) or "<|image>",
+            "eoi": getattr(tokenizer, "eoi_token", None) or "<image|>", "video": "<|video|>"}
 
 
 def decode(tokenizer, ids: list[int], pad_token_id: int | None) -> str | None:

@@ -62,7 +62,7 @@ def test_default_model_with_a_text_prompt(tmp_path):
     out = last_json(r.stdout)
     assert len(out["token_ids"]) == 64 and isinstance(out["text"], str)
     assert out["steps_per_block"] == [6, 6] and {"total_s", "time_to_first_block_s"} <= set(out["timings"])
-    assert (tmp_path / "tiny-v1-seed0" / "config.json").is_file()  # made on first use
+    assert (tmp_path / "tiny-v2-seed0" / "config.json").is_file()  # made on first use
     again = dgserve("generate", "--prompt", "Hello there", "--seed", "3", "--max-new-tokens", "40",
                     "--max-denoising-steps", "6", "--json", env={"DGSERVE_HOME": str(tmp_path)})
     assert last_json(again.stdout)["token_ids"] == out["token_ids"]
@@ -167,3 +167,46 @@ def test_prompts_file_errors_name_the_line_and_field(tiny_dir, tmp_path, capsys,
     code, _, err = in_process(capsys, "generate", "--model", str(tiny_dir), "--prompts-file", str(f))
     assert code == 2, err
     assert message in err and "Traceback" not in err
+
+
+def test_generate_reads_images_and_a_video_with_the_prompt(tiny_dir, capsys, tmp_path):
+    from tests.model.test_media import encoded, video_file
+
+    (tmp_path / "a.png").write_bytes(encoded(60, 90, "PNG", seed=1))
+    (tmp_path / "b.webp").write_bytes(encoded(40, 40, "WEBP", seed=2))
+    (tmp_path / "c.png").write_bytes(encoded(60, 90, "PNG", seed=3))
+    video_file(tmp_path / "v.mp4", frames=20, rate=10)
+    common = ("generate", "--model", str(tiny_dir), "--prompt", "What is this?", "--max-new-tokens", "32",
+              "--max-denoising-steps", "2", "--json")
+    code, out, err = in_process(capsys, *common)
+    text_only = last_json(out)
+    code, out, err = in_process(capsys, *common, "--image", str(tmp_path / "a.png"), "--image",
+                                str(tmp_path / "b.webp"), "--visual-budget", "70", "--video", str(tmp_path / "v.mp4"),
+                                "--video-fps", "2")
+    assert code == 0, err
+    res = last_json(out)
+    assert (res["images"], res["video_frames"]) == (2, 4)
+    assert res["prompt_tokens"] > text_only["prompt_tokens"] + 2 * 2 + 4 * 2  # soft tokens between boi and eoi
+    code, out, _ = in_process(capsys, *common, "--image", str(tmp_path / "c.png"), "--image",
+                              str(tmp_path / "b.webp"), "--visual-budget", "70", "--video", str(tmp_path / "v.mp4"),
+                              "--video-fps", "2")
+    other = last_json(out)
+    assert other["prompt_tokens"] == res["prompt_tokens"] and other["token_ids"] != res["token_ids"]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--image", "{bad}"], "--image {bad}: is not a readable image"),
+    (["--image", "{missing}"], "No such file"),
+    (["--image", "{png}", "--visual-budget", "100"], "use one of 70, 140, 280, 560, 1120"),
+    (["--image", "{png}", "--attention-ranks", "1", "--expert-ranks", "1"], "images and videos run in one process"),
+])
+def test_bad_media_is_a_clear_error(tiny_dir, capsys, tmp_path, args, message):
+    from tests.model.test_media import encoded
+
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
+    (tmp_path / "ok.png").write_bytes(encoded(20, 20))
+    paths = {"bad": tmp_path / "bad.png", "missing": tmp_path / "missing.png", "png": tmp_path / "ok.png"}
+    args = [a.format(**paths) for a in args]
+    message = message.format(**paths)
+    code, _, err = in_process(capsys, "generate", "--model", str(tiny_dir), "--prompt", "hi", *args)
+    assert code == 2 and message in err and "Traceback" not in err
