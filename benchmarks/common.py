@@ -37,7 +37,7 @@ PROMPT_TEXT = (
 
 def ensure_checkpoint(bench_dir: Path) -> Path:
     """The benchmark checkpoint, made once (atomically: a half-written folder is never reused)."""
-    target = bench_dir / f"gen-{PRESET}-seed{CKPT_SEED}"
+    target = bench_dir / f"gen-{PRESET}-v2-seed{CKPT_SEED}"  # v2: the vision tower and processor files
     if (target / "model.safetensors.index.json").is_file():
         return target
     from dgserve.model.tiny import make_tiny
