@@ -79,7 +79,8 @@ def merge(iteration: int, outcomes: list[StepOutcome]) -> StepOutcome:
                        sum(o.kv_bytes for o in outcomes), tuple(f for o in outcomes for f in o.failed),
                        max(o.passes for o in outcomes), max(o.exchange_s for o in outcomes),
                        _add_rows([o.expert_rows for o in outcomes]), tuple(e for o in outcomes for e in o.stored),
-                       sum(o.prefix_bytes for o in outcomes))
+                       sum(o.prefix_bytes for o in outcomes), sum(o.images for o in outcomes),
+                       max(o.vision_s for o in outcomes))
 
 
 def _add_rows(per_rank: list[tuple[tuple[int, ...], ...]]) -> tuple[tuple[int, ...], ...]:

@@ -139,6 +139,22 @@ def _rope_2d(x_PHd: torch.Tensor, rope: tuple[torch.Tensor, ...]) -> torch.Tenso
                      dim=-1)
 
 
+def check_patches(vc: VisionConfig, image: ImagePatches, where: str) -> None:
+    """Shapes and a grid the tower can take; names `where` (the request's part) otherwise."""
+    k = vc.pooling_kernel_size
+    if image.pixels_PC.ndim != 2 or image.pixels_PC.shape[1] != vc.patch_pixels:
+        raise InputError(where, f"patches of shape {list(image.pixels_PC.shape)}; expected [P, {vc.patch_pixels}]")
+    if tuple(image.positions_P2.shape) != (image.num_patches, 2):
+        raise InputError(where, f"positions of shape {list(image.positions_P2.shape)}; expected "
+                                f"[{image.num_patches}, 2]")
+    if image.num_patches == 0 or image.num_patches % (k * k):
+        raise InputError(where, f"{image.num_patches} patches; expected a positive multiple of {k * k}")
+    pos = image.positions_P2
+    if int(pos.min()) < 0 or int(pos.max()) >= vc.position_embedding_size:
+        raise InputError(where, f"a patch grid of {int(pos[:, 0].max()) + 1} x {int(pos[:, 1].max()) + 1}: "
+                                f"each side must stay under {vc.position_embedding_size} patches")
+
+
 class VisionTower:
     """Encodes images (or video frames) to soft-token rows [n, D] in the text model's width."""
 
@@ -150,19 +166,7 @@ class VisionTower:
         self.device = weights.input_proj.device
 
     def check(self, image: ImagePatches, where: str) -> None:
-        """Shapes and grid the tower can take; names `where` (the request's part) otherwise."""
-        vc, k = self.vc, self.vc.pooling_kernel_size
-        if image.pixels_PC.ndim != 2 or image.pixels_PC.shape[1] != vc.patch_pixels:
-            raise InputError(where, f"patches of shape {list(image.pixels_PC.shape)}; expected [P, {vc.patch_pixels}]")
-        if tuple(image.positions_P2.shape) != (image.num_patches, 2):
-            raise InputError(where, f"positions of shape {list(image.positions_P2.shape)}; expected "
-                                    f"[{image.num_patches}, 2]")
-        if image.num_patches == 0 or image.num_patches % (k * k):
-            raise InputError(where, f"{image.num_patches} patches; expected a positive multiple of {k * k}")
-        pos = image.positions_P2
-        if int(pos.min()) < 0 or int(pos.max()) >= vc.position_embedding_size:
-            raise InputError(where, f"a patch grid of {int(pos[:, 0].max()) + 1} x {int(pos[:, 1].max()) + 1}: "
-                                    f"each side must stay under {vc.position_embedding_size} patches")
+        check_patches(self.vc, image, where)
 
     @torch.inference_mode()
     def encode(self, images: list[ImagePatches]) -> list[torch.Tensor]:

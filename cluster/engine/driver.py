@@ -36,6 +36,7 @@ from dgserve.model.sampler import SamplerSettings
 
 from . import events as ev
 from .budget import MemoryBudget, MemorySizes
+from .chunks import PromptChunks
 from .config import EngineConfig
 from .errors import Code
 from .plan import Admit, ItemKind, PlanItem, StepOutcome, StepPlan
@@ -77,6 +78,9 @@ class Request:
     tenant: str = ""  # whose cached prefixes it may use and add to
     pages: list[int] = field(default_factory=list)  # logical ids of its cache's full-layer pages (prefix.py)
     cached_tokens: int | None = None  # prompt positions its first admission took from the prefix cache
+    media: tuple = ()  # the images and video frames whose soft tokens the prompt holds (model.media.MediaItem)
+    spans: tuple[tuple[int, int], ...] = ()  # [start, stop) of each one's soft tokens in the prompt
+    chunks: PromptChunks | None = None  # its prefill chunks and their prefix-cache keys (set on enqueue)
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +119,7 @@ class Driver:
 
     def enqueue(self, r: Request) -> None:
         r.context_len = len(r.prompt_ids)
+        r.chunks = PromptChunks.of(r.prompt_ids, self.engine.prefill_chunk, r.spans, [m.digest for m in r.media])
         self.by_rid[r.rid] = r
         self.waiting.append(r)
 
@@ -218,7 +223,7 @@ class Driver:
                 self.waiting.popleft()
                 r.order, self._order = self._order, self._order + 1
                 r.admitted_at = self.clock()
-                admits.append(Admit(r.rid, r.prompt_ids, r.settings, r.seed, r.drafts, r.rank))
+                admits.append(Admit(r.rid, r.prompt_ids, r.settings, r.seed, r.drafts, r.rank, r.media, r.spans))
                 r.in_executor = True
             self.prefix.start(r, hit)
             r.state = State.RUNNING
@@ -233,9 +238,9 @@ class Driver:
         if r.state is State.PAUSED:  # its canvas lives on its rank
             if self._count(self.running, r.rank) >= self.engine.max_running:
                 return None
-            hit = self.prefix.lookup(r.rank, r.tenant, r.prompt_ids)
+            hit = self.prefix.lookup(r.rank, r.tenant, r.chunks)
             return (r.rank, hit) if self.prefix.fit(r.rank, r.rid, need, hit) else None
-        hits = {k: self.prefix.lookup(k, r.tenant, r.prompt_ids) for k in range(len(self.budgets))}
+        hits = {k: self.prefix.lookup(k, r.tenant, r.chunks) for k in range(len(self.budgets))}
         ranks = sorted(range(len(self.budgets)), key=lambda k: (-(hits[k].positions if hits[k] else 0),
                                                                  self._holding(k), self.budgets[k].used))
         for k in ranks:
@@ -272,8 +277,9 @@ class Driver:
         """The next encode pass from `pos` (start, stop, kind, whether it counts against this iteration's encode
         budget): a replayed one (same bounds as before), a prompt chunk, or the block just finished (its commit).
 
-        Prompt chunks always start at multiples of prefill_chunk, so a prompt is split the same way under any
-        load and its cache is the same alone or batched; a chunk that does not fit this iteration waits. Replays
+        Prompt chunks always start at multiples of prefill_chunk (or where an image's soft tokens end: chunks.py),
+        so a prompt is split the same way under any load and its cache is the same alone or batched; a chunk that
+        does not fit this iteration waits. Replays
         after a preemption count against the budget too (a request paused after 100 blocks replays its commits
         over several iterations, not in one); only a fresh commit does not (one per running canvas). An item
         runs when it fits what is left, or when nothing was used yet (a replayed commit larger than the budget
@@ -286,7 +292,7 @@ class Driver:
             if start == pos:
                 return (start, stop, kind, True) if fits(stop - start) else (0, 0, kind, True)
         if pos < len(r.prompt_ids):
-            stop = min(pos + self.engine.prefill_chunk, len(r.prompt_ids))
+            stop = r.chunks.end_of(pos)
             return (pos, stop, ItemKind.PREFILL, True) if fits(stop - pos) else (0, 0, ItemKind.PREFILL, True)
         return pos, r.context_len, ItemKind.COMMIT, False
 

@@ -24,9 +24,11 @@ from dgserve.model.config import num_blocks
 from dgserve.model.errors import InputError
 from dgserve.model.generate import validate_prompt
 from dgserve.model.layers import activation_rows_invariant
+from dgserve.model.media import MediaItem, media_spans
 from dgserve.model.sampler import MAX_SEED, SamplerSettings
 from dgserve.model.transformer import DiffusionGemma
 from dgserve.model.validate import is_int, is_number
+from dgserve.model.vision import as_patches, check_patches
 
 from . import events as ev
 from .budget import MemoryBudget, MemorySizes
@@ -56,6 +58,9 @@ class EngineRequest:
     # Who sent it: cached prompt prefixes are shared only between requests of one tenant (the gateway passes a
     # digest of the caller's API key; "" when the endpoint has no keys)
     tenant: str = ""
+    # Images and video frames (dgserve.model.media.MediaItem, processed by the gateway), in the order of their
+    # soft-token runs in prompt_ids
+    media: tuple = ()
 
 
 class Engine:
@@ -237,7 +242,8 @@ class Engine:
             raise InputError("request_id", "must be a string of 1..128 characters")
         if not isinstance(req.tenant, str) or len(req.tenant) > 128:
             raise InputError("tenant", "must be a string of at most 128 characters")
-        prompt = validate_prompt(req.prompt_ids, self.model.config, req.settings.max_new_tokens)
+        media = self._check_media(req.media)
+        prompt = validate_prompt(req.prompt_ids, self.model.config, req.settings.max_new_tokens, media=media)
         need = self.driver.max_bytes(prompt.numel(), req.settings)
         if need > self.budget_bytes:
             self.metrics.rejections["over_budget"] += 1
@@ -248,9 +254,20 @@ class Engine:
         now = self.clock()
         blocks = num_blocks(req.settings.max_new_tokens, self.model.config.canvas_length)
         output = None if self.tokenizer is None else Detokenizer(self.tokenizer, req.settings.pad_token_id)
+        spans = tuple(media_spans(prompt.tolist(), self.model.config.media_token_ids)) if media else ()
         return Request(next(self._rids), request_id, tuple(prompt.tolist()), req.settings, req.seed, req.drafts,
                        blocks, ev.RequestStream(request_id, output), now, None if timeout is None else now + timeout,
-                       tenant=req.tenant)
+                       tenant=req.tenant, media=media, spans=spans)
+
+    def _check_media(self, media) -> tuple:
+        if not isinstance(media, tuple | list) or not all(isinstance(m, MediaItem) for m in media):
+            raise InputError("media", "expected a sequence of processed images (dgserve.model.media.MediaItem)")
+        vc = self.model.config.vision
+        if media and vc is None:
+            raise InputError("media", "this checkpoint has no vision tower: it reads text only")
+        for i, m in enumerate(media):
+            check_patches(vc, as_patches(m), f"media[{i}]")
+        return tuple(media)
 
     def _has_work(self) -> bool:
         """Called holding `_wake`."""

@@ -22,7 +22,8 @@ from dgserve.model.cache import KVCache, PrefixKV, distinct_bytes
 from dgserve.model.config import num_blocks
 from dgserve.model.sampler import BlockDenoiser, NoiseStream, StepResult, finalize_block
 from dgserve.model.step_graphs import DecoderGraphs
-from dgserve.model.transformer import DiffusionGemma, WorkItem
+from dgserve.model.transformer import DiffusionGemma, WorkItem, media_rows
+from dgserve.model.vision import as_patches
 
 from .errors import Code, UnitFailure
 from .graphs import run_pass
@@ -109,6 +110,9 @@ class Slot:
     block: int = 0
     denoiser: BlockDenoiser | None = None
     soft_CD: torch.Tensor | None = None
+    # the vision tower's rows of each image (by its index in admit.media), made when a prefill first needs them and
+    # kept for a replay after an eviction
+    soft_rows: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 class Executor:
@@ -180,12 +184,14 @@ class Executor:
         for entry in plan.drop:
             self.prefixes.pop(entry, None)
         items = self._prepare([it for it in plan.items if it.rid not in failed], failed)
+        images, vision_s = self._vision(items, failed)
+        items = [it for it in items if it.rid not in failed]
         if plan.exchange and (fixed := getattr(self.model.experts, "set_capacity", None)) is not None:
             fixed(plan.capacity)  # the pass's exchange: fixed capacity from the plan, or variable (0)
         if not items:
             if plan.exchange:  # the expert ranks wait for this rank at every layer: join with zero rows
                 self.join_exchange()
-            return self._outcome(plan, (), {}, 0.0, 0.0, failed, int(plan.exchange))
+            return self._outcome(plan, (), {}, 0.0, 0.0, failed, int(plan.exchange), (), images, vision_s)
         self._want(plan.store, True)
         try:
             t0 = time.perf_counter()
@@ -196,7 +202,8 @@ class Executor:
             self._want(plan.store, False)
         canvases, sampling_s, logits_s = self._sample(passes, failed)
         rows = {k.value: sum(p.rows.get(k.value, 0) for p in passes) for k in ItemKind}
-        return self._outcome(plan, canvases, rows, forward_s + logits_s, sampling_s, failed, len(passes), stored)
+        return self._outcome(plan, canvases, rows, forward_s + logits_s, sampling_s, failed, len(passes), stored,
+                             images, vision_s)
 
     # -- the prefix cache --------------------------------------------------------------------------------------
     def _reuse(self, p: Prefix) -> None:
@@ -231,7 +238,8 @@ class Executor:
                 stored.append(s.entry)
         return tuple(stored)
 
-    def _outcome(self, plan, canvases, rows, forward_s, sampling_s, failed, passes, stored=()) -> StepOutcome:
+    def _outcome(self, plan, canvases, rows, forward_s, sampling_s, failed, passes, stored=(), images=0,
+                 vision_s=0.0) -> StepOutcome:
         for rid in failed:
             self.slots.pop(rid, None)
         done = {c.rid for c in canvases if c.finished}
@@ -242,7 +250,7 @@ class Executor:
         exchange_s, expert_rows = take() if take is not None else (0.0, ())
         kv, prefix = self._held_bytes()
         return StepOutcome(plan.iteration, canvases, rows, forward_s, sampling_s, kv, tuple(failed.values()),
-                           passes, exchange_s, expert_rows, stored, prefix)
+                           passes, exchange_s, expert_rows, stored, prefix, images, vision_s)
 
     def _isolated(self, rid: int, what: str, failed: dict[int, ItemFailure], fn, *args):
         """fn(*args); an exception fails request `rid` only (recorded in `failed`). A UnitFailure still ends the
@@ -325,9 +333,45 @@ class Executor:
                 rows[it.kind.value] += slot.denoiser.canvas_C.shape[0]
                 continue
             ids = to_device(torch.tensor(slot.context[it.start:it.stop], dtype=torch.long), self.model.device)
-            work.append(WorkItem(slot.cache, ids, encode=True))
+            spans = list(slot.admit.spans) if it.kind is ItemKind.PREFILL else []
+            rows_of = [slot.soft_rows.get(k) for k in range(len(spans))]
+            media, media_MD = media_rows(spans, rows_of, it.start, it.stop)
+            work.append(WorkItem(slot.cache, ids, encode=True, media=media, media_MD=media_MD))
             rows[it.kind.value] += it.stop - it.start
         return work, rows
+
+    # -- the vision tower ----------------------------------------------------------------------------------------
+    def _vision(self, items: list[PlanItem], failed: dict[int, ItemFailure]) -> tuple[int, float]:
+        """The tower's rows for every image a prefill item of this pass holds and no earlier pass encoded: all of
+        the iteration's images in one tower call (a request whose images fail there fails alone)."""
+        wanted: dict[int, list[int]] = {}
+        for it in items:
+            slot = self.slots[it.rid]
+            if it.kind is not ItemKind.PREFILL or not slot.admit.spans:
+                continue
+            for k, (a, b) in enumerate(slot.admit.spans):
+                if it.start <= a and b <= it.stop and k not in slot.soft_rows:
+                    wanted.setdefault(it.rid, []).append(k)
+        if not wanted:
+            return 0, 0.0
+        t0 = time.perf_counter()
+        try:
+            self._encode_images(wanted)
+        except UnitFailure:
+            raise
+        except Exception:
+            for rid, ks in wanted.items():  # alone, to find whose images fail
+                self._isolated(rid, "encoding its images", failed, self._encode_images, {rid: ks})
+        self._progress.beat()
+        return sum(len(ks) for ks in wanted.values()), time.perf_counter() - t0
+
+    def _encode_images(self, wanted: dict[int, list[int]]) -> None:
+        if self.model.vision is None:
+            raise PlanError("a request holds images but this rank has no vision tower loaded")
+        order = [(rid, k) for rid, ks in wanted.items() for k in ks]
+        out = self.model.vision.encode([as_patches(self.slots[rid].admit.media[k]) for rid, k in order])
+        for (rid, k), rows_MD in zip(order, out, strict=True):
+            self.slots[rid].soft_rows[k] = rows_MD
 
     def _sample(self, passes: list[Pass], failed: dict[int, ItemFailure]) -> tuple[list[CanvasResult], float, float]:
         canvases = []

@@ -30,6 +30,8 @@ class Admit:
     seed: int
     drafts: bool = False
     rank: int = 0  # the attention rank that holds the request
+    media: tuple = ()  # images and video frames (model.media.MediaItem: numpy patches), in prompt order
+    spans: tuple[tuple[int, int], ...] = ()  # [start, stop) of each one's soft tokens in the prompt
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,3 +117,5 @@ class StepOutcome:
     expert_rows: tuple[tuple[int, ...], ...] = ()
     stored: tuple[int, ...] = ()  # prefix entries the plan asked to store that now exist
     prefix_bytes: int = 0  # bytes the executor's prefix entries hold (tensors not held by a request included)
+    images: int = 0  # images and video frames the vision tower encoded in this step
+    vision_s: float = 0.0  # seconds in the vision tower

@@ -1,8 +1,9 @@
 """The prefix cache's index: which prompt prefixes an attention rank holds, for whom, and what they cost.
 
 Entries are prompt-prefill states at chunk boundaries. Prompts are prefilled in chunks that start at multiples of
-`prefill_chunk` (driver.py), so the chunks of a prompt form a path in a tree: a node's key is the exact token tuple
-of one chunk, and an entry at depth j holds the cache after the first j chunks. A request whose first j chunks
+`prefill_chunk` (driver.py; a chunk holding an image ends after it: chunks.py), so the chunks of a prompt form a
+path in a tree: a node's key is the exact token tuple of one chunk (and the digests of the images in it), and an
+entry at depth j holds the cache after the first j chunks. A request whose first j chunks
 equal a stored path starts from that entry and prefills the rest with the very bounds it would have used anyway,
 so its cache, and its tokens, are the same as without the cache. A prompt's last, shorter chunk is an entry too;
 only the same prompt reaches it (a longer prompt has a whole chunk there).
@@ -26,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from .budget import PREFIX, MemoryBudget, MemorySizes
+from .chunks import PromptChunks
 from .metrics import PrefixStats
 from .plan import Prefix
 
@@ -36,7 +38,7 @@ if TYPE_CHECKING:
 @dataclass(eq=False)
 class Node:
     parent: Node | None
-    key: tuple[int, ...]  # this chunk's tokens ((): a tenant's root)
+    key: tuple  # this chunk's tokens, then its images' digests ((): a tenant's root)
     depth: int  # positions up to the end of this chunk
     children: dict[tuple[int, ...], Node] = field(default_factory=dict)
     entry: Entry | None = None
@@ -70,16 +72,16 @@ class PrefixIndex:
     def bytes(self) -> int:
         return len(self.page_refs) * self.sizes.full_page_bytes + self.window_bytes
 
-    def chunks(self, prompt: Sequence[int]) -> Iterator[tuple[int, ...]]:
-        for start in range(0, len(prompt), self.chunk):
-            yield tuple(prompt[start:start + self.chunk])
+    def chunks(self, prompt: Sequence[int] | PromptChunks) -> PromptChunks:
+        """A prompt's chunks (a text prompt given as its ids is split at multiples of the chunk size)."""
+        return prompt if isinstance(prompt, PromptChunks) else PromptChunks.of(prompt, self.chunk)
 
-    def lookup(self, tenant: str, prompt: Sequence[int]) -> Entry | None:
+    def lookup(self, tenant: str, prompt: Sequence[int] | PromptChunks) -> Entry | None:
         """The ready entry of `tenant` for the longest chunk path `prompt` starts with (`touch` it if used)."""
         node, best = self.roots.get(tenant), None
         if node is None:
             return None
-        for key in self.chunks(prompt):
+        for key in self.chunks(prompt).keys:
             node = node.children.get(key)
             if node is None:
                 break
@@ -91,11 +93,12 @@ class PrefixIndex:
         """`e` was just used: it goes last in eviction order."""
         self.entries.move_to_end(e.id)
 
-    def has(self, tenant: str, prompt: Sequence[int], positions: int) -> bool:
+    def has(self, tenant: str, prompt: Sequence[int] | PromptChunks, positions: int) -> bool:
         node = self._node(tenant, prompt, positions, create=False)
         return node is not None and node.entry is not None
 
-    def add(self, tenant: str, prompt: Sequence[int], positions: int, pages: tuple[int, ...]) -> Entry:
+    def add(self, tenant: str, prompt: Sequence[int] | PromptChunks, positions: int,
+            pages: tuple[int, ...]) -> Entry:
         """A new entry (not ready) for `prompt`'s first `positions` positions, a chunk boundary or its end."""
         node = self._node(tenant, prompt, positions, create=True)
         if node.entry is not None:
@@ -125,20 +128,22 @@ class PrefixIndex:
         """The least recently used entry."""
         return next(iter(self.entries.values()), None)
 
-    def _node(self, tenant: str, prompt: Sequence[int], positions: int, create: bool) -> Node | None:
-        if not 0 < positions <= len(prompt) or (positions % self.chunk and positions != len(prompt)):
-            raise ValueError(f"{positions} is not a chunk boundary of a {len(prompt)}-token prompt")
+    def _node(self, tenant: str, prompt: Sequence[int] | PromptChunks, positions: int,
+              create: bool) -> Node | None:
+        chunks = self.chunks(prompt)
+        if not chunks.is_end(positions):
+            raise ValueError(f"{positions} is not a chunk boundary of a {chunks.length}-token prompt")
         node = self.roots.get(tenant)
         if node is None:
             if not create:
                 return None
             node = self.roots[tenant] = Node(None, (), 0)
-        for key in self.chunks(prompt[:positions]):
+        for key, stop in chunks.until(positions):
             child = node.children.get(key)
             if child is None:
                 if not create:
                     return None
-                child = node.children[key] = Node(node, key, node.depth + len(key))
+                child = node.children[key] = Node(node, key, stop)
             node = child
         return node
 
@@ -160,7 +165,7 @@ class PrefixCache:
     def enabled(self) -> bool:
         return bool(self.indexes)
 
-    def lookup(self, rank: int, tenant: str, prompt: Sequence[int]) -> Entry | None:
+    def lookup(self, rank: int, tenant: str, prompt: Sequence[int] | PromptChunks) -> Entry | None:
         return self.indexes[rank].lookup(tenant, prompt) if self.indexes else None
 
     def fit(self, rank: int, key: int, need: int, hit: Entry | None = None) -> bool:
@@ -209,11 +214,11 @@ class PrefixCache:
         """Plan to keep r's state at `stop` (the end of a prefill chunk) as an entry, if its tenant has none there
         and the rank's budget has room for it (older entries make way; requests never do)."""
         index = self.indexes[r.rank]
-        if index.has(r.tenant, r.prompt_ids, stop):
+        if index.has(r.tenant, r.chunks, stop):
             return
         while len(r.pages) < self.sizes.pages(stop):
             r.pages.append(next(self._page_ids))
-        e = index.add(r.tenant, r.prompt_ids, stop, tuple(r.pages[: self.sizes.pages(stop)]))
+        e = index.add(r.tenant, r.chunks, stop, tuple(r.pages[: self.sizes.pages(stop)]))
         while not self.budgets[r.rank].try_set(PREFIX, index.bytes):
             if index.oldest() is e:  # nothing older left to drop: no room for it
                 index.drop(e)
