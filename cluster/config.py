@@ -81,6 +81,9 @@ class GatewaySettings:
     max_prompt_tokens: int | None = None  # None: the context length minus one block
     # Text is refused above this many UTF-8 bytes before any tokenization (None: 8 bytes per prompt token).
     max_text_bytes: int | None = None
+    # Room in a request for its images and videos (encoded bytes); part of the derived message limit. None: 32 MiB
+    # when the checkpoint has a vision tower, else none.
+    max_media_bytes: int | None = None
     grace_s: float = 30.0  # on SIGTERM: in-flight requests get this long, the rest fail with UNAVAILABLE
     retry_pushback_ms: int = 1000  # the retry hint sent with RESOURCE_EXHAUSTED (trailer grpc-retry-pushback-ms)
     probe_period_s: float = 1.0  # how often the gateway checks that a unit can serve (its health follows)
@@ -246,6 +249,8 @@ def _gateway(raw) -> GatewaySettings:
         "probe_period_s": (lambda v: is_number(v) and 0.1 <= v <= 60, "a number of seconds in 0.1..60"),
         "max_text_bytes": (lambda v: v is None or (is_int(v) and 1 <= v <= 2**31 - 1),
                            "null or an integer in 1..2147483647"),
+        "max_media_bytes": (lambda v: v is None or (is_int(v) and 0 <= v <= 2**30),
+                            "null or an integer in 0..1073741824"),
         "insecure_remote": (lambda v: isinstance(v, bool), "true or false"),
     }
     for key in ("api_keys_file", "tls_cert_file", "tls_key_file", "tls_client_ca_file"):

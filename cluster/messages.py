@@ -22,6 +22,7 @@ class GenerateRequest:
     timeout_s: float | None = None
     request_id: str | None = None  # the client's label (x-request-id) for logs, events and status; never a handle
     tenant: str = ""  # set by the gateway from the caller's API key: who may share cached prompt prefixes
+    media: tuple = ()  # the prompt's images and video frames, processed by the gateway (model.media.MediaItem)
 
     def to_engine(self, defaults, overrides: dict):
         """Validated engine request (an EngineRequest, on rank 0): checkpoint defaults, then the deployment's
@@ -35,7 +36,7 @@ class GenerateRequest:
         except ConfigError as e:
             raise InputError(e.field, f"{e.value!r} is not allowed; allowed: {e.allowed}") from e
         return EngineRequest(list(self.prompt_ids), settings, self.seed, self.drafts, self.timeout_s,
-                             self.request_id, self.tenant)
+                             self.request_id, self.tenant, tuple(self.media))
 
 
 def failure_event(error: Exception) -> Failed:

@@ -46,6 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--system", help="a system prompt")
     ch.add_argument("--tools", type=Path, help="a JSON file: a list of tool declarations (OpenAI's shape)")
     ch.add_argument("--thinking", action="store_true", help="thinking mode: the reasoning comes apart")
+    ch.add_argument("--image", action="append", type=Path, default=[],
+                    help="a PNG, JPEG or WebP file sent with the message (repeatable)")
+    ch.add_argument("--video", action="append", type=Path, default=[],
+                    help="a video file sent with the message, sampled on the server at --video-fps (repeatable)")
+    ch.add_argument("--visual-budget", type=int, default=0,
+                    help="soft tokens an image (or video frame): 70 | 140 | 280 | 560 | 1120 (default: the server's)")
+    ch.add_argument("--video-fps", type=float, default=0.0, help="frames a second of video (default: one)")
     for p in (g, ch):
         _call_args(p)
     h = sub.add_parser("health", help="grpc.health.v1 status")
@@ -133,8 +140,14 @@ def _tools(path: Path | None) -> list[dict] | None:
 
 
 def _chat(c: Client, args, knobs: dict) -> int:
+    content = args.message
+    if args.image or args.video:  # images and videos first, then the message
+        content = [{"type": "image", "path": p, "visual_token_budget": args.visual_budget} for p in args.image]
+        content += [{"type": "video", "path": p, "fps": args.video_fps, "visual_token_budget": args.visual_budget}
+                    for p in args.video]
+        content.append({"type": "text", "text": args.message})
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
-        {"role": "user", "content": args.message}]
+        {"role": "user", "content": content}]
     kw = {"seed": args.seed, "thinking": args.thinking, "request_id": args.request_id, **knobs}
     tools = _tools(args.tools)
     if args.stream:

@@ -48,8 +48,11 @@ def build_chat_request(messages: Sequence[dict], tools: Sequence[dict] | None = 
 
     req = pb.ChatRequest(thinking=thinking)
     for m in messages:
-        msg = req.messages.add(role=m.get("role", ""), content=m.get("content") or "",
+        content = m.get("content") or ""
+        msg = req.messages.add(role=m.get("role", ""), content=content if isinstance(content, str) else "",
                                tool_call_id=m.get("tool_call_id") or "")
+        if not isinstance(content, str):
+            msg.parts.extend(content_part(p) for p in content)
         for c in m.get("tool_calls") or ():
             f = c.get("function", c)
             args = f.get("arguments", {})
@@ -75,3 +78,34 @@ def check_api(info: pb.ModelInfo) -> None:
 
         raise ApiVersionMismatch(grpc.StatusCode.FAILED_PRECONDITION,
                                  f"server API version {info.api_version!r}; this client speaks {API_MAJOR}.x")
+
+
+def content_part(part: dict) -> pb.ContentPart:
+    """A content part: {"type": "text", "text"}, {"type": "image", "data": bytes | "path": file,
+    "visual_token_budget": n} or {"type": "video", "data" | "path" | "frames": [bytes], "fps": f,
+    "visual_token_budget": n}."""
+    kind = part.get("type")
+    if kind == "text":
+        return pb.ContentPart(text=part.get("text", ""))
+    budget = int(part.get("visual_token_budget") or 0)
+    if kind == "image":
+        return pb.ContentPart(image=pb.Image(data=_bytes(part), visual_token_budget=budget))
+    if kind == "video":
+        frames = [bytes(f) for f in part.get("frames") or ()]
+        data = b"" if frames else _bytes(part)
+        return pb.ContentPart(video=pb.Video(data=data, frames=frames, fps=float(part.get("fps") or 0),
+                                             visual_token_budget=budget))
+    raise ValueError(f"content part type {kind!r}: expected text, image or video")
+
+
+def _bytes(part: dict) -> bytes:
+    if part.get("data") is not None:
+        return bytes(part["data"])
+    if part.get("path") is not None:
+        from pathlib import Path
+
+        try:
+            return Path(part["path"]).read_bytes()
+        except OSError as e:
+            raise ValueError(f"{part['type']}: cannot read {str(part['path'])!r} ({e.strerror})") from None
+    raise ValueError(f"{part['type']}: give data (bytes) or path")

@@ -19,6 +19,7 @@ API_VERSION = "1.0"
 TEXT_BYTES_PER_TOKEN = 8  # the default text limit: generous for real text (about 4 bytes per token)
 ID_BYTES = 5  # the longest varint of a token id
 REQUEST_SLACK_BYTES = 64 * 1024  # room for every other field of a request
+MEDIA_BYTES = 32 * 1024 * 1024  # the default room for a request's images and videos (a vision checkpoint)
 
 
 @dataclass(frozen=True)
@@ -31,20 +32,24 @@ class Limits:
     max_request_bytes: int = 16 * 1024 * 1024  # gRPC refuses a larger message before reading it
 
 
-def request_bytes_for(max_prompt_tokens: int, max_text_bytes: int) -> int:
-    """The largest request a valid prompt needs: its text or its ids, and the other fields."""
-    return max(max_text_bytes, ID_BYTES * max_prompt_tokens) + REQUEST_SLACK_BYTES
+def request_bytes_for(max_prompt_tokens: int, max_text_bytes: int, max_media_bytes: int = 0) -> int:
+    """The largest request a valid prompt needs: its text or its ids, its images (base64 over HTTP: 4/3 of their
+    bytes), and the other fields."""
+    return max(max_text_bytes, ID_BYTES * max_prompt_tokens) + -(-4 * max_media_bytes // 3) + REQUEST_SLACK_BYTES
 
 
 def limits_for(config: ModelConfig, max_prompt_tokens: int | None, max_text_bytes: int | None = None,
-               max_request_bytes: int | None = None) -> Limits:
+               max_request_bytes: int | None = None, max_media_bytes: int | None = None) -> Limits:
     """The gateway's limits; an unset byte limit is derived from the prompt limit (8 bytes of text per token; a
-    message no larger than the largest valid request, so gRPC drops anything bigger before it is read)."""
+    message no larger than the largest valid request, so gRPC drops anything bigger before it is read), plus room
+    for images when the checkpoint reads them."""
     ctx, C = config.text.max_position_embeddings, config.canvas_length
     cap = ctx - C
     tokens = min(max_prompt_tokens, cap) if max_prompt_tokens else cap
     text = max_text_bytes or TEXT_BYTES_PER_TOKEN * tokens
-    return Limits(tokens, ctx, C, config.text.vocab_size, text, max_request_bytes or request_bytes_for(tokens, text))
+    media = max_media_bytes if max_media_bytes is not None else MEDIA_BYTES if config.vision is not None else 0
+    return Limits(tokens, ctx, C, config.text.vocab_size, text,
+                  max_request_bytes or request_bytes_for(tokens, text, media))
 
 
 def check_text(text: str, limits: Limits, field: str) -> None:
@@ -76,9 +81,9 @@ def text_prompt_ids(tokenizer, msg: pb.GenerateRequest) -> list[int]:
 
 def to_request(msg: pb.GenerateRequest, request_id: str, text_ids: list[int] | None, limits: Limits,
                defaults: SamplerSettings, overrides: dict, timeout_s: float | None,
-               tenant: str = "") -> GenerateRequest:
-    """Validate and convert (`text_ids`: the tokenized text prompt; `tenant`: the caller's, from its API key);
-    raises InputError naming the field and the limit."""
+               tenant: str = "", media: tuple = ()) -> GenerateRequest:
+    """Validate and convert (`text_ids`: the tokenized text prompt; `tenant`: the caller's, from its API key;
+    `media`: the prompt's processed images and frames); raises InputError naming the field and the limit."""
     if text_ids is not None:
         ids = text_ids
     else:
@@ -100,7 +105,7 @@ def to_request(msg: pb.GenerateRequest, request_id: str, text_ids: list[int] | N
         SamplerSettings.from_defaults(defaults, **{**overrides, **knobs})
     except ConfigError as e:
         raise InputError(f"sampler.{e.field}", f"{e.value!r} is not allowed; allowed: {e.allowed}") from e
-    return GenerateRequest(tuple(ids), seed, knobs, msg.stream_drafts, timeout_s, request_id, tenant)
+    return GenerateRequest(tuple(ids), seed, knobs, msg.stream_drafts, timeout_s, request_id, tenant, tuple(media))
 
 
 def stream_message(event, request_id: str, prompt_tokens: int, pad: int | None) -> pb.GenerateStreamResponse:

@@ -41,6 +41,7 @@ class Gateway:
         self.tokenizer, self.config, self.defaults, self.limits = front.tokenizer, front.config, front.defaults, \
             front.limits
         self.pad = front.pad
+        self.media = front.media  # the image processor (transformers: imported on the first image)
         self.info = model_info(self.topo, self.config, self.defaults, self.limits, front.model_id, SERVER_VERSION)
         self.inflight: Counter[str] = Counter()  # request ids are labels: two calls may share one
         self.caller = own_name()  # who calls the units: they cancel our calls if this actor dies

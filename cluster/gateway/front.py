@@ -14,6 +14,7 @@ from ray.serve.exceptions import BackPressureError
 
 from dgserve.model.config import ModelConfig, load_generation_defaults, load_model_config
 from dgserve.model.hub import TOKENIZER_PATTERNS, resolve_checkpoint
+from dgserve.model.media import MediaProcessor
 from dgserve.model.settings import SamplerSettings
 from dgserve.model.tokenizer import load_tokenizer
 
@@ -36,6 +37,7 @@ class Front:
     defaults: SamplerSettings
     limits: Limits
     model_id: str
+    media: MediaProcessor | None = None  # the checkpoint's image processor (None: a text-only checkpoint)
 
     @property
     def pad(self) -> int | None:
@@ -52,8 +54,11 @@ def load_front(topo: Topology) -> Front:
         folder = resolve_checkpoint(topo.model, topo.revision, patterns=TOKENIZER_PATTERNS)
         model_id = topo.model
     config, g = load_model_config(folder), topo.gateway
+    media = (MediaProcessor.from_checkpoint(folder)
+             if config.vision is not None and (folder / "preprocessor_config.json").is_file() else None)
     return Front(topo, load_tokenizer(folder), config, load_generation_defaults(folder),
-                 limits_for(config, g.max_prompt_tokens, g.max_text_bytes, g.max_message_bytes), model_id)
+                 limits_for(config, g.max_prompt_tokens, g.max_text_bytes, g.max_message_bytes, g.max_media_bytes),
+                 model_id, media)
 
 
 def request_id(given: str | None) -> str:

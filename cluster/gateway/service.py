@@ -136,19 +136,21 @@ class DGServeService(pb_grpc.DGServeServicer):
         and the deadline (the client's, capped to the longest a request may run)."""
         limits = self.gw.limits
         if isinstance(request, pb.ChatRequest):
-            text_ids = await self.gw.text.run(chat_prompt, self.gw.tokenizer, request, limits.max_text_bytes,
-                                              limits.max_prompt_tokens)
+            text_ids, media = await self.gw.text.run(chat_prompt, self.gw.tokenizer, self.gw.media, request,
+                                                     limits.max_text_bytes, limits.max_prompt_tokens)
             gen = pb.GenerateRequest(sampler=request.sampler)
             if request.HasField("seed"):
                 gen.seed = request.seed
             request = gen
         else:
+            media = ()
             text = prompt_text(request, limits)
             text_ids = None if text is None else await self.gw.text.run(text_prompt_ids, self.gw.tokenizer, request)
         left = context.time_remaining()
         cap = self.gw.topo.serve.max_request_s
         return to_request(request, rid, text_ids, limits, self.gw.defaults, self.gw.topo.sampler,
-                          cap if left is None else min(left, cap), tenant_of(bearer_key(context.invocation_metadata())))
+                          cap if left is None else min(left, cap), tenant_of(bearer_key(context.invocation_metadata())),
+                          media)
 
 
 def _tokenize(tokenizer, request: pb.TokenizeRequest) -> list[int]:

@@ -133,16 +133,48 @@ class ToolCall(_message.Message):
     def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., arguments_json: _Optional[str] = ...) -> None: ...
 
 class ChatMessage(_message.Message):
-    __slots__ = ("role", "content", "tool_calls", "tool_call_id")
+    __slots__ = ("role", "content", "tool_calls", "tool_call_id", "parts")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     CONTENT_FIELD_NUMBER: _ClassVar[int]
     TOOL_CALLS_FIELD_NUMBER: _ClassVar[int]
     TOOL_CALL_ID_FIELD_NUMBER: _ClassVar[int]
+    PARTS_FIELD_NUMBER: _ClassVar[int]
     role: str
     content: str
     tool_calls: _containers.RepeatedCompositeFieldContainer[ToolCall]
     tool_call_id: str
-    def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ..., tool_calls: _Optional[_Iterable[_Union[ToolCall, _Mapping]]] = ..., tool_call_id: _Optional[str] = ...) -> None: ...
+    parts: _containers.RepeatedCompositeFieldContainer[ContentPart]
+    def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ..., tool_calls: _Optional[_Iterable[_Union[ToolCall, _Mapping]]] = ..., tool_call_id: _Optional[str] = ..., parts: _Optional[_Iterable[_Union[ContentPart, _Mapping]]] = ...) -> None: ...
+
+class ContentPart(_message.Message):
+    __slots__ = ("text", "image", "video")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    VIDEO_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    image: Image
+    video: Video
+    def __init__(self, text: _Optional[str] = ..., image: _Optional[_Union[Image, _Mapping]] = ..., video: _Optional[_Union[Video, _Mapping]] = ...) -> None: ...
+
+class Image(_message.Message):
+    __slots__ = ("data", "visual_token_budget")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    VISUAL_TOKEN_BUDGET_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    visual_token_budget: int
+    def __init__(self, data: _Optional[bytes] = ..., visual_token_budget: _Optional[int] = ...) -> None: ...
+
+class Video(_message.Message):
+    __slots__ = ("data", "frames", "fps", "visual_token_budget")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_FIELD_NUMBER: _ClassVar[int]
+    FPS_FIELD_NUMBER: _ClassVar[int]
+    VISUAL_TOKEN_BUDGET_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    frames: _containers.RepeatedScalarFieldContainer[bytes]
+    fps: float
+    visual_token_budget: int
+    def __init__(self, data: _Optional[bytes] = ..., frames: _Optional[_Iterable[bytes]] = ..., fps: _Optional[float] = ..., visual_token_budget: _Optional[int] = ...) -> None: ...
 
 class ToolDeclaration(_message.Message):
     __slots__ = ("name", "description", "parameters_json")

@@ -9,13 +9,14 @@ from dgserve.model.errors import InputError
 from dgserve_client.v1 import dgserve_pb2 as pb
 
 from ..detok import Detokenizer
-from .messages import Conversation, parse_conversation, render_ids
+from .messages import Conversation, parse_conversation, prompt_of
 from .reply import ReplyParser, ToolCall
 
 
 def conversation_from(msg: pb.ChatRequest, max_text_bytes: int) -> Conversation:
     """Byte limits first (before anything is parsed or rendered), then the chat core's checks."""
-    total = sum(len(m.content) + sum(len(c.arguments_json) for c in m.tool_calls) for m in msg.messages)
+    total = sum(len(m.content) + sum(len(c.arguments_json) for c in m.tool_calls)
+                + sum(len(p.text) for p in m.parts) for m in msg.messages)
     total += sum(len(t.description) + len(t.parameters_json) for t in msg.tools)
     if total > max_text_bytes:
         raise InputError("messages", f"{total} characters of messages and tools exceed the limit of "
@@ -28,16 +29,38 @@ def conversation_from(msg: pb.ChatRequest, max_text_bytes: int) -> Conversation:
             raise InputError(f"tools[{i}].parameters_json", f"is not valid JSON ({e.msg})") from None
         tools.append({"type": "function", "function": {"name": t.name, "description": t.description,
                                                        "parameters": params}})
-    messages = [{"role": m.role, "content": m.content, "tool_call_id": m.tool_call_id or None,
+    messages = [{"role": m.role, "content": _content(m, i), "tool_call_id": m.tool_call_id or None,
                  "tool_calls": [{"id": c.id, "type": "function",
                                  "function": {"name": c.name, "arguments": c.arguments_json}} for c in m.tool_calls]
-                 or None} for m in msg.messages]
-    return parse_conversation(messages, tools, msg.thinking)
+                 or None} for i, m in enumerate(msg.messages)]
+    return parse_conversation(messages, tools, msg.thinking, parts_field="parts")
 
 
-def chat_prompt(tokenizer, msg: pb.ChatRequest, max_text_bytes: int, max_tokens: int) -> list[int]:
-    """The request's prompt ids (slow for long histories: the gateway runs it off its event loop)."""
-    return render_ids(tokenizer, conversation_from(msg, max_text_bytes), max_tokens)
+def _content(m: pb.ChatMessage, i: int):
+    """A message's content for the chat core: its text, or its parts (text, images, videos) in order."""
+    if not m.parts:
+        return m.content
+    if m.content:
+        raise InputError(f"messages[{i}].content", "give the text in content or in parts, not both")
+    out = []
+    for p in m.parts:
+        which = p.WhichOneof("part")
+        if which == "image":
+            out.append({"type": "image", "data": p.image.data,
+                        "visual_token_budget": p.image.visual_token_budget or None})
+        elif which == "video":
+            out.append({"type": "video", "data": p.video.data, "frames": list(p.video.frames),
+                        "fps": p.video.fps or None, "visual_token_budget": p.video.visual_token_budget or None})
+        else:
+            out.append({"type": "text", "text": p.text})
+    return out
+
+
+def chat_prompt(tokenizer, processor, msg: pb.ChatRequest, max_text_bytes: int,
+                max_tokens: int) -> tuple[list[int], tuple]:
+    """The request's prompt ids and processed images (slow for long histories and big images: the gateway runs it
+    off its event loop)."""
+    return prompt_of(tokenizer, processor, conversation_from(msg, max_text_bytes), max_tokens)
 
 
 def _calls(calls: list[ToolCall]) -> list[pb.ToolCall]:

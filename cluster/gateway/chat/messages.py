@@ -5,7 +5,9 @@ JSON Schema; thinking on or off. Every error is an InputError naming the field (
 Rendering uses the checkpoint's own chat template through its tokenizer (transformers' `apply_chat_template`;
 `model/chat_template.jinja` renders MODEL_SPEC section 6 where a checkpoint has none). Earlier turns' thoughts
 are not sent back to the model (the model card's rule): an assistant message's content is rendered without its
-thought channel. A tool result is rendered under the name of the call it answers.
+thought channel. A tool result is rendered under the name of the call it answers. Images and videos in user
+messages (chat/media.py) are processed by the checkpoint's image processor and placed as Gemma4Processor places
+them (model/media.py).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dataclasses import dataclass, field
 
 from dgserve.model.errors import InputError
 
+from .media import MEDIA_TYPES, MediaPart, media_part, process
 from .reply import THOUGHT_CLOSE, THOUGHT_OPEN, ToolCall
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -40,6 +43,7 @@ class Message:
     content: str = ""
     tool_calls: tuple[ToolCall, ...] = ()
     tool_call_id: str | None = None
+    parts: tuple[str | MediaPart, ...] = ()  # the content in order, when it holds images or videos
 
 
 @dataclass(frozen=True)
@@ -49,10 +53,17 @@ class Conversation:
     thinking: bool = False
     names: dict[str, str] = field(default_factory=dict)  # tool call id -> tool name
 
+    def media(self) -> list[MediaPart]:
+        """The images and videos, in the order the template renders them."""
+        return [p for m in self.messages for p in m.parts if isinstance(p, MediaPart)]
+
     def template_messages(self) -> list[dict]:
         out = []
         for m in self.messages:
-            if m.role == "assistant":
+            if m.parts:
+                out.append({"role": m.role, "content": [{"type": "text", "text": p} if isinstance(p, str)
+                                                        else {"type": p.kind} for p in m.parts]})
+            elif m.role == "assistant":
                 calls = [{"function": {"name": c.name, "arguments": c.arguments}} for c in m.tool_calls]
                 out.append({"role": "assistant", "content": strip_thoughts(m.content), "tool_calls": calls})
             elif m.role == "tool":
@@ -71,18 +82,31 @@ def strip_thoughts(text: str) -> str:
     return text
 
 
+def _content(value, field_name: str, role: str) -> tuple[str, tuple[str | MediaPart, ...]]:
+    """A message's content: its text, and its parts in order when it holds images or videos (user messages)."""
+    if not isinstance(value, list):
+        return _text(value, field_name), ()
+    parts: list[str | MediaPart] = []
+    for j, part in enumerate(value):
+        where = f"{field_name}[{j}]"
+        if not isinstance(part, dict):
+            raise InputError(where, "a content part must be an object with a type")
+        if part.get("type") == "text":
+            parts.append(_text(part.get("text"), f"{where}.text"))
+        elif part.get("type") in MEDIA_TYPES and role != "user":
+            raise InputError(where, f"images and videos go in user messages, not {role} messages")
+        else:
+            parts.append(media_part(part, where))
+    text = "".join(p for p in parts if isinstance(p, str))
+    return text, tuple(parts) if any(isinstance(p, MediaPart) for p in parts) else ()
+
+
 def _text(value, field_name: str) -> str:
-    """A content value (a string, or OpenAI's list of text parts) as a valid UTF-8 string."""
+    """A content value (a string, or a list of text parts) as a valid UTF-8 string."""
     if value is None:
         return ""
     if isinstance(value, list):
-        parts = []
-        for j, part in enumerate(value):
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise InputError(f"{field_name}[{j}]", "a content part must be {\"type\": \"text\", \"text\": ...} "
-                                                       "(image input arrives with the vision tower)")
-            parts.append(part["text"])
-        value = "".join(parts)
+        return _content(value, field_name, "text-only")[0]
     if not isinstance(value, str):
         raise InputError(field_name, f"must be a string, got {type(value).__name__}")
     try:
@@ -152,9 +176,12 @@ def _calls(raw, i: int) -> tuple[ToolCall, ...]:
 
 
 def text_chars(value) -> int:
-    """Characters of text in a JSON value (its strings, keys included), counted before anything is parsed."""
+    """Characters of text in a JSON value (its strings, keys included), counted before anything is parsed. Image
+    and video parts are not text (their size is bounded by the message limit)."""
     if isinstance(value, str):
         return len(value)
+    if isinstance(value, dict) and value.get("type") in MEDIA_TYPES:
+        return 0
     if isinstance(value, dict):
         return sum(len(k) + text_chars(v) for k, v in value.items())
     if isinstance(value, list):
@@ -170,8 +197,10 @@ def check_size(raw_messages, raw_tools, max_text_bytes: int) -> None:
                                      f"{max_text_bytes} bytes (gateway.max_text_bytes)")
 
 
-def parse_conversation(raw_messages, raw_tools=None, thinking: bool = False) -> Conversation:
-    """Checks a chat request: roles, order, tool calls and the results that answer them, tool schemas."""
+def parse_conversation(raw_messages, raw_tools=None, thinking: bool = False,
+                       parts_field: str = "content") -> Conversation:
+    """Checks a chat request: roles, order, tool calls and the results that answer them, tool schemas.
+    `parts_field`: what the API calls a message's list of content parts (errors name it)."""
     if not isinstance(raw_messages, list) or not raw_messages:
         raise InputError("messages", "must be a non-empty list")
     tools = parse_tools(raw_tools)
@@ -184,8 +213,11 @@ def parse_conversation(raw_messages, raw_tools=None, thinking: bool = False) -> 
             raise InputError(f"messages[{i}].role", f"{role!r} is not one of {' | '.join(ROLES)}")
         if role == "system" and i != 0:
             raise InputError(f"messages[{i}].role", "a system message can only be the first")
-        content = _text(m.get("content"), f"messages[{i}].content")
-        if role == "assistant":
+        raw = m.get("content")
+        content, parts = _content(raw, f"messages[{i}].{parts_field if isinstance(raw, list) else 'content'}", role)
+        if parts:
+            messages.append(Message(role, content, parts=parts))
+        elif role == "assistant":
             calls = _calls(m.get("tool_calls"), i)
             names |= {c.id: c.name for c in calls}
             messages.append(Message(role, content, calls))
@@ -205,15 +237,39 @@ def parse_conversation(raw_messages, raw_tools=None, thinking: bool = False) -> 
     return Conversation(tuple(messages), tools, bool(thinking), names)
 
 
-def render_ids(tokenizer, conv: Conversation, max_tokens: int | None = None) -> list[int]:
+def render_ids(tokenizer, conv: Conversation, max_tokens: int | None = None, media: list | None = None) -> list[int]:
     """The conversation through the checkpoint's chat template, tokenized, with the model turn opened; a history
-    longer than `max_tokens` is refused."""
+    longer than `max_tokens` is refused. `media`: its images and videos processed (`prompt_of`)."""
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise InputError("messages", "this checkpoint has no tokenizer or chat template; send token ids")
-    out = tokenizer.apply_chat_template(conv.template_messages(), tools=[t.as_template() for t in conv.tools] or None,
-                                        add_generation_prompt=True, tokenize=True, enable_thinking=conv.thinking)
-    ids = list(out["input_ids"] if hasattr(out, "keys") else out)
+    tools = [t.as_template() for t in conv.tools] or None
+    if media:
+        from dgserve.model.media import MediaItem, expand_prompt
+        from dgserve.model.tokenizer import media_tokens
+
+        text = tokenizer.apply_chat_template(conv.template_messages(), tools=tools, add_generation_prompt=True,
+                                             tokenize=False, enable_thinking=conv.thinking)
+        text = expand_prompt(text, [m for m in media if isinstance(m, MediaItem)],
+                             [m for m in media if not isinstance(m, MediaItem)], media_tokens(tokenizer))
+        ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    else:
+        out = tokenizer.apply_chat_template(conv.template_messages(), tools=tools, add_generation_prompt=True,
+                                            tokenize=True, enable_thinking=conv.thinking)
+        ids = list(out["input_ids"] if hasattr(out, "keys") else out)
     if max_tokens is not None and len(ids) > max_tokens:
         raise InputError("messages", f"the conversation is {len(ids)} tokens with its template; the limit is "
                                      f"{max_tokens}")
     return ids
+
+
+def prompt_of(tokenizer, processor, conv: Conversation, max_tokens: int | None = None) -> tuple[list[int], tuple]:
+    """The prompt ids and the engine's media (every image, then each video's frames, in prompt order)."""
+    parts = conv.media()
+    if parts and processor is None:
+        raise InputError(parts[0].where, "this endpoint's checkpoint cannot read images (no vision tower)")
+    processed = process(processor, parts) if parts else []
+    ids = render_ids(tokenizer, conv, max_tokens, processed)
+    flat = []
+    for m in processed:
+        flat.extend(getattr(m, "frames", [m]))
+    return ids, tuple(flat)

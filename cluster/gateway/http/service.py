@@ -20,7 +20,7 @@ from dgserve_client.v1 import dgserve_pb2 as pb
 from ...engine.events import BlockCommitted, Failed, Finished
 from ...messages import GenerateRequest
 from ..chat.grpc import ChatTurn
-from ..chat.messages import check_size, parse_conversation, render_ids
+from ..chat.messages import check_size, parse_conversation, prompt_of
 from ..convert import check_text, final_message, to_request
 from ..detok import Detokenizer
 from ..front import Front, unit_events
@@ -32,14 +32,15 @@ from .schema import ChatCompletionRequest, CompletionRequest, Request
 log = logging.getLogger("dgserve.http")
 
 
-def render_chat(tokenizer, body: ChatCompletionRequest, max_text_bytes: int, max_tokens: int) -> list[int]:
+def render_chat(tokenizer, processor, body: ChatCompletionRequest, max_text_bytes: int,
+                max_tokens: int) -> tuple[list[int], tuple]:
     """The chat core on an OpenAI body: OpenAI's `developer` role is the system role; with tool_choice "none" the
-    tools are not shown to the model."""
+    tools are not shown to the model. Returns the prompt ids and the processed images and frames."""
     tools = None if body.tool_choice == "none" else body.tools
     check_size(body.messages, tools, max_text_bytes)
     messages = [{**m, "role": "system"} if isinstance(m, dict) and m.get("role") == "developer" else m
                 for m in body.messages]
-    return render_ids(tokenizer, parse_conversation(messages, tools, body.thinking), max_tokens)
+    return prompt_of(tokenizer, processor, parse_conversation(messages, tools, body.thinking), max_tokens)
 
 
 def encode_text(tokenizer, text: str) -> list[int]:
@@ -81,7 +82,7 @@ class OpenAIService:
                                 f"(GET /v1/models)", "model", "model_not_found")
 
     def _request(self, body: Request, rid: str, tenant: str, text_ids: list[int] | None,
-                 token_ids=None) -> GenerateRequest:
+                 token_ids=None, media: tuple = ()) -> GenerateRequest:
         msg = pb.GenerateRequest(sampler=pb.SamplerParams(**body.sampler()))
         if token_ids is not None:
             msg.token_ids.ids.extend(token_ids)
@@ -89,16 +90,16 @@ class OpenAIService:
             msg.seed = body.seed
         f = self.front
         return to_request(msg, rid, text_ids, f.limits, f.defaults, f.topo.sampler, f.topo.serve.max_request_s,
-                          tenant)
+                          tenant, media)
 
     async def _prepare(self, body: Request, rid: str, tenant: str) -> GenerateRequest:
         self._check(body)
         f, limits = self.front, self.front.limits
         try:
             if isinstance(body, ChatCompletionRequest):
-                ids = await self.text.run(render_chat, f.tokenizer, body, limits.max_text_bytes,
-                                          limits.max_prompt_tokens)
-                return self._request(body, rid, tenant, ids)
+                ids, media = await self.text.run(render_chat, f.tokenizer, f.media, body, limits.max_text_bytes,
+                                                 limits.max_prompt_tokens)
+                return self._request(body, rid, tenant, ids, media=media)
             if isinstance(body.prompt, str):
                 check_text(body.prompt, limits, "prompt")
                 return self._request(body, rid, tenant, await self.text.run(encode_text, f.tokenizer, body.prompt))

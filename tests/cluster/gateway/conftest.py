@@ -20,6 +20,9 @@ def health(address: str) -> str | None:
         return health_pb2.HealthCheckResponse.ServingStatus.Name(r.status)
 
 
+MEDIA = 1 << 20  # the endpoint's room for a request's images (the default is 32 MiB)
+
+
 @pytest.fixture(scope="package")  # shared by test_gateway.py and test_fuzz.py: deploying costs ~30 s
 def endpoint(ray_cluster, tiny_dir):
     """(address, statuses seen from the first answer until SERVING, topology)."""
@@ -30,7 +33,7 @@ def endpoint(ray_cluster, tiny_dir):
 
     port = free_port()
     topo = parse_topology({"name": "gw", "model": str(tiny_dir), "gateway": {"port": port, "max_prompt_tokens": 512,
-                                                                            "grace_s": 2},
+                                                                            "grace_s": 2, "max_media_bytes": MEDIA},
                            "http": {"port": ray_cluster.test_http_port, "served_model_name": "tiny"}})
     import threading
 

@@ -39,11 +39,14 @@ from dgserve.cluster.gateway.convert import request_bytes_for
 from dgserve_client.v1 import dgserve_pb2 as pb
 from dgserve_client.v1 import dgserve_pb2_grpc as pb_grpc
 
+from .conftest import MEDIA
+
 REQUESTS = int(os.environ.get("DGSERVE_FUZZ_REQUESTS", "320"))
 BATCH = 8  # calls per generated example
 CONCURRENCY = 8  # calls in flight at once, each from its own thread
 DEADLINE_S = 3.0  # a long valid generation ends in DEADLINE_EXCEEDED instead of stalling the fuzz
-MAX_MESSAGE = request_bytes_for(512, 8 * 512)  # the fixture's max_prompt_tokens 512: gRPC's receive limit
+# the fixture's max_prompt_tokens 512 and room for images: gRPC's receive limit
+MAX_MESSAGE = request_bytes_for(512, 8 * 512, MEDIA)
 MAX_TEXT = 10 * 1024 * 1024
 
 SERVICE = "/dgserve.v1.DGServe/"
@@ -476,6 +479,9 @@ class Oracle:
         assert self.limits.max_text_bytes == info.limits.max_text_bytes == 4096
         self.defaults, self.overrides = load_generation_defaults(tiny_dir), topo.sampler
         self.tokenizer, self.info = load_tokenizer(tiny_dir), info
+        from dgserve.model.media import MediaProcessor
+
+        self.media = MediaProcessor.from_checkpoint(tiny_dir)
 
     def refused(self, msg: pb.GenerateRequest) -> bool:
         """True when the gateway must answer INVALID_ARGUMENT before the request reaches a unit."""
@@ -497,11 +503,12 @@ class Oracle:
         from dgserve.model.errors import DGServeError
 
         try:
-            ids = chat_prompt(self.tokenizer, msg, self.limits.max_text_bytes, self.limits.max_prompt_tokens)
+            ids, media = chat_prompt(self.tokenizer, self.media, msg, self.limits.max_text_bytes,
+                                     self.limits.max_prompt_tokens)
             gen = pb.GenerateRequest(sampler=msg.sampler)
             if msg.HasField("seed"):
                 gen.seed = msg.seed
-            to_request(gen, "r", ids, self.limits, self.defaults, self.overrides, None)
+            to_request(gen, "r", ids, self.limits, self.defaults, self.overrides, None, media=media)
         except DGServeError:
             return True
         return False
