@@ -46,9 +46,12 @@ class UnitMetrics:
         self.prefix_bytes = metrics.Gauge("dgserve_prefix_bytes", "Memory budget held by cached prompt prefixes",
                                           keys)
         self.prefix_entries = metrics.Gauge("dgserve_prefix_entries", "Cached prompt prefixes held", keys)
+        self.images = metrics.Counter("dgserve_vision_images_total", "Images and video frames the vision tower "
+                                                                     "encoded", keys)
+        self.vision_s = metrics.Counter("dgserve_vision_seconds_total", "Seconds in the vision tower", keys)
         for m in (self.queue, self.running, self.kv_used, self.budget_used, self.budget, self.canvases, self.step,
                   self.steps_per_block, self.tokens_per_forward, self.exchange, self.imbalance, self.prefix_bytes,
-                  self.prefix_entries, *self.prefix_counters.values()):
+                  self.prefix_entries, self.images, self.vision_s, *self.prefix_counters.values()):
             m.set_default_tags(tags)
         self.unit = unit
         self._seen_rejections: dict[str, int] = {}
@@ -69,6 +72,9 @@ class UnitMetrics:
             if now > self._seen_prefix.get(name, 0):
                 counter.inc(now - self._seen_prefix.get(name, 0))
                 self._seen_prefix[name] = now
+        if outcome.images:
+            self.images.inc(outcome.images)
+            self.vision_s.inc(outcome.vision_s)
         self.canvases.observe(len(outcome.canvases))
         self.step.observe(step_s)
         for c in outcome.canvases:

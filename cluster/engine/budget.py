@@ -48,8 +48,11 @@ class MemorySizes:
         """The sliding layers' windows after `positions` positions."""
         return min(positions, self.config.text.sliding_window - 1) * self._window_row
 
-    def request(self, positions: int) -> int:
-        return self.kv(positions) + self.canvas_bytes
+    def request(self, positions: int, image_tokens: int = 0) -> int:
+        """A request's reservation: its KV at `positions`, its canvas, and the vision tower's rows of its images
+        (`image_tokens` soft tokens, kept while it runs)."""
+        rows = image_tokens * self.config.text.hidden_size * self.dtype.itemsize
+        return self.kv(positions) + self.canvas_bytes + rows
 
 
 PREFIX = "prefix"  # the reservation key of a rank's cached prefixes

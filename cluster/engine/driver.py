@@ -82,6 +82,11 @@ class Request:
     spans: tuple[tuple[int, int], ...] = ()  # [start, stop) of each one's soft tokens in the prompt
     chunks: PromptChunks | None = None  # its prefill chunks and their prefix-cache keys (set on enqueue)
 
+    @property
+    def image_tokens(self) -> int:
+        """Soft tokens of its images and frames: the tower's rows it keeps while it runs."""
+        return sum(m.soft_tokens for m in self.media)
+
 
 @dataclass(frozen=True, slots=True)
 class DriverCounts:
@@ -111,10 +116,10 @@ class Driver:
         """The most positions a request's cache ever holds (its last block is never encoded)."""
         return prompt_len + (num_blocks(settings.max_new_tokens, self.C) - 1) * self.C
 
-    def max_bytes(self, prompt_len: int, settings: SamplerSettings) -> int:
+    def max_bytes(self, prompt_len: int, settings: SamplerSettings, image_tokens: int = 0) -> int:
         """The budget a request needs to be sure to finish: its largest reservation, plus the canvases that
         paused requests keep while it runs alone (at most max_running - 1)."""
-        return (self.sizes.request(self.max_positions(prompt_len, settings))
+        return (self.sizes.request(self.max_positions(prompt_len, settings), image_tokens)
                 + (self.engine.max_running - 1) * self.sizes.canvas_bytes)
 
     def enqueue(self, r: Request) -> None:
@@ -234,7 +239,7 @@ class Driver:
     def _place(self, r: Request) -> tuple[int, Entry | None] | None:
         """The rank r is admitted on (its reservation made there) and the cached prefix it starts from there, or
         None if it must wait."""
-        need = self.sizes.request(r.context_len)
+        need = self.sizes.request(r.context_len, r.image_tokens)
         if r.state is State.PAUSED:  # its canvas lives on its rank
             if self._count(self.running, r.rank) >= self.engine.max_running:
                 return None
@@ -297,7 +302,7 @@ class Driver:
         return pos, r.context_len, ItemKind.COMMIT, False
 
     def _grow(self, r: Request, evict: list[int]) -> bool:
-        need = self.sizes.request(r.context_len)
+        need = self.sizes.request(r.context_len, r.image_tokens)
         while not self.budgets[r.rank].try_set(r.rid, need):
             if self.prefix.make_room(r.rank):  # cached prefixes make room before any request is paused
                 continue
@@ -310,7 +315,8 @@ class Driver:
     def _pause(self, r: Request, evict: list[int]) -> None:
         self.running.remove(r)
         r.state, r.encoded, r.preemptions, r.pages = State.PAUSED, 0, r.preemptions + 1, []
-        self.budgets[r.rank].try_set(r.rid, self.sizes.canvas_bytes)  # its canvas stays; its KV is dropped
+        self.budgets[r.rank].try_set(r.rid, self.sizes.request(0, r.image_tokens))  # its canvas and image rows
+        # stay; its KV is dropped
         evict.append(r.rid)
         self.paused.append(r)
 

@@ -244,7 +244,7 @@ class Engine:
             raise InputError("tenant", "must be a string of at most 128 characters")
         media = self._check_media(req.media)
         prompt = validate_prompt(req.prompt_ids, self.model.config, req.settings.max_new_tokens, media=media)
-        need = self.driver.max_bytes(prompt.numel(), req.settings)
+        need = self.driver.max_bytes(prompt.numel(), req.settings, sum(m.soft_tokens for m in media))
         if need > self.budget_bytes:
             self.metrics.rejections["over_budget"] += 1
             raise TooLarge(

@@ -53,7 +53,8 @@ class EngineMetrics:
     budget_bytes: int = 0
     step_s_total: float = 0.0
     time_s: dict[str, float] = field(default_factory=lambda: {"prefill": 0.0, "commit": 0.0, "denoise": 0.0,
-                                                              "sampling": 0.0})
+                                                              "sampling": 0.0, "vision": 0.0})
+    images: int = 0  # images and video frames the vision tower encoded
     canvas_steps: int = 0
     rejections: Counter = field(default_factory=Counter)  # by reason
     errors: Counter = field(default_factory=Counter)  # ended requests by code
@@ -76,13 +77,15 @@ class EngineMetrics:
         """One iteration: its latency, its control share, and the forward time split by row kind."""
         self.iterations += 1
         self.step_s_total += step_s
-        self.recent_steps.append((step_s, max(0.0, step_s - out.forward_s - out.sampling_s)))
+        self.recent_steps.append((step_s, max(0.0, step_s - out.forward_s - out.sampling_s - out.vision_s)))
         self.canvases_last_step = len(out.canvases)
         self.canvas_steps += len(out.canvases)
         total_rows = sum(out.rows.values()) or 1
         for kind, n in out.rows.items():
             self.time_s[kind] += out.forward_s * n / total_rows
         self.time_s["sampling"] += out.sampling_s
+        self.time_s["vision"] += out.vision_s
+        self.images += out.images
         self.kv_bytes = out.kv_bytes
         if any(any(layer) for layer in out.expert_rows):
             self.recent_exchanges.append((out.exchange_s, imbalance(out.expert_rows)))

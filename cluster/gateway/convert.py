@@ -30,6 +30,7 @@ class Limits:
     vocab_size: int
     max_text_bytes: int  # checked before any tokenization, so no text can hold the gateway for long
     max_request_bytes: int = 16 * 1024 * 1024  # gRPC refuses a larger message before reading it
+    max_media_bytes: int = 0  # room in a request for its images and videos
 
 
 def request_bytes_for(max_prompt_tokens: int, max_text_bytes: int, max_media_bytes: int = 0) -> int:
@@ -49,7 +50,7 @@ def limits_for(config: ModelConfig, max_prompt_tokens: int | None, max_text_byte
     text = max_text_bytes or TEXT_BYTES_PER_TOKEN * tokens
     media = max_media_bytes if max_media_bytes is not None else MEDIA_BYTES if config.vision is not None else 0
     return Limits(tokens, ctx, C, config.text.vocab_size, text,
-                  max_request_bytes or request_bytes_for(tokens, text, media))
+                  max_request_bytes or request_bytes_for(tokens, text, media), media)
 
 
 def check_text(text: str, limits: Limits, field: str) -> None:
@@ -131,7 +132,8 @@ def final_message(event: Finished, request_id: str, prompt_tokens: int, pad: int
 
 
 def model_info(topo, config: ModelConfig, defaults: SamplerSettings, limits: Limits, model_id: str,
-               server_version: str) -> pb.ModelInfo:
+               server_version: str, media=None) -> pb.ModelInfo:
+    """`media`: the gateway's image processor (model.media.MediaProcessor), when the checkpoint reads images."""
     base = SamplerSettings.from_defaults(defaults, **topo.sampler)
     d = pb.SamplerParams(**{k: getattr(base, k) for k in KNOBS})
     ranges = [
@@ -165,4 +167,16 @@ def model_info(topo, config: ModelConfig, defaults: SamplerSettings, limits: Lim
                          max_running_per_unit=topo.running_capacity, max_queued_per_unit=topo.engine.max_queued,
                          max_request_s=topo.serve.max_request_s,
                          max_step_rows=topo.engine.max_step_rows(config.canvas_length)),
-        sampler_defaults=d, sampler_ranges=ranges)
+        sampler_defaults=d, sampler_ranges=ranges, vision=_vision(media, limits))
+
+
+def _vision(media, limits: Limits) -> pb.Vision | None:
+    if media is None:
+        return None
+    from dgserve.model.media import BUDGETS, FORMATS
+
+    from .chat.media import MAX_MEDIA_PARTS
+
+    return pb.Vision(visual_token_budgets=BUDGETS, default_image_budget=media.image_budget,
+                     default_frame_budget=media.frame_budget, max_frames=media.max_frames,
+                     max_media_parts=MAX_MEDIA_PARTS, max_media_bytes=limits.max_media_bytes, image_formats=FORMATS)

@@ -42,7 +42,8 @@ class Gateway:
             front.limits
         self.pad = front.pad
         self.media = front.media  # the image processor (transformers: imported on the first image)
-        self.info = model_info(self.topo, self.config, self.defaults, self.limits, front.model_id, SERVER_VERSION)
+        self.info = model_info(self.topo, self.config, self.defaults, self.limits, front.model_id, SERVER_VERSION,
+                               front.media)
         self.inflight: Counter[str] = Counter()  # request ids are labels: two calls may share one
         self.caller = own_name()  # who calls the units: they cancel our calls if this actor dies
         app = serve.get_replica_context().app_name

@@ -83,3 +83,23 @@ def test_rank_0_reports_the_prefix_cache(tiny, monkeypatch):
     assert total == {"lookups": 3, "hits": 2, "tokens_reused": 64, "evictions": 0}
     assert by["dgserve_prefix_bytes"].values[-1] == engine.metrics.prefix_bytes > 0
     assert by["dgserve_prefix_entries"].values[-1] == 5  # at 16 and 32 (shared), and each prompt's end (41)
+
+
+def test_rank_0_reports_the_vision_tower(tiny, monkeypatch):
+    from dgserve.model.media import MediaProcessor
+    from dgserve.model.tokenizer import chat_prompt_ids, load_tokenizer
+    from tests.model.test_media import encoded
+
+    um = recorded_unit_metrics(monkeypatch)
+    engine = make_engine(tiny)
+    engine.on_step = um.on_step
+    proc, tok = MediaProcessor.from_checkpoint(tiny.folder), load_tokenizer(tiny.folder)
+    images = [proc.image(encoded(40, 60, seed=i), "i", 70) for i in range(3)]
+    s = settings(tiny, max_new_tokens=32, max_denoising_steps=2)
+    for batch in (images[:2], images[2:]):
+        engine.submit(EngineRequest(chat_prompt_ids(tok, "Look.", images=batch), s, media=tuple(batch)))
+        engine.run_until_idle()
+    by = {r.name: r for r in Recorder.made}
+    assert [v for v, _ in by["dgserve_vision_images_total"].values] == [2, 1] and engine.metrics.images == 3
+    seconds = sum(v for v, _ in by["dgserve_vision_seconds_total"].values)
+    assert seconds > 0 and abs(seconds - engine.metrics.time_s["vision"]) < 1e-9

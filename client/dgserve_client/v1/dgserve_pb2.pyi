@@ -339,7 +339,7 @@ class Limits(_message.Message):
     def __init__(self, max_prompt_tokens: _Optional[int] = ..., context_length: _Optional[int] = ..., canvas_length: _Optional[int] = ..., max_request_bytes: _Optional[int] = ..., max_running_per_unit: _Optional[int] = ..., max_queued_per_unit: _Optional[int] = ..., max_request_s: _Optional[float] = ..., max_text_bytes: _Optional[int] = ..., max_step_rows: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("api_version", "server_version", "model_id", "model_revision", "topology", "limits", "sampler_defaults", "sampler_ranges", "vocab_size")
+    __slots__ = ("api_version", "server_version", "model_id", "model_revision", "topology", "limits", "sampler_defaults", "sampler_ranges", "vocab_size", "vision")
     API_VERSION_FIELD_NUMBER: _ClassVar[int]
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
@@ -349,6 +349,7 @@ class ModelInfo(_message.Message):
     SAMPLER_DEFAULTS_FIELD_NUMBER: _ClassVar[int]
     SAMPLER_RANGES_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    VISION_FIELD_NUMBER: _ClassVar[int]
     api_version: str
     server_version: str
     model_id: str
@@ -358,4 +359,23 @@ class ModelInfo(_message.Message):
     sampler_defaults: SamplerParams
     sampler_ranges: _containers.RepeatedCompositeFieldContainer[Range]
     vocab_size: int
-    def __init__(self, api_version: _Optional[str] = ..., server_version: _Optional[str] = ..., model_id: _Optional[str] = ..., model_revision: _Optional[str] = ..., topology: _Optional[_Union[Topology, _Mapping]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., sampler_defaults: _Optional[_Union[SamplerParams, _Mapping]] = ..., sampler_ranges: _Optional[_Iterable[_Union[Range, _Mapping]]] = ..., vocab_size: _Optional[int] = ...) -> None: ...
+    vision: Vision
+    def __init__(self, api_version: _Optional[str] = ..., server_version: _Optional[str] = ..., model_id: _Optional[str] = ..., model_revision: _Optional[str] = ..., topology: _Optional[_Union[Topology, _Mapping]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., sampler_defaults: _Optional[_Union[SamplerParams, _Mapping]] = ..., sampler_ranges: _Optional[_Iterable[_Union[Range, _Mapping]]] = ..., vocab_size: _Optional[int] = ..., vision: _Optional[_Union[Vision, _Mapping]] = ...) -> None: ...
+
+class Vision(_message.Message):
+    __slots__ = ("visual_token_budgets", "default_image_budget", "default_frame_budget", "max_frames", "max_media_parts", "max_media_bytes", "image_formats")
+    VISUAL_TOKEN_BUDGETS_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_IMAGE_BUDGET_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_FRAME_BUDGET_FIELD_NUMBER: _ClassVar[int]
+    MAX_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    MAX_MEDIA_PARTS_FIELD_NUMBER: _ClassVar[int]
+    MAX_MEDIA_BYTES_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FORMATS_FIELD_NUMBER: _ClassVar[int]
+    visual_token_budgets: _containers.RepeatedScalarFieldContainer[int]
+    default_image_budget: int
+    default_frame_budget: int
+    max_frames: int
+    max_media_parts: int
+    max_media_bytes: int
+    image_formats: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, visual_token_budgets: _Optional[_Iterable[int]] = ..., default_image_budget: _Optional[int] = ..., default_frame_budget: _Optional[int] = ..., max_frames: _Optional[int] = ..., max_media_parts: _Optional[int] = ..., max_media_bytes: _Optional[int] = ..., image_formats: _Optional[_Iterable[str]] = ...) -> None: ...

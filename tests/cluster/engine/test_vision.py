@@ -13,7 +13,7 @@ from dgserve.model.media import MediaItem, MediaProcessor
 from dgserve.model.tokenizer import chat_prompt_ids, load_tokenizer
 from tests.model.test_media import encoded
 
-from .conftest import make_engine, settings
+from .conftest import held_by_requests, make_engine, settings
 
 
 @pytest.fixture(scope="module")
@@ -118,3 +118,16 @@ def test_bad_media_is_refused_at_submit_naming_it(tiny, media):
     with pytest.raises(InputError, match="media\\[0\\]: a patch grid of 5001 x 5001") as e:
         engine.submit(EngineRequest(with_image, s, media=(huge,)))
     assert e.value.field == "media[0]"
+
+
+def test_a_requests_reservation_holds_its_image_rows(tiny, media):
+    tok, images, _ = media
+    r = request(tiny, tok, "Two pictures.", images[:2], 0)
+    engine = make_engine(tiny)
+    engine.submit(r)
+    engine.step()
+    n = sum(i.soft_tokens for i in images[:2])
+    assert held_by_requests(engine) == engine.sizes.request(len(r.prompt_ids), n)
+    assert engine.sizes.request(0, n) - engine.sizes.request(0) == n * tiny.config.text.hidden_size * 4  # float32
+    engine.run_until_idle()
+    assert held_by_requests(engine) == 0

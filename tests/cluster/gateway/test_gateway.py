@@ -224,7 +224,7 @@ def serve_stand_in(tiny_dir, unit: StandInUnit, calls, gw_extra: dict | None = N
     from dgserve.model.config import load_generation_defaults
 
     topo = parse_topology({"gateway": {"port": 0}, **topology})
-    gw = SimpleNamespace(topo=topo, unit=unit, tokenizer=None, limits=Limits(512, 32768, 32, 1024, 4096),
+    gw = SimpleNamespace(topo=topo, unit=unit, tokenizer=None, media=None, limits=Limits(512, 32768, 32, 1024, 4096),
                          defaults=load_generation_defaults(tiny_dir), pad=0, draining=False, inflight=Counter(),
                          caller=None, **(gw_extra or {}))
 

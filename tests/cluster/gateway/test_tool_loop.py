@@ -46,7 +46,7 @@ def test_the_tool_loop_runs_a_call_sends_its_result_and_returns_the_answer(tiny_
     unit = StandInUnit(lambda: scripted(tok, next(replies)))
     topo = parse_topology({"gateway": {"port": 0}})
     limits, defaults = Limits(512, 32768, 32, 1024, 4096), load_generation_defaults(tiny_dir)
-    gw = SimpleNamespace(topo=topo, unit=unit, tokenizer=tok, limits=limits, defaults=defaults, pad=0,
+    gw = SimpleNamespace(topo=topo, unit=unit, tokenizer=tok, media=None, limits=limits, defaults=defaults, pad=0,
                          draining=False, inflight=Counter(), caller=None, text=TextWorker(),
                          info=model_info(topo, load_model_config(tiny_dir), defaults, limits, "tiny", "test"))
     calls = []

@@ -121,3 +121,21 @@ def test_the_client_cli_sends_images(endpoint, tmp_path, local):
     _, tokens = expected(local, [{"role": "user", "content": [image(1), {"type": "text", "text": "What is this?"}]}],
                          seed=2)
     assert res["token_ids"] == tokens
+
+
+def test_model_info_says_what_images_the_endpoint_reads(endpoint, tiny_dir):
+    from dgserve.cluster.config import parse_topology
+    from dgserve.cluster.gateway.convert import limits_for, model_info
+    from dgserve.model.config import load_generation_defaults, load_model_config
+
+    from .conftest import MEDIA
+
+    address, _, _ = endpoint
+    with Client(address) as c:
+        v = c.info().vision
+    assert list(v.visual_token_budgets) == [70, 140, 280, 560, 1120]
+    assert (v.default_image_budget, v.default_frame_budget, v.max_frames) == (280, 70, 32)
+    assert v.max_media_bytes == MEDIA and list(v.image_formats) == ["PNG", "JPEG", "WEBP"] and v.max_media_parts
+    cfg = load_model_config(tiny_dir)
+    text_only = model_info(parse_topology({}), cfg, load_generation_defaults(tiny_dir), limits_for(cfg, 512), "m", "v")
+    assert not text_only.HasField("vision")
