@@ -23,6 +23,7 @@ import hashlib
 import io
 import json
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,9 +33,14 @@ import numpy as np
 from .errors import InputError
 
 BUDGETS = (70, 140, 280, 560, 1120)  # soft tokens per image the Gemma 4 processor supports
-FORMATS = ("PNG", "JPEG", "WEBP")
+FORMATS = ("PNG", "JPEG", "WEBP", "MPO")  # MPO: a phone's multi-picture JPEG (the first picture is read)
 MAX_PIXELS = 40_000_000  # larger images are refused before decoding (a decompression bomb costs no memory)
 MAX_FRAMES = 32  # per video, unless the checkpoint's video processor says otherwise
+
+
+# The image processor's pixel values are 8-bit codes times 1/255 (rescaled, not normalized): a float32 value is
+# exactly CODE_VALUES[code]. Patches travel as the codes (a quarter of the bytes) and become floats on the rank.
+CODE_VALUES = (np.arange(256, dtype=np.float64) * (1 / 255)).astype(np.float32)
 
 
 @dataclass(frozen=True)
@@ -42,7 +48,7 @@ class MediaItem:
     """One image or video frame, ready for the tower: patches without padding."""
 
     kind: str  # "image" | "frame"
-    pixels: np.ndarray  # [P, 3 * patch^2] float32
+    pixels: np.ndarray  # [P, 3 * patch^2]: uint8 codes (see CODE_VALUES) or float32 values
     positions: np.ndarray  # [P, 2] int64: (x, y)
     soft_tokens: int  # P / pooling^2: the placeholder count in the prompt
     digest: str  # sha256 of the source bytes and the budget (prefix-cache keys, logs)
@@ -50,6 +56,17 @@ class MediaItem:
     @property
     def nbytes(self) -> int:
         return self.pixels.nbytes + self.positions.nbytes
+
+    def values(self) -> np.ndarray:
+        """The processor's float32 pixel values [P, 3 * patch^2]."""
+        return CODE_VALUES[self.pixels] if self.pixels.dtype == np.uint8 else self.pixels
+
+
+def compact(pixels: np.ndarray) -> np.ndarray:
+    """float32 pixel values as their uint8 codes when that is exact (the processor only rescales), else as they
+    are (a processor config that normalizes)."""
+    codes = np.clip(np.rint(pixels * 255), 0, 255).astype(np.uint8)
+    return codes if np.array_equal(CODE_VALUES[codes], pixels) else np.ascontiguousarray(pixels, dtype=np.float32)
 
 
 @dataclass(frozen=True)
@@ -107,7 +124,7 @@ class MediaProcessor:
         pixels, positions = out["pixel_values"][0], out["image_position_ids"][0]
         keep = (positions >= 0).all(axis=-1)
         digest = hashlib.sha256(data + f"|{n}".encode()).hexdigest()
-        return MediaItem(kind, np.ascontiguousarray(pixels[keep], dtype=np.float32),
+        return MediaItem(kind, compact(np.asarray(pixels[keep], dtype=np.float32)),
                          np.ascontiguousarray(positions[keep], dtype=np.int64),
                          int(out["num_soft_tokens_per_image"][0]), digest)
 
@@ -148,15 +165,20 @@ def _read(path: Path) -> dict:
 
 
 def decode_image(data: bytes, where: str):
-    """A Pillow RGB image from PNG, JPEG or WebP bytes; anything else, or a truncated or huge image, is refused
-    naming `where`."""
+    """A Pillow image from PNG, JPEG or WebP bytes, read in full (the processor makes it RGB, compositing any
+    transparency onto white as the reference's pipeline does); anything else, or a truncated or huge image, is
+    refused naming `where`."""
     from PIL import Image, UnidentifiedImageError
 
     if not isinstance(data, bytes | bytearray) or not data:
         raise InputError(where, "is empty; expected PNG, JPEG or WebP bytes")
     try:
-        with Image.open(io.BytesIO(data)) as probe:
-            fmt, (w, h) = probe.format, probe.size
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as probe:
+                fmt, (w, h) = probe.format, probe.size
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise InputError(where, f"is too large an image (over {MAX_PIXELS:,} pixels)") from e
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise InputError(where, "is not a readable image; expected PNG, JPEG or WebP bytes") from e
     if fmt not in FORMATS:
@@ -168,23 +190,46 @@ def decode_image(data: bytes, where: str):
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.load()
-            return img.convert("RGB")
+            return img.copy()
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise InputError(where, f"could not be decoded ({e}); the {fmt} data is corrupt or truncated") from e
 
 
+def container_format(data: bytes) -> str | None:
+    """The demuxer for a video file's bytes, from its signature: MP4/MOV, Matroska/WebM or AVI (None: another).
+    Naming it keeps FFmpeg from probing formats that open other files or URLs (playlists)."""
+    if len(data) >= 12 and data[4:8] == b"ftyp":
+        return "mp4"
+    if data[:4] == b"\x1a\x45\xdf\xa3":
+        return "matroska"
+    if data[:4] == b"RIFF" and data[8:12] == b"AVI ":
+        return "avi"
+    return None
+
+
 def decode_video(data: bytes, where: str, fps: float, max_frames: int):
-    """Frames (Pillow RGB) sampled every 1/fps seconds from a video file, and their times in seconds."""
+    """Frames (Pillow RGB) sampled every 1/fps seconds from a video file, and their times in seconds. The frame
+    size and the sampled frame count are checked from the headers before anything is decoded."""
     import av
 
     if not data:
         raise InputError(where, "is empty; expected a video file")
+    fmt = container_format(data)
+    if fmt is None:
+        raise InputError(where, "could not be decoded as a video: expected MP4/MOV, Matroska/WebM or AVI")
     pictures, times, next_t = [], [], 0.0
     try:
-        with av.open(io.BytesIO(data)) as container:
+        with av.open(io.BytesIO(data), format=fmt) as container:
             if not container.streams.video:
                 raise InputError(where, "has no video stream")
             stream = container.streams.video[0]
+            w, h = stream.codec_context.width, stream.codec_context.height
+            if w * h > MAX_PIXELS:
+                raise InputError(where, f"has {w} x {h} frames; the limit is {MAX_PIXELS:,} pixels a frame")
+            seconds = container.duration / av.time_base if container.duration else None
+            if seconds is not None and math.ceil(seconds * fps - 1e-9) > max_frames:
+                raise InputError(where, f"is {seconds:.1f} s long: at {fps:g} frames a second that is more than "
+                                        f"{max_frames} frames, the limit a video: sample at a lower rate")
             for frame in container.decode(stream):
                 t = float(frame.pts * stream.time_base) if frame.pts is not None else len(times) / fps
                 if t + 1e-9 < next_t:
@@ -262,13 +307,15 @@ def check_media(ids: Sequence[int], items: Sequence[MediaItem], media_ids: froze
 
 def chunk_bounds(length: int, chunk: int, spans: Sequence[tuple[int, int]], start: int = 0) -> list[tuple[int, int]]:
     """[a, b) prefill chunks of at most `chunk` tokens from `start`, except that a chunk never ends inside a soft-token
-    run (its tokens see each other, so one pass must hold the whole run): such a chunk ends with the run."""
+    run (its tokens see each other, so one pass must hold the whole run): a chunk that would ends where the run
+    starts, and one that starts with a run longer than `chunk` holds the whole run. So a chunk is at most
+    max(chunk, the longest run) tokens."""
     out, a = [], start
     while a < length:
         b = min(a + chunk, length)
         for s, e in spans:
             if s < b < e:
-                b = e
+                b = s if s > a else e
         out.append((a, b))
         a = b
     return out

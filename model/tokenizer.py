@@ -21,7 +21,11 @@ def load_tokenizer(folder: str | Path):
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    return AutoTokenizer.from_pretrained(str(folder))
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    if "<|video|>" in tok.get_vocab() and "<|video|>" not in tok.all_special_tokens:
+        # as Gemma4Processor does: a released tokenizer may not mark it special, and it must stay one token
+        tok.add_special_tokens({"additional_special_tokens": ["<|video|>"]}, replace_extra_special_tokens=False)
+    return tok
 
 
 def chat_prompt_ids(tokenizer, text: str, *, system: str | None = None, enable_thinking: bool = False,

@@ -44,7 +44,7 @@ class ImagePatches:
 
 def as_patches(item) -> ImagePatches:
     """A processed image (model.media.MediaItem: numpy arrays) as tensors."""
-    return ImagePatches(torch.from_numpy(item.pixels), torch.from_numpy(item.positions))
+    return ImagePatches(torch.from_numpy(item.values()), torch.from_numpy(item.positions))
 
 
 @dataclass
@@ -169,8 +169,9 @@ class VisionTower:
         check_patches(self.vc, image, where)
 
     @torch.inference_mode()
-    def encode(self, images: list[ImagePatches]) -> list[torch.Tensor]:
-        """Soft-token rows per image [n_i, D], n_i = P_i / k^2, in the model dtype."""
+    def encode(self, images: list[ImagePatches], on_layer=None) -> list[torch.Tensor]:
+        """Soft-token rows per image [n_i, D], n_i = P_i / k^2, in the model dtype. `on_layer()` is called after
+        each layer (an engine's progress beat: its watchdog sees a long encode advancing)."""
         if not images:
             return []
         w, vc = self.weights, self.vc
@@ -180,10 +181,12 @@ class VisionTower:
         for im in images:
             bounds.append(bounds[-1] + im.num_patches)
         h = linear((2 * (pixels.float() - 0.5)).to(self.dtype), w.input_proj)
-        h = h + w.position_table[0][positions[:, 0]] + w.position_table[1][positions[:, 1]]
+        h = h + (w.position_table[0][positions[:, 0]] + w.position_table[1][positions[:, 1]])
         rope = axial_rope(vc, positions, self.dtype)
         for lw in w.layers:
             h = self._layer(lw, h, rope, bounds)
+            if on_layer is not None:
+                on_layer()
         pooled = [self._pool(h[a:b], positions[a:b]) for a, b in zip(bounds, bounds[1:], strict=False)]
         feats = torch.cat(pooled)
         if w.std_bias is not None:

@@ -51,7 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--video", action="append", type=Path, default=[],
                     help="a video file sent with the message, sampled on the server at --video-fps (repeatable)")
     ch.add_argument("--visual-budget", type=int, default=0,
-                    help="soft tokens an image (or video frame): 70 | 140 | 280 | 560 | 1120 (default: the server's)")
+                    help="soft tokens an image: 70 | 140 | 280 | 560 | 1120 (default: the server's, 280)")
+    ch.add_argument("--frame-budget", type=int, default=0,
+                    help="soft tokens a video frame, of the same five (default: the server's, 70)")
     ch.add_argument("--video-fps", type=float, default=0.0, help="frames a second of video (default: one)")
     for p in (g, ch):
         _call_args(p)
@@ -143,7 +145,7 @@ def _chat(c: Client, args, knobs: dict) -> int:
     content = args.message
     if args.image or args.video:  # images and videos first, then the message
         content = [{"type": "image", "path": p, "visual_token_budget": args.visual_budget} for p in args.image]
-        content += [{"type": "video", "path": p, "fps": args.video_fps, "visual_token_budget": args.visual_budget}
+        content += [{"type": "video", "path": p, "fps": args.video_fps, "visual_token_budget": args.frame_budget}
                     for p in args.video]
         content.append({"type": "text", "text": args.message})
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [

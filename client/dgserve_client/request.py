@@ -100,6 +100,8 @@ def content_part(part: dict) -> pb.ContentPart:
 
 def _bytes(part: dict) -> bytes:
     if part.get("data") is not None:
+        if not isinstance(part["data"], bytes | bytearray | memoryview):
+            raise ValueError(f"{part['type']}: data must be bytes, got {type(part['data']).__name__}")
         return bytes(part["data"])
     if part.get("path") is not None:
         from pathlib import Path

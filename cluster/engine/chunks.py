@@ -1,8 +1,9 @@
 """A prompt's prefill chunks: where each ends, and the key the prefix cache files it under.
 
 Chunks start at multiples of `prefill_chunk`, except that a chunk never ends inside an image's (or video frame's)
-soft tokens: those see each other both ways, so one pass holds them whole, and such a chunk ends with them (the
-next starts there). The bounds depend on the prompt alone, so a prompt is split the same way under any load. A
+soft tokens: those see each other both ways, so one pass holds them whole. A chunk that would ends where they
+start, and the next holds them (all of them, if they are more than `prefill_chunk`); chunks then go on in whole
+steps from there. The bounds depend on the prompt alone, so a prompt is split the same way under any load. A
 chunk's key is its token tuple and, when it holds soft tokens, the digests of their images: two prompts with the
 same placeholders and other pictures never share a cached prefix.
 """

@@ -369,7 +369,8 @@ class Executor:
         if self.model.vision is None:
             raise PlanError("a request holds images but this rank has no vision tower loaded")
         order = [(rid, k) for rid, ks in wanted.items() for k in ks]
-        out = self.model.vision.encode([as_patches(self.slots[rid].admit.media[k]) for rid, k in order])
+        out = self.model.vision.encode([as_patches(self.slots[rid].admit.media[k]) for rid, k in order],
+                                       self._progress.beat)
         for (rid, k), rows_MD in zip(order, out, strict=True):
             self.slots[rid].soft_rows[k] = rows_MD
 

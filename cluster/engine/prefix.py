@@ -1,7 +1,7 @@
 """The prefix cache's index: which prompt prefixes an attention rank holds, for whom, and what they cost.
 
 Entries are prompt-prefill states at chunk boundaries. Prompts are prefilled in chunks that start at multiples of
-`prefill_chunk` (driver.py; a chunk holding an image ends after it: chunks.py), so the chunks of a prompt form a
+`prefill_chunk` (driver.py; a chunk never ends inside an image: chunks.py), so the chunks of a prompt form a
 path in a tree: a node's key is the exact token tuple of one chunk (and the digests of the images in it), and an
 entry at depth j holds the cache after the first j chunks. A request whose first j chunks
 equal a stored path starts from that entry and prefills the rest with the very bounds it would have used anyway,

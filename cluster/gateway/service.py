@@ -137,7 +137,8 @@ class DGServeService(pb_grpc.DGServeServicer):
         limits = self.gw.limits
         if isinstance(request, pb.ChatRequest):
             text_ids, media = await self.gw.text.run(chat_prompt, self.gw.tokenizer, self.gw.media, request,
-                                                     limits.max_text_bytes, limits.max_prompt_tokens)
+                                                     limits.max_text_bytes, limits.max_prompt_tokens,
+                                                     limits.max_media_bytes)
             gen = pb.GenerateRequest(sampler=request.sampler)
             if request.HasField("seed"):
                 gen.seed = request.seed

@@ -65,7 +65,8 @@ def test_each_budget_bounds_the_soft_tokens_and_the_patches_are_a_grid(proc, fmt
     for budget in BUDGETS:
         item = proc.image(data, "image", budget)
         assert 0 < item.soft_tokens <= budget
-        assert item.pixels.shape == (9 * item.soft_tokens, 768) and item.pixels.dtype == np.float32
+        assert item.pixels.shape == (9 * item.soft_tokens, 768) and item.pixels.dtype == np.uint8  # codes travel
+        assert item.values().dtype == np.float32 and 0 <= item.values().min() <= item.values().max() <= 1
         xs, ys = item.positions[:, 0], item.positions[:, 1]
         assert (xs.max() + 1) * (ys.max() + 1) == item.pixels.shape[0]  # no padding rows left
         assert (xs.max() + 1) % 3 == 0 and (ys.max() + 1) % 3 == 0  # whole 3x3 cells for pooling
@@ -121,7 +122,7 @@ def test_a_video_file_is_sampled_at_the_stated_rate(proc, tmp_path):
     video = proc.video(data, "messages[0].content[0]", fps=2.0)
     assert video.timestamps == pytest.approx([0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0])
     assert all(f.soft_tokens <= 70 for f in video.frames)
-    with pytest.raises(InputError, match="more than 32 frames at 20 a second"):
+    with pytest.raises(InputError, match="is 3.5 s long: at 20 frames a second that is more than 32 frames"):
         proc.video(data, "v", fps=20)
     with pytest.raises(InputError, match="could not be decoded as a video"):
         proc.video(b"\x00" * 100, "v")
@@ -140,8 +141,9 @@ def test_spans_chunks_and_checks():
     img, vid = 9, 8
     ids = [1, img, img, img, 2, 3, vid, vid, 4, vid, vid, 5]
     assert media_spans(ids, frozenset({img, vid})) == [(1, 4), (6, 8), (9, 11)]
-    # a chunk never ends inside a run: it ends with it
-    assert chunk_bounds(12, 2, [(1, 4), (6, 8), (9, 11)]) == [(0, 4), (4, 6), (6, 8), (8, 11), (11, 12)]
+    # a chunk never ends inside a run: it ends where the run starts, and the next holds the run (whole, if longer)
+    assert chunk_bounds(12, 2, [(1, 4), (6, 8), (9, 11)]) == [(0, 1), (1, 4), (4, 6), (6, 8), (8, 9), (9, 11),
+                                                               (11, 12)]
     assert chunk_bounds(5, 10, []) == [(0, 5)]
 
     class Item:

@@ -66,6 +66,8 @@ def test_vision_features_match_for_images_of_several_sizes(pair):
     items = [proc.image(d, f"images[{i}]", 70) for i, d in enumerate(data)]
     assert len({i.soft_tokens for i in items}) >= 2  # several grids, so packing and pooling are exercised
     pixels, positions = reference_inputs(proc, items, data, 70)
+    for k, item in enumerate(items):  # the patches sent as 8-bit codes are the processor's values, bit for bit
+        assert torch.equal(torch.from_numpy(item.values()), pixels[k][(positions[k] >= 0).all(-1)])
     expected = ref.model.encoder.get_image_features(pixels, positions).pooler_output
     got = torch.cat(ck.model.vision.encode([as_patches(i) for i in items]))
     assert got.shape == expected.shape == (sum(i.soft_tokens for i in items), SPEC.hidden_size)

@@ -56,11 +56,11 @@ def _content(m: pb.ChatMessage, i: int):
     return out
 
 
-def chat_prompt(tokenizer, processor, msg: pb.ChatRequest, max_text_bytes: int,
-                max_tokens: int) -> tuple[list[int], tuple]:
+def chat_prompt(tokenizer, processor, msg: pb.ChatRequest, max_text_bytes: int, max_tokens: int,
+                max_media_bytes: int | None = None) -> tuple[list[int], tuple]:
     """The request's prompt ids and processed images (slow for long histories and big images: the gateway runs it
     off its event loop)."""
-    return prompt_of(tokenizer, processor, conversation_from(msg, max_text_bytes), max_tokens)
+    return prompt_of(tokenizer, processor, conversation_from(msg, max_text_bytes), max_tokens, max_media_bytes)
 
 
 def _calls(calls: list[ToolCall]) -> list[pb.ToolCall]:

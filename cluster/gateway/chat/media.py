@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from dgserve.model.errors import InputError
 
 MAX_MEDIA_PARTS = 32  # images and videos per request
+MAX_MEDIA_ITEMS = 128  # images and video frames per request
+MAX_MEDIA_TOKENS = 32_768  # their soft tokens per request (about 220 MB of patches at most)
 DETAIL = {"low": 70, "high": 1120, "auto": None}
 MEDIA_TYPES = ("image_url", "video_url", "image", "video")
 
@@ -112,16 +114,40 @@ def media_part(part: dict, where: str) -> MediaPart:
     raise InputError(f"{where}.type", f"{kind!r} is not one of text | {' | '.join(MEDIA_TYPES)}")
 
 
-def process(processor, parts: list[MediaPart]) -> list:
-    """Each part through the checkpoint's processor: an image -> MediaItem, a video -> Video (its frames)."""
+def check_parts(parts: list[MediaPart], max_media_bytes: int | None) -> None:
+    """Counts and bytes, before anything is decoded."""
     if len(parts) > MAX_MEDIA_PARTS:
         raise InputError("messages", f"{len(parts)} images and videos; the limit is {MAX_MEDIA_PARTS} a request")
-    out = []
+    items = sum(len(p.frames) if p.frames else 1 for p in parts)
+    if items > MAX_MEDIA_ITEMS:
+        raise InputError("messages", f"{items} images and video frames; the limit is {MAX_MEDIA_ITEMS} a request")
+    size = sum(len(p.data) + sum(len(f) for f in p.frames) for p in parts)
+    if max_media_bytes is not None and size > max_media_bytes:
+        raise InputError("messages", f"{size} bytes of images and videos exceed the limit of {max_media_bytes} "
+                                     "bytes (gateway.max_media_bytes)")
+
+
+def process(processor, parts: list[MediaPart], max_tokens: int | None = None,
+            max_media_bytes: int | None = None) -> list:
+    """Each part through the checkpoint's processor: an image -> MediaItem, a video -> Video (its frames). The
+    soft tokens and frames are counted as they come, so a request past a limit stops at once (its remaining parts
+    are never decoded)."""
+    check_parts(parts, max_media_bytes)
+    cap = MAX_MEDIA_TOKENS if max_tokens is None else min(MAX_MEDIA_TOKENS, max_tokens)
+    out, tokens, items = [], 0, 0
     for p in parts:
         if p.kind == "image":
-            out.append(processor.image(p.data, p.where, p.budget))
-        elif p.frames:
-            out.append(processor.frames(list(p.frames), p.where, p.budget, p.fps))
+            got = processor.image(p.data, p.where, p.budget)
+            tokens, items = tokens + got.soft_tokens, items + 1
         else:
-            out.append(processor.video(p.data, p.where, p.budget, p.fps or 1.0))
+            got = (processor.frames(list(p.frames), p.where, p.budget, p.fps) if p.frames
+                   else processor.video(p.data, p.where, p.budget, p.fps or 1.0))
+            tokens, items = tokens + sum(f.soft_tokens for f in got.frames), items + len(got.frames)
+        if tokens > cap:
+            raise InputError(p.where, f"brings the images' and videos' soft tokens to {tokens}, past the limit of "
+                                      f"{cap} a request; use a smaller visual_token_budget or fewer frames")
+        if items > MAX_MEDIA_ITEMS:
+            raise InputError(p.where, f"brings the images and video frames to {items}, past the limit of "
+                                      f"{MAX_MEDIA_ITEMS} a request")
+        out.append(got)
     return out

@@ -22,6 +22,7 @@ from .media import MEDIA_TYPES, MediaPart, media_part, process
 from .reply import THOUGHT_CLOSE, THOUGHT_OPEN, ToolCall
 
 ROLES = ("system", "user", "assistant", "tool")
+MEDIA_PAYLOAD = ("image_url", "video_url", "data", "frames")  # a media part's encoded bytes, not text
 NAME = re.compile(r"[A-Za-z0-9_\-\.]{1,64}")
 MAX_TOOLS = 128
 
@@ -180,8 +181,8 @@ def text_chars(value) -> int:
     and video parts are not text (their size is bounded by the message limit)."""
     if isinstance(value, str):
         return len(value)
-    if isinstance(value, dict) and value.get("type") in MEDIA_TYPES:
-        return 0
+    if isinstance(value, dict) and value.get("type") in MEDIA_TYPES and "role" not in value:
+        return sum(len(k) + text_chars(v) for k, v in value.items() if k not in MEDIA_PAYLOAD)
     if isinstance(value, dict):
         return sum(len(k) + text_chars(v) for k, v in value.items())
     if isinstance(value, list):
@@ -262,12 +263,13 @@ def render_ids(tokenizer, conv: Conversation, max_tokens: int | None = None, med
     return ids
 
 
-def prompt_of(tokenizer, processor, conv: Conversation, max_tokens: int | None = None) -> tuple[list[int], tuple]:
+def prompt_of(tokenizer, processor, conv: Conversation, max_tokens: int | None = None,
+              max_media_bytes: int | None = None) -> tuple[list[int], tuple]:
     """The prompt ids and the engine's media (every image, then each video's frames, in prompt order)."""
     parts = conv.media()
     if parts and processor is None:
         raise InputError(parts[0].where, "this endpoint's checkpoint cannot read images (no vision tower)")
-    processed = process(processor, parts) if parts else []
+    processed = process(processor, parts, max_tokens, max_media_bytes) if parts else []
     ids = render_ids(tokenizer, conv, max_tokens, processed)
     flat = []
     for m in processed:

@@ -32,15 +32,16 @@ from .schema import ChatCompletionRequest, CompletionRequest, Request
 log = logging.getLogger("dgserve.http")
 
 
-def render_chat(tokenizer, processor, body: ChatCompletionRequest, max_text_bytes: int,
-                max_tokens: int) -> tuple[list[int], tuple]:
+def render_chat(tokenizer, processor, body: ChatCompletionRequest, max_text_bytes: int, max_tokens: int,
+                max_media_bytes: int | None = None) -> tuple[list[int], tuple]:
     """The chat core on an OpenAI body: OpenAI's `developer` role is the system role; with tool_choice "none" the
     tools are not shown to the model. Returns the prompt ids and the processed images and frames."""
     tools = None if body.tool_choice == "none" else body.tools
     check_size(body.messages, tools, max_text_bytes)
     messages = [{**m, "role": "system"} if isinstance(m, dict) and m.get("role") == "developer" else m
                 for m in body.messages]
-    return prompt_of(tokenizer, processor, parse_conversation(messages, tools, body.thinking), max_tokens)
+    return prompt_of(tokenizer, processor, parse_conversation(messages, tools, body.thinking), max_tokens,
+                     max_media_bytes)
 
 
 def encode_text(tokenizer, text: str) -> list[int]:
@@ -98,7 +99,7 @@ class OpenAIService:
         try:
             if isinstance(body, ChatCompletionRequest):
                 ids, media = await self.text.run(render_chat, f.tokenizer, f.media, body, limits.max_text_bytes,
-                                                 limits.max_prompt_tokens)
+                                                 limits.max_prompt_tokens, limits.max_media_bytes)
                 return self._request(body, rid, tenant, ids, media=media)
             if isinstance(body.prompt, str):
                 check_text(body.prompt, limits, "prompt")

@@ -65,10 +65,11 @@ def test_a_chunk_never_ends_inside_an_image_and_batching_keeps_the_tokens(tiny, 
     ids = list(r.prompt_ids)
     start = ids.index(tiny.config.image_token_id)
     stop = start + images[3].soft_tokens
-    assert start % 16 and stop % 16  # the image's soft tokens start and end mid-chunk
-    assert not any(start < b < stop for _, b in segments)  # no chunk ends inside them ...
-    assert any(a < start and b == stop for a, b in segments)  # ... the one holding them ends with them
-    assert all((a - stop if a >= stop else a) % 16 == 0 for a, _ in segments)  # whole chunks on either side
+    assert start % 16 and stop % 16 and stop - start > 16  # the image starts and ends mid-chunk, and is longer
+    assert not any(start < b < stop for _, b in segments)  # no chunk ends inside its soft tokens ...
+    assert any(b == start for _, b in segments)  # ... the one before ends where they start ...
+    assert (start, stop) in segments  # ... and the next holds all of them
+    assert all(a % 16 == 0 if a < start else (a - stop) % 16 == 0 for a, _ in segments if a != start)
     solo = list(stream.result(0).token_ids)
     batched_engine = make_engine(tiny, prefill_chunk=16, max_prefill_tokens=64, prefix_cache=False, max_running=3)
     others = [request(tiny, tok, "Another question.", [], 6), request(tiny, tok, "And one with a picture.",
@@ -92,7 +93,7 @@ def test_the_prefix_cache_keys_hold_the_images(tiny, media):
         got[name] = s.result(0)
     start = list(first.prompt_ids).index(tiny.config.image_token_id)
     assert got["same"].stats.cached_tokens == len(first.prompt_ids)  # the same picture: all of it
-    assert got["other"].stats.cached_tokens == start - start % 16  # the chunks before the picture only
+    assert got["other"].stats.cached_tokens == start  # the text before the picture (a chunk ends where it starts)
     off = make_engine(tiny, prefill_chunk=16, max_prefill_tokens=64, prefix_cache=False)
     for name, r in (("same", same), ("other", other)):
         s = off.submit(r)

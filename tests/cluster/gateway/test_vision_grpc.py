@@ -135,7 +135,7 @@ def test_model_info_says_what_images_the_endpoint_reads(endpoint, tiny_dir):
         v = c.info().vision
     assert list(v.visual_token_budgets) == [70, 140, 280, 560, 1120]
     assert (v.default_image_budget, v.default_frame_budget, v.max_frames) == (280, 70, 32)
-    assert v.max_media_bytes == MEDIA and list(v.image_formats) == ["PNG", "JPEG", "WEBP"] and v.max_media_parts
+    assert v.max_media_bytes == MEDIA and list(v.image_formats) == ["PNG", "JPEG", "WEBP", "MPO"] and v.max_media_parts
     cfg = load_model_config(tiny_dir)
     text_only = model_info(parse_topology({}), cfg, load_generation_defaults(tiny_dir), limits_for(cfg, 512), "m", "v")
     assert not text_only.HasField("vision")
