@@ -89,4 +89,6 @@ def test_transformers_loads_it_and_generates_the_same_tokens(tiny_dir):
     expected, _ = reference_generate(ref, prompt, 4, max_new_tokens=40, max_denoising_steps=10)
     got = generate(ck.model, prompt, SamplerSettings.from_defaults(ck.generation, max_new_tokens=40,
                                                                    max_denoising_steps=10), seed=4)
-    assert got.token_ids == expected and len(expected) == 64
+    # At least one whole block; whether the sampler draws EOS in the first block depends on the CPU's float
+    # rounding (this seed stopped after one block on one CI machine and ran two on another): the tokens must match.
+    assert got.token_ids == expected and len(expected) in (32, 64)
