@@ -82,7 +82,7 @@ def _start_serve(http: dict | None) -> None:
 
 def start_local(num_cpus: int = 8, metrics_interval_s: float | None = None, temp_dir: str | None = None,
                 metrics_port: int | None = None, token_file: str | Path | None = None,
-                http: dict | None = None) -> None:
+                http: dict | None = None, resources: dict[str, float] | None = None) -> None:
     """Start a local Ray instance and Serve: with `http` (`http_options(topology)`), Serve's HTTP proxy on the head
     node serves the OpenAI-compatible API; without it there is no proxy (units are reached through handles).
 
@@ -91,6 +91,7 @@ def start_local(num_cpus: int = 8, metrics_interval_s: float | None = None, temp
     it also requires Ray's token, against other users of this machine.
     `metrics_interval_s` sets how often replicas and handles push autoscaling metrics (Ray reads it at start).
     `metrics_port`: Prometheus metrics (dgserve's and Ray's) at http://127.0.0.1:PORT/metrics.
+    `resources`: custom Ray resources of the node (as the Helm chart's gateway pods offer dgserve_gateway).
     """
     global _started_here
     if not ray.is_initialized():  # a connected driver's auth mode is never switched under it
@@ -104,7 +105,8 @@ def start_local(num_cpus: int = 8, metrics_interval_s: float | None = None, temp
     if not ray.is_initialized():
         extra = {"_metrics_export_port": metrics_port} if metrics_port else {}
         with ray_security.loopback_node(), ray_security.private_umask():
-            ray.init(num_cpus=num_cpus, object_store_memory=OBJECT_STORE_BYTES, include_dashboard=False,
+            ray.init(num_cpus=num_cpus, resources=resources, object_store_memory=OBJECT_STORE_BYTES,
+                     include_dashboard=False,
                      _temp_dir=str(temp), log_to_driver=False, _node_ip_address=ray_security.LOOPBACK,
                      runtime_env={"worker_process_setup_hook": LOOPBACK_WORKER_HOOK}, **extra)
         _started_here = True

@@ -98,6 +98,14 @@ class GatewaySettings:
     tls_key_file: str | None = None
     tls_client_ca_file: str | None = None
     insecure_remote: bool = False  # plaintext on a non-loopback host (e.g. behind a mesh that terminates TLS)
+    # Gateway replicas (at most one per Ray node: each binds `port`). `ray_resources` are custom Ray resources each
+    # replica takes, so they land only on nodes offering them (the Helm chart's `gateway` worker group gives each
+    # pod one, which places one gateway per pod, on pods its gRPC Service selects).
+    replicas: int = 1
+    ray_resources: dict[str, float] = field(default_factory=dict)
+    # A file whose appearance makes this node's gateway drain (stop taking calls, let in-flight ones finish within
+    # grace_s), then write `<drain_file>.done`: a pod's preStop hook (`dgserve drain-pod`) touches it.
+    drain_file: str | None = None
 
     @property
     def tls(self) -> bool:
@@ -121,6 +129,8 @@ class HttpSettings:
     route_prefix: str = "/"  # the routes are {route_prefix}/v1/chat/completions, ... ("/": /v1/...)
     served_model_name: str | None = None  # the `model` clients send; None: `model`, or "dgserve/tiny"
     request_timeout_s: float | None = None  # the proxy's timeout per request (None: serve.max_request_s)
+    replicas: int = 1  # the HTTP ingress deployment's replicas (Serve's proxies route to them from every node)
+    ray_resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources each ingress replica takes
 
 
 @dataclass(frozen=True)
@@ -191,6 +201,11 @@ class Topology:
         return asdict(self)
 
 
+def actor_options(cpus: float, resources: dict[str, float]) -> dict:
+    """A front replica's Ray options: its CPUs, and the custom resources that place it (e.g. one per pod)."""
+    return {"num_cpus": cpus} | ({"resources": dict(resources)} if resources else {})
+
+
 def parse_topology(raw: dict | None) -> Topology:
     top = _section(raw or {}, "", {f.name for f in fields(Topology)})
     kw: dict = {}
@@ -252,15 +267,17 @@ def _gateway(raw) -> GatewaySettings:
         "max_media_bytes": (lambda v: v is None or (is_int(v) and 0 <= v <= 2**30),
                             "null or an integer in 0..1073741824"),
         "insecure_remote": (lambda v: isinstance(v, bool), "true or false"),
+        "replicas": (lambda v: is_int(v) and 1 <= v <= 1000, "an integer in 1..1000"),
+        "ray_resources": (_ray_resources_ok, RAY_RESOURCES_ALLOWED),
     }
-    for key in ("api_keys_file", "tls_cert_file", "tls_key_file", "tls_client_ca_file"):
+    for key in ("api_keys_file", "drain_file", "tls_cert_file", "tls_key_file", "tls_client_ca_file"):
         checks[key] = (lambda v: v is None or (isinstance(v, str) and v != ""), "null or a file path")
     checks["api_keys_env"] = (lambda v: v is None or (isinstance(v, str) and v.replace("_", "").isalnum()),
                               "null or an environment variable name")
     for key, value in g.items():
         ok, allowed = checks[key]
         _need(f"gateway.{key}", value, ok(value), allowed)
-    out = GatewaySettings(**g)
+    out = GatewaySettings(**{**g, "ray_resources": {k: float(n) for k, n in g.get("ray_resources", {}).items()}})
     _need("gateway.tls_key_file", out.tls_key_file, (out.tls_cert_file is None) == (out.tls_key_file is None),
           "set together with gateway.tls_cert_file (a certificate and its private key)")
     _need("gateway.tls_client_ca_file", out.tls_client_ca_file, out.tls_client_ca_file is None or out.tls,
@@ -270,6 +287,15 @@ def _gateway(raw) -> GatewaySettings:
           "tls_key_file to listen on another address, or gateway.insecure_remote: true for plaintext behind a "
           "proxy or mesh that terminates TLS")
     return out
+
+
+RAY_RESOURCES_ALLOWED = "a mapping of custom Ray resource names (not CPU, GPU or memory) to numbers in (0, 1000]"
+
+
+def _ray_resources_ok(v) -> bool:
+    return isinstance(v, dict) and all(
+        isinstance(k, str) and k != "" and k not in ("CPU", "GPU", "memory", "object_store_memory")
+        and is_number(n) and 0 < n <= 1000 for k, n in v.items())
 
 
 def _http(raw, gateway: GatewaySettings) -> HttpSettings:
@@ -284,11 +310,13 @@ def _http(raw, gateway: GatewaySettings) -> HttpSettings:
         "served_model_name": (lambda v: v is None or (isinstance(v, str) and 0 < len(v) <= 256 and v.isprintable()),
                               "null or a printable string of 1..256 characters"),
         "request_timeout_s": (lambda v: v is None or (is_number(v) and v > 0), "null or a number of seconds > 0"),
+        "replicas": (lambda v: is_int(v) and 1 <= v <= 1000, "an integer in 1..1000"),
+        "ray_resources": (_ray_resources_ok, RAY_RESOURCES_ALLOWED),
     }
     for key, value in h.items():
         ok, allowed = checks[key]
         _need(f"http.{key}", value, ok(value), allowed)
-    out = HttpSettings(**h)
+    out = HttpSettings(**{**h, "ray_resources": {k: float(n) for k, n in h.get("ray_resources", {}).items()}})
     if out.enabled:
         _need("http.host", out.host, out.host in LOOPBACK_HOSTS or gateway.tls or gateway.insecure_remote,
               f"a loopback address ({', '.join(LOOPBACK_HOSTS[:3])}) without TLS: set gateway.tls_cert_file and "
@@ -318,6 +346,8 @@ def _profile_ranks(profile: str, experts: int) -> None:
 
 
 def _expert_map(raw, experts: int) -> dict[int, list[int]]:
+    if isinstance(raw, dict):  # keys may come as strings from JSON or a Helm-rendered file: "0" is rank 0
+        raw = {int(k) if isinstance(k, str) and k.isdigit() else k: v for k, v in raw.items()}
     _need("expert_map", raw, isinstance(raw, dict) and sorted(raw) == list(range(experts)) and experts > 0,
           f"a mapping with one key per expert rank 0..{experts - 1} (expert_ranks: {experts})")
     for rank, ids in raw.items():

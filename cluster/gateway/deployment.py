@@ -15,7 +15,7 @@ from collections import Counter
 import ray
 from ray import serve
 
-from ..config import Topology, topology_from_dict
+from ..config import Topology, actor_options, topology_from_dict
 from ..engine.events import Finished
 from ..messages import GenerateRequest
 from ..units import unit_deployment
@@ -55,6 +55,10 @@ class Gateway:
                                                                  self.limits.max_request_bytes)
         log.info("gateway listening on %s:%d (NOT_SERVING until warm)", self.topo.gateway.host, self.port)
         self._warm = asyncio.create_task(self._watch_units())
+        if self.topo.gateway.drain_file:  # a pod's preStop hook asks for a drain through this file
+            from ..drain import watch
+
+            self._drain_watch = asyncio.create_task(watch(self.topo.gateway.drain_file, self.drain))
 
     async def _watch_units(self) -> None:
         """Warm up, then keep health equal to the probe's verdict until the gateway drains."""
@@ -150,7 +154,8 @@ def gateway_app(topo: Topology):
     Serve's HTTP proxy mounts it."""
     units = unit_deployment(topo).bind(topo.to_dict())
     gw = serve.deployment(Gateway).options(
-        name="Gateway", ray_actor_options={"num_cpus": GATEWAY_CPUS}, max_replicas_per_node=1, num_replicas=1,
+        name="Gateway", ray_actor_options=actor_options(GATEWAY_CPUS, topo.gateway.ray_resources),
+        max_replicas_per_node=1, num_replicas=topo.gateway.replicas,
         max_ongoing_requests=100, graceful_shutdown_timeout_s=topo.gateway.grace_s + 5,
         health_check_period_s=topo.serve.health_check_period_s).bind(units, topo.to_dict())
     if not topo.http.enabled:

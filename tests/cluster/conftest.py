@@ -11,7 +11,8 @@ def ray_cluster(tmp_path_factory):
 
     api.metrics_port, api.test_http_port = api.free_port(), api.free_port()
     api.start_local(num_cpus=8, metrics_interval_s=0.5, temp_dir="/tmp/dgray-tests", metrics_port=api.metrics_port,
-                    http={"host": "127.0.0.1", "port": api.test_http_port})
+                    http={"host": "127.0.0.1", "port": api.test_http_port},
+                    resources={"dgserve_gateway": 2, "dgserve_http": 2})  # what the Helm chart's gateway pods offer
     yield api
     api.shutdown()
 

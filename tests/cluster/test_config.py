@@ -93,6 +93,10 @@ def test_the_wait_queue_bound_is_configurable():
     ({"gateway": {"probe_period_s": 0}}, "gateway.probe_period_s", "0.1..60"),
     ({"profile": "packed", "expert_ranks": 2, "expert_map": {0: [1]}}, "expert_map", "one key per expert rank"),
     ({"profile": "packed", "expert_ranks": 1, "expert_map": {0: []}}, "expert_map.0", "non-empty list"),
+    ({"gateway": {"replicas": 0}}, "gateway.replicas", "1..1000"),
+    ({"gateway": {"ray_resources": {"GPU": 1}}}, "gateway.ray_resources", "custom Ray resource"),
+    ({"http": {"ray_resources": {"dgserve_http": 0}}}, "http.ray_resources", "(0, 1000]"),
+    ({"gateway": {"drain_file": ""}}, "gateway.drain_file", "a file path"),
     ({"modle": "x"}, "modle", "a key in"),
     ([1, 2], "", "a mapping"),
 ])
@@ -144,3 +148,18 @@ def test_an_explicit_expert_map_is_checked_against_the_checkpoint_before_deployi
     bad = parse_topology({"profile": "packed", "expert_ranks": 2, "expert_map": {0: [0, 1], 1: [2, 3]}})
     with pytest.raises(ConfigError, match="on none"):
         unit_deployment(bad)
+
+
+def test_front_replicas_are_placed_by_their_custom_resources():
+    from dgserve.cluster.gateway.deployment import gateway_app
+
+    topo = parse_topology({"gateway": {"replicas": 3, "ray_resources": {"dgserve_gateway": 1}},
+                           "http": {"replicas": 2, "ray_resources": {"dgserve_http": 1}}})
+    ingress = gateway_app(topo)
+    gateway = ingress._bound_deployment.init_args[1]  # OpenAIIngress(units, gateway, topology)
+    assert ingress._bound_deployment.num_replicas == 2
+    assert ingress._bound_deployment.ray_actor_options["resources"] == {"dgserve_http": 1.0}
+    assert gateway._bound_deployment.num_replicas == 3
+    assert gateway._bound_deployment.ray_actor_options["resources"] == {"dgserve_gateway": 1.0}
+    plain = gateway_app(parse_topology({"http": {"enabled": False}}))
+    assert plain._bound_deployment.num_replicas == 1 and "resources" not in plain._bound_deployment.ray_actor_options

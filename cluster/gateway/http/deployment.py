@@ -9,7 +9,7 @@ import logging
 
 from ray import serve
 
-from ...config import topology_from_dict
+from ...config import actor_options, topology_from_dict
 from ..front import load_front
 from ..security import ApiKeys
 from .app import make_app
@@ -49,9 +49,11 @@ class OpenAIIngress:
         return {"failed": left}
 
 
+
 def http_app(topo, units, gateway):
     """The ingress bound to the units and the gateway (which keeps serving gRPC beside it)."""
     return serve.deployment(OpenAIIngress).options(
-        name="OpenAI", ray_actor_options={"num_cpus": INGRESS_CPUS}, num_replicas=1, max_ongoing_requests=1000,
+        name="OpenAI", ray_actor_options=actor_options(INGRESS_CPUS, topo.http.ray_resources),
+        num_replicas=topo.http.replicas, max_ongoing_requests=1000,
         graceful_shutdown_timeout_s=topo.gateway.grace_s + 5,
         health_check_period_s=topo.serve.health_check_period_s).bind(units, gateway, topo.to_dict())
