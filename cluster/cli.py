@@ -101,6 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="Ray's token authentication with the token in this file (e.g. a mounted Kubernetes Secret; "
                          "default: Ray's own RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN, if set). The driver presents it "
                          "to a joined cluster; a local cluster requires it")
+    dp = sub.add_parser("drain-pod", help="a Kubernetes preStop hook: drain this pod's gateway and/or Ray node")
+    dp.add_argument("--grace", type=float, required=True, help="seconds the drain may take (under the pod's "
+                                                               "terminationGracePeriodSeconds)")
+    dp.add_argument("--gateway-file", help="the topology's gateway.drain_file: the gateway here drains when it "
+                                           "appears, and this waits for its report")
+    dp.add_argument("--ray", action="store_true", help="drain this Ray node (Serve moves its replicas away "
+                                                       "gracefully) and wait for its Serve replicas to leave")
     return ap
 
 
@@ -248,6 +255,12 @@ def main(argv: list[str] | None = None) -> int:
             from dgserve.cluster.serve import run
 
             return run(args)
+        if args.command == "drain-pod":
+            from dgserve.cluster.drain import drain_pod
+
+            for line in drain_pod(args.grace, args.gateway_file, args.ray):
+                print(line, flush=True)
+            return 0
         if args.command == "make-tiny":
             from dgserve.model.tiny import make_tiny
 

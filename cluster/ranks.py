@@ -81,6 +81,9 @@ class RankActor:
             from .experts.selftest import STARTUP_SIZES, sweep
 
             self.all_to_all = sweep(list(STARTUP_SIZES), device=torch.device("cuda") if backend == "nccl" else None)
+            if self.rank == 0:
+                log.info("all-to-all self-test (%s, %d ranks): %s", backend, self.topo.world, ", ".join(
+                    f"{r['bytes']} B {r['busbw_gbs']:.2f} GB/s" for r in self.all_to_all))
         if self.rank >= self.topo.attention_ranks:
             folder = self._start_expert_rank(control, store)
         else:

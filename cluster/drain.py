@@ -1,0 +1,100 @@
+"""A pod's drain before Kubernetes stops it (the Helm chart's preStop hook runs `dgserve drain-pod`).
+
+Two parts, both bounded by the pod's grace period:
+- the gateway on this pod (if any) drains through a file: the hook creates `gateway.drain_file`, the gateway sees it
+  (it polls), stops taking calls (health NOT_SERVING, so the gRPC Service drops the pod), lets in-flight calls
+  finish within `gateway.grace_s`, and writes `<drain_file>.done` with what it had to fail; the hook waits for it;
+- with `--ray`, Ray drains this node (`ray drain-node`, reason preemption, with the deadline): Serve starts the
+  node's replicas elsewhere and stops these ones gracefully (their `graceful_shutdown_timeout_s`), which is how an
+  engine unit's requests finish before its pod goes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+
+def done_path(path: str | Path) -> Path:
+    p = Path(path)
+    return p.with_name(p.name + ".done")
+
+
+async def watch(path: str | Path, drain: Callable[[], Awaitable[dict]], period_s: float = 0.5) -> dict:
+    """Wait for the drain file, then drain and write the `.done` file (the gateway's side)."""
+    p = Path(path)
+    while not p.exists():
+        await asyncio.sleep(period_s)
+    left = await drain()
+    done_path(p).write_text(json.dumps({"failed": list(left.get("failed", []))}))
+    return left
+
+
+def request(path: str | Path, wait_s: float, period_s: float = 0.2) -> dict | None:
+    """Create the drain file and wait up to `wait_s` for the gateway's `.done` (the hook's side); None when none
+    came (no gateway on this pod, or it did not finish in time)."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    done = done_path(p)
+    done.unlink(missing_ok=True)
+    p.touch()
+    deadline = time.monotonic() + wait_s
+    while True:
+        if done.exists():
+            return json.loads(done.read_text())
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(period_s)
+
+
+def ray_drain_command(deadline_s: int) -> list[str]:
+    return ["ray", "drain-node", "--reason", "DRAIN_NODE_REASON_PREEMPTION", "--reason-message",
+            "dgserve drain-pod: the pod is stopping", "--deadline-remaining-seconds", str(int(deadline_s))]
+
+
+def serve_replicas_here() -> int:
+    """Serve replicas alive on this pod's Ray node (as a driver on the local node)."""
+    import ray
+    from ray.util.state import list_actors
+
+    if not ray.is_initialized():
+        ray.init(address="auto", log_to_driver=False, logging_level="ERROR")
+    node = ray.get_runtime_context().get_node_id()
+    actors = list_actors(filters=[("node_id", "=", node), ("state", "=", "ALIVE")], limit=10_000)
+    return sum(1 for a in actors if a.class_name.startswith("ServeReplica"))
+
+
+def drain_pod(grace_s: float, gateway_file: str | None, ray: bool,
+              run: Callable[[list[str]], int] = lambda cmd: subprocess.call(cmd, timeout=30),
+              replicas_here: Callable[[], int] = serve_replicas_here, period_s: float = 1.0) -> list[str]:
+    """The preStop hook: returns the lines it reports. Never raises: a pod must stop whatever happens here."""
+    t0 = time.monotonic()
+    lines = []
+    if ray:
+        rc = run(ray_drain_command(grace_s))
+        if rc != 0:
+            lines.append(f"ray drain-node failed (exit {rc}); the node's replicas stop with the pod")
+        else:
+            left = _wait_replicas(replicas_here, t0 + grace_s, period_s)
+            lines.append("ray: this node's Serve replicas moved away" if left == 0 else
+                         f"ray: {left} Serve replica(s) still here at the deadline")
+    if gateway_file:
+        left = request(gateway_file, max(0.0, grace_s - (time.monotonic() - t0)))
+        lines.append("gateway: no drain report (no gateway on this pod, or it did not finish)" if left is None
+                     else f"gateway drained: {len(left['failed'])} request(s) failed with UNAVAILABLE")
+    return lines
+
+
+def _wait_replicas(replicas_here: Callable[[], int], deadline: float, period_s: float) -> int | str:
+    while True:
+        try:
+            n = replicas_here()
+        except Exception as e:  # Ray is going away under us: nothing more to wait for
+            return f"unknown ({type(e).__name__})"
+        if n == 0 or time.monotonic() >= deadline:
+            return n
+        time.sleep(period_s)

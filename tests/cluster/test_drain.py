@@ -1,0 +1,68 @@
+"""A pod's preStop drain (cluster/drain.py, `dgserve drain-pod`): the gateway drains when its file appears and
+reports; the hook waits for the report, asks Ray to drain the node and waits for its Serve replicas to leave, and
+never outlives its grace period."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+
+from dgserve.cluster.cli import main
+from dgserve.cluster.drain import done_path, drain_pod, ray_drain_command, request, watch
+
+
+def test_the_gateway_drains_when_the_file_appears_and_reports_what_failed(tmp_path):
+    path = tmp_path / "drain"
+    calls = []
+
+    async def drain():
+        calls.append(time.monotonic())
+        return {"failed": ["r7"]}
+
+    async def scenario():
+        task = asyncio.create_task(watch(path, drain, period_s=0.01))
+        await asyncio.sleep(0.1)
+        assert not calls and not task.done()  # no file: no drain
+        report = await asyncio.to_thread(request, path, 5.0, 0.01)
+        return await task, report
+
+    left, report = asyncio.run(scenario())
+    assert len(calls) == 1 and left == {"failed": ["r7"]} and report == {"failed": ["r7"]}
+    assert json.loads(done_path(path).read_text()) == {"failed": ["r7"]}
+
+
+def test_a_stale_report_is_not_taken_and_no_gateway_means_no_report_within_the_grace(tmp_path):
+    path = tmp_path / "sub" / "drain"
+    path.parent.mkdir()
+    done_path(path).write_text('{"failed": []}')  # from an earlier drain
+    t0 = time.monotonic()
+    assert request(path, 0.3, 0.01) is None and path.exists()
+    assert 0.3 <= time.monotonic() - t0 < 2
+
+
+def test_the_hook_drains_the_ray_node_then_waits_for_its_replicas_to_leave(tmp_path):
+    ran, left = [], iter([2, 1, 0])
+    lines = drain_pod(30, None, True, run=lambda cmd: ran.append(cmd) or 0, replicas_here=lambda: next(left),
+                      period_s=0.01)
+    assert ran == [ray_drain_command(30)] and "--deadline-remaining-seconds" in ran[0]
+    assert lines == ["ray: this node's Serve replicas moved away"]
+    t0 = time.monotonic()
+    lines = drain_pod(0.2, None, True, run=lambda cmd: 0, replicas_here=lambda: 3, period_s=0.01)
+    assert lines == ["ray: 3 Serve replica(s) still here at the deadline"] and time.monotonic() - t0 < 2
+    assert drain_pod(5, None, True, run=lambda cmd: 1) == [
+        "ray drain-node failed (exit 1); the node's replicas stop with the pod"]
+
+
+def test_the_cli_hook_waits_for_the_gateway_report(tmp_path, capsys):
+    path = tmp_path / "drain"
+
+    def gateway():
+        while not path.exists():
+            time.sleep(0.01)
+        done_path(path).write_text('{"failed": ["a", "b"]}')
+
+    threading.Thread(target=gateway, daemon=True).start()
+    assert main(["drain-pod", "--grace", "5", "--gateway-file", str(path)]) == 0
+    assert "gateway drained: 2 request(s) failed with UNAVAILABLE" in capsys.readouterr().out
