@@ -3,7 +3,7 @@
     applications:
       - name: dgserve
         import_path: dgserve.cluster.app:build
-        route_prefix: /              # the topology's http.route_prefix (none with http.enabled false)
+        route_prefix: /              # the topology's http.route_prefix (null with http.enabled false)
         args: {topology: {...}}      # the project's own topology config (cluster/config.py)
 
 Serve calls `build` with `args` checked against `AppArgs` (unknown keys refused); the topology is then checked by
@@ -36,6 +36,5 @@ def serve_application(topology: dict, name: str = "dgserve") -> dict:
     """The serveConfigV2 application entry for a topology (what the chart renders)."""
     topo = parse_topology(topology)
     app = {"name": name, "import_path": IMPORT_PATH, "args": {"topology": topology}}
-    if topo.http.enabled:
-        app["route_prefix"] = topo.http.route_prefix
+    app["route_prefix"] = topo.http.route_prefix if topo.http.enabled else None  # None: no HTTP route
     return app

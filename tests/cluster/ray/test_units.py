@@ -282,7 +282,7 @@ def test_unit_metrics_are_exported_to_prometheus(deploy, ray_cluster):
     want = ("ray_dgserve_queue_depth", "ray_dgserve_running_canvases", "ray_dgserve_kv_bytes",
             "ray_dgserve_budget_bytes", "ray_dgserve_canvases_per_step", "ray_dgserve_step_seconds",
             "ray_dgserve_steps_per_block", "ray_dgserve_tokens_per_forward", "ray_dgserve_prefix_bytes",
-            "ray_dgserve_prefix_entries")
+            "ray_dgserve_prefix_entries", "ray_dgserve_prefix_lookups_total")  # a counter, as the dashboard names it
     unit_tag = f'unit="{unit.status()["unit"]}"'
 
     def ours(text: str) -> list[str]:  # this unit's series (earlier tests' units export theirs too)
