@@ -27,15 +27,18 @@ def test_args_are_the_topology_and_nothing_else():
     assert serve_application({})["route_prefix"] == "/"
 
 
-def test_the_helm_charts_serve_config_runs_locally_and_serves(ray_cluster, tiny_dir):
+def test_the_helm_charts_serve_config_runs_locally_and_serves(ray_cluster, tiny_dir, tmp_path):
     """The serveConfigV2 the Helm chart renders (its minimal CPU values, the tiny checkpoint, gRPC only), run the
     way KubeRay runs it: Ray's schema, the builder named by import_path with the rendered args, serve.run. Only the
-    gateway's host is changed (0.0.0.0 in a pod, loopback here). The test cluster offers the custom resources the
-    chart's gateway pods do (dgserve_gateway), which place the gateway."""
+    gateway's host (0.0.0.0 in a pod, loopback here) and its drain file's folder are changed. The test cluster
+    offers the custom resources the chart's gateway pods do (dgserve_gateway), which place the gateway. Then the
+    pod's preStop drain: the gateway drains when its file appears and reports."""
     from ray import serve
     from ray._common.utils import import_attr
 
+    from dgserve.cluster.drain import request
     from dgserve_client import Client
+    from dgserve_client.errors import Unavailable
     from tests.helm.chart import CHART, render, serve_config
 
     port = free_port()
@@ -47,6 +50,8 @@ def test_the_helm_charts_serve_config_runs_locally_and_serves(ray_cluster, tiny_
     args = app.args
     assert args["topology"]["gateway"]["host"] == "0.0.0.0" and args["topology"]["gateway"]["ray_resources"]
     args["topology"]["gateway"]["host"] = "127.0.0.1"
+    assert args["topology"]["gateway"]["drain_file"] == "/tmp/dgserve/drain"
+    args["topology"]["gateway"]["drain_file"] = drain = str(tmp_path / "drain")
     args["topology"]["name"] = name = "helm-app-test"
     built = call_user_app_builder_with_args_if_necessary(import_attr(app.import_path), args)
     serve.run(built, name=name, route_prefix=app.route_prefix)
@@ -59,5 +64,8 @@ def test_the_helm_charts_serve_config_runs_locally_and_serves(ray_cluster, tiny_
             info = c.info()
         assert len(r.token_ids) == 32 and info.model_id == str(tiny_dir) and info.vision.max_frames == 32
         assert app.route_prefix is None  # gRPC only: no HTTP route
+        assert request(drain, 30) == {"failed": []}  # what `dgserve drain-pod --gateway-file` waits for
+        with Client(f"127.0.0.1:{port}") as c, pytest.raises(Unavailable):  # drained: the gRPC server stopped
+            c.health()
     finally:
         serve.delete(name)
