@@ -104,8 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     dp = sub.add_parser("drain-pod", help="a Kubernetes preStop hook: drain this pod's gateway and/or Ray node")
     dp.add_argument("--grace", type=float, required=True, help="seconds the drain may take (under the pod's "
                                                                "terminationGracePeriodSeconds)")
-    dp.add_argument("--gateway-file", help="the topology's gateway.drain_file: the gateway here drains when it "
-                                           "appears, and this waits for its report")
+    dp.add_argument("--gateway-file", help="the topology's gateway.drain_file: the fronts here drain when it "
+                                           "appears, and this waits for their reports")
+    dp.add_argument("--front", action="append", choices=["gateway", "http"], default=None,
+                    help="a front whose report to wait for (repeatable; default: gateway)")
     dp.add_argument("--ray", action="store_true", help="drain this Ray node (Serve moves its replicas away "
                                                        "gracefully) and wait for its Serve replicas to leave")
     return ap
@@ -258,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "drain-pod":
             from dgserve.cluster.drain import drain_pod
 
-            for line in drain_pod(args.grace, args.gateway_file, args.ray):
+            for line in drain_pod(args.grace, args.gateway_file, args.ray, tuple(args.front or ["gateway"])):
                 print(line, flush=True)
             return 0
         if args.command == "make-tiny":

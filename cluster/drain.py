@@ -1,9 +1,10 @@
 """A pod's drain before Kubernetes stops it (the Helm chart's preStop hook runs `dgserve drain-pod`).
 
 Two parts, both bounded by the pod's grace period:
-- the gateway on this pod (if any) drains through a file: the hook creates `gateway.drain_file`, the gateway sees it
-  (it polls), stops taking calls (health NOT_SERVING, so the gRPC Service drops the pod), lets in-flight calls
-  finish within `gateway.grace_s`, and writes `<drain_file>.done` with what it had to fail; the hook waits for it;
+- the fronts on this pod (the gRPC gateway, and the HTTP ingress beside it) drain through a file: the hook creates
+  `gateway.drain_file`, each front sees it (they poll), stops taking calls (the gateway's health goes NOT_SERVING,
+  so the Services drop the pod; the HTTP API answers 503), lets in-flight calls finish within `gateway.grace_s`,
+  and writes `<drain_file>.<front>.done` with what it had to fail; the hook waits for the reports it expects;
 - with `--ray`, Ray drains this node (`ray drain-node`, reason preemption, with the deadline): Serve starts the
   node's replicas elsewhere and stops these ones gracefully (their `graceful_shutdown_timeout_s`), which is how an
   engine unit's requests finish before its pod goes.
@@ -18,36 +19,42 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+FRONTS = ("gateway", "http")
 
-def done_path(path: str | Path) -> Path:
+
+def done_path(path: str | Path, front: str = "gateway") -> Path:
     p = Path(path)
-    return p.with_name(p.name + ".done")
+    return p.with_name(f"{p.name}.{front}.done")
 
 
-async def watch(path: str | Path, drain: Callable[[], Awaitable[dict]], period_s: float = 0.5) -> dict:
-    """Wait for the drain file, then drain and write the `.done` file (the gateway's side)."""
+async def watch(path: str | Path, drain: Callable[[], Awaitable[dict]], front: str = "gateway",
+                period_s: float = 0.5) -> dict:
+    """Wait for the drain file, then drain and write this front's report (the front's side)."""
     p = Path(path)
     while not p.exists():
         await asyncio.sleep(period_s)
     left = await drain()
-    done_path(p).write_text(json.dumps({"failed": list(left.get("failed", []))}))
+    done = done_path(p, front)
+    part = done.with_name(done.name + ".part")
+    part.write_text(json.dumps({"failed": list(left.get("failed", []))}))
+    part.replace(done)  # whole or absent: the hook never reads half a report
     return left
 
 
-def request(path: str | Path, wait_s: float, period_s: float = 0.2) -> dict | None:
-    """Create the drain file and wait up to `wait_s` for the gateway's `.done` (the hook's side); None when none
-    came (no gateway on this pod, or it did not finish in time)."""
+def request(path: str | Path, wait_s: float, fronts: tuple[str, ...] = ("gateway",),
+            period_s: float = 0.2) -> dict[str, dict | None]:
+    """Create the drain file and wait up to `wait_s` for each front's report (the hook's side); a front whose
+    report did not come (none on this pod, or it did not finish in time) maps to None."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    done = done_path(p)
-    done.unlink(missing_ok=True)
+    for front in fronts:
+        done_path(p, front).unlink(missing_ok=True)
     p.touch()
     deadline = time.monotonic() + wait_s
     while True:
-        if done.exists():
-            return json.loads(done.read_text())
-        if time.monotonic() >= deadline:
-            return None
+        got = {f: json.loads(done_path(p, f).read_text()) if done_path(p, f).exists() else None for f in fronts}
+        if all(v is not None for v in got.values()) or time.monotonic() >= deadline:
+            return got
         time.sleep(period_s)
 
 
@@ -68,7 +75,7 @@ def serve_replicas_here() -> int:
     return sum(1 for a in actors if a.class_name.startswith("ServeReplica"))
 
 
-def drain_pod(grace_s: float, gateway_file: str | None, ray: bool,
+def drain_pod(grace_s: float, gateway_file: str | None, ray: bool, fronts: tuple[str, ...] = ("gateway",),
               run: Callable[[list[str]], int] = lambda cmd: subprocess.call(cmd, timeout=30),
               replicas_here: Callable[[], int] = serve_replicas_here, period_s: float = 1.0) -> list[str]:
     """The preStop hook: returns the lines it reports. Never raises: a pod must stop whatever happens here."""
@@ -83,9 +90,10 @@ def drain_pod(grace_s: float, gateway_file: str | None, ray: bool,
             lines.append("ray: this node's Serve replicas moved away" if left == 0 else
                          f"ray: {left} Serve replica(s) still here at the deadline")
     if gateway_file:
-        left = request(gateway_file, max(0.0, grace_s - (time.monotonic() - t0)))
-        lines.append("gateway: no drain report (no gateway on this pod, or it did not finish)" if left is None
-                     else f"gateway drained: {len(left['failed'])} request(s) failed with UNAVAILABLE")
+        reports = request(gateway_file, max(0.0, grace_s - (time.monotonic() - t0)), fronts)
+        for front, left in reports.items():
+            lines.append(f"{front}: no drain report (none on this pod, or it did not finish)" if left is None
+                         else f"{front} drained: {len(left['failed'])} request(s) failed")
     return lines
 
 

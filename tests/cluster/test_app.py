@@ -64,7 +64,7 @@ def test_the_helm_charts_serve_config_runs_locally_and_serves(ray_cluster, tiny_
             info = c.info()
         assert len(r.token_ids) == 32 and info.model_id == str(tiny_dir) and info.vision.max_frames == 32
         assert app.route_prefix is None  # gRPC only: no HTTP route
-        assert request(drain, 30) == {"failed": []}  # what `dgserve drain-pod --gateway-file` waits for
+        assert request(drain, 30) == {"gateway": {"failed": []}}  # what `dgserve drain-pod --gateway-file` waits for
         with Client(f"127.0.0.1:{port}") as c, pytest.raises(Unavailable):  # drained: the gRPC server stopped
             c.health()
     finally:

@@ -25,12 +25,26 @@ def test_the_gateway_drains_when_the_file_appears_and_reports_what_failed(tmp_pa
         task = asyncio.create_task(watch(path, drain, period_s=0.01))
         await asyncio.sleep(0.1)
         assert not calls and not task.done()  # no file: no drain
-        report = await asyncio.to_thread(request, path, 5.0, 0.01)
+        report = await asyncio.to_thread(request, path, 5.0, ("gateway",), 0.01)
         return await task, report
 
     left, report = asyncio.run(scenario())
-    assert len(calls) == 1 and left == {"failed": ["r7"]} and report == {"failed": ["r7"]}
+    assert len(calls) == 1 and left == {"failed": ["r7"]} and report == {"gateway": {"failed": ["r7"]}}
     assert json.loads(done_path(path).read_text()) == {"failed": ["r7"]}
+
+
+def test_the_hook_waits_for_every_front_it_names(tmp_path):
+    path = tmp_path / "drain"
+
+    async def scenario():
+        fronts = [asyncio.create_task(watch(path, drain, front, period_s=0.01)) for front, drain in (
+            ("gateway", lambda: asyncio.sleep(0, {"failed": []})),
+            ("http", lambda: asyncio.sleep(0.3, {"failed": ["h1"]})))]  # the HTTP API finishes later
+        report = await asyncio.to_thread(request, path, 5.0, ("gateway", "http"), 0.01)
+        await asyncio.gather(*fronts)
+        return report
+
+    assert asyncio.run(scenario()) == {"gateway": {"failed": []}, "http": {"failed": ["h1"]}}
 
 
 def test_a_stale_report_is_not_taken_and_no_gateway_means_no_report_within_the_grace(tmp_path):
@@ -38,7 +52,7 @@ def test_a_stale_report_is_not_taken_and_no_gateway_means_no_report_within_the_g
     path.parent.mkdir()
     done_path(path).write_text('{"failed": []}')  # from an earlier drain
     t0 = time.monotonic()
-    assert request(path, 0.3, 0.01) is None and path.exists()
+    assert request(path, 0.3, ("gateway",), 0.01) == {"gateway": None} and path.exists()
     assert 0.3 <= time.monotonic() - t0 < 2
 
 
@@ -61,8 +75,14 @@ def test_the_cli_hook_waits_for_the_gateway_report(tmp_path, capsys):
     def gateway():
         while not path.exists():
             time.sleep(0.01)
-        done_path(path).write_text('{"failed": ["a", "b"]}')
+        part = tmp_path / "report.part"
+        part.write_text('{"failed": ["a", "b"]}')
+        part.replace(done_path(path))
 
     threading.Thread(target=gateway, daemon=True).start()
     assert main(["drain-pod", "--grace", "5", "--gateway-file", str(path)]) == 0
-    assert "gateway drained: 2 request(s) failed with UNAVAILABLE" in capsys.readouterr().out
+    assert "gateway drained: 2 request(s) failed" in capsys.readouterr().out
+    assert main(["drain-pod", "--grace", "0.2", "--gateway-file", str(path), "--front", "gateway",
+                 "--front", "http"]) == 0  # a second drain: the gateway's report is from the first, so waited for
+    out = capsys.readouterr().out
+    assert "gateway: no drain report" in out and "http: no drain report" in out

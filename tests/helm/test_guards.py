@@ -32,7 +32,20 @@ GUARDS = [
                                                                "http.enabled false"),
     ({"tls": {"clientCaSecret": "ca"}, "http": {"enabled": False}}, "tls.clientCaSecret needs tls.existingSecret"),
     ({"gateway": {"service": {"type": "LoadBalancer"}}}, "gateway.service.type LoadBalancer exposes the endpoint"),
-    ({"http": {"service": {"type": "NodePort"}}}, "http.service.type NodePort exposes the endpoint"),
+    ({"http": {"service": {"type": "NodePort"}}}, "http.service.type NodePort exposes the HTTP API"),
+    ({"tls": {"existingSecret": "t"}, "http": {"service": {"type": "NodePort"}}},
+     "http.service.type NodePort exposes the HTTP API"),  # gRPC's TLS is not the HTTP proxy's
+    ({"http": {"tls": True}}, "http.tls needs tls.existingSecret"),
+    ({"http": {"port": 8080}}, "http.port and monitoring.metricsPort are both 8080"),
+    ({"gateway": {"port": 8265}}, "gateway.port 8265 is one of Ray's ports"),
+    ({"fabric": {"profile": "roce"}}, "fabric.profile roce needs fabric.networks"),
+    ({"engine": {"units": {"min": 1, "max": 5}}}, "engine.units.max (5) is more units than workerGroups.engine can "
+                                                  "hold: 4 pods x 1 units per pod"),
+    ({"rayService": {"upgradeStrategy": "NewClusterWithIncrementalUpgrade", "autoscaler": {"enabled": False},
+                     "clusterUpgradeOptions": {"gatewayClassName": "g", "stepSizePercent": 10,
+                                               "intervalSeconds": 30}}}, "needs rayService.autoscaler.enabled"),
+    ({"rayService": {"upgradeStrategy": "NewClusterWithIncrementalUpgrade",
+                     "clusterUpgradeOptions": {"gatewayClassName": "g"}}}, "needs rayService.clusterUpgradeOptions"),
     ({**CPU, "fabricCheck": {"enabled": True}}, "fabricCheck.enabled runs NCCL on the GPU worker pods"),
     ({"rayService": {"upgradeStrategy": "NewClusterWithIncrementalUpgrade"}}, "needs rayService.clusterUpgradeOptions"),
 ]
@@ -62,6 +75,7 @@ SCHEMA = [
     ({"gateway": {"port": 70000}}, "/gateway/port"),
     ({"http": {"routePrefix": "v1/"}}, "/http/routePrefix"),
     ({"rayService": {"upgradeStrategy": "BlueGreen"}}, "/rayService/upgradeStrategy"),
+    ({"gateway": {"rayCpus": 0.5}}, "/gateway/rayCpus"),  # ray start takes whole CPUs
 ]
 
 
@@ -88,3 +102,7 @@ def test_the_schema_knows_every_key_of_the_topology_sections_it_passes_through()
     assert set(engine["config"]["properties"]) == {f.name for f in fields(EngineConfig)}
     assert set(engine["serve"]["properties"]) == {f.name for f in fields(ServeSettings)}
     assert set(engine["sampler"]["properties"]) == set(KNOBS)
+
+
+def test_a_closed_http_service_type_does_not_matter_with_http_off():
+    assert render({"http": {"enabled": False, "service": {"type": "NodePort"}}})

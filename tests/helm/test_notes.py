@@ -24,8 +24,13 @@ def test_notes_say_how_to_reach_the_endpoint_and_where_the_self_test_is():
 
 
 def test_notes_follow_tls_keys_and_the_fabric_check():
-    text = notes("tls.existingSecret=t", "apiKeys.existingSecret=k", "http.routePrefix=/openai",
+    text = notes("tls.existingSecret=t", "http.tls=true", "apiKeys.existingSecret=k", "http.routePrefix=/openai",
                  "fabricCheck.enabled=true")
     assert "--tls-ca ca.crt --tls-server-name dg-dgserve-grpc.serving.svc --api-key-file KEY_FILE health" in text
-    assert "https://127.0.0.1:8000/openai/v1/models" in text and "helm test dg -n serving --logs" in text
+    assert "https://127.0.0.1:8000/openai/v1/models" in text and "helm test dg -n serving --logs --timeout 11m" in text
     assert "WARNING" not in text
+
+
+def test_notes_say_the_http_api_is_plaintext_without_http_tls():
+    text = notes("tls.existingSecret=t")
+    assert "curl http://127.0.0.1:8000/v1/models" in text and "NOTE: the HTTP API is plaintext" in text

@@ -46,8 +46,8 @@ CASES = [
      lambda o: (topology(o)["attention_ranks"], topology(o)["expert_ranks"]), (3, 5)),
     ({"engine": {"expertMap": {"0": [0, 1], "1": [2, 3]}, "expertRanks": 2}},
      lambda o: topology(o)["expert_map"], {"0": [0, 1], "1": [2, 3]}),
-    ({"engine": {"units": {"min": 2, "max": 6, "initial": 3}}}, lambda o: topology(o)["units"],
-     {"min": 2, "max": 6, "initial": 3}),
+    ({"engine": {"units": {"min": 2, "max": 4, "initial": 3}}}, lambda o: topology(o)["units"],
+     {"min": 2, "max": 4, "initial": 3}),
     ({"engine": {"rankResources": {"attention": {"cpus": 6, "gpus": 1}}}},
      lambda o: topology(o)["resources"]["attention"], {"cpus": 6, "gpus": 1}),
     ({"engine": {"config": {"max_running": 48, "prefix_cache": False}}},
@@ -72,7 +72,7 @@ CASES = [
     ({"gateway": {"config": {"retry_pushback_ms": 2500}}}, lambda o: topology(o)["gateway"]["retry_pushback_ms"], 2500),
     ({"gateway": {"service": {"annotations": {"a": "b"}}}},
      lambda o: find(o, "Service", "-grpc")["metadata"]["annotations"], {"a": "b"}),
-    ({"gateway": {"rayCpus": 6}}, lambda o: group(o, "gateway")["rayStartParams"]["num-cpus"], "6"),
+    ({"gateway": {"rayCpus": 6}}, lambda o: group(o, "gateway")["resources"]["CPU"], "6"),
     ({"gateway": {"resources": {"requests": {"cpu": "1"}, "limits": {"cpu": "1"}}}},
      lambda o: container(group(o, "gateway"))["resources"]["requests"], {"cpu": "1", "memory": "16Gi"}),
     ({"gateway": {"nodeSelector": {"pool": "cpu"}}}, lambda o: gw_pod(o)["nodeSelector"], {"pool": "cpu"}),
@@ -94,9 +94,17 @@ CASES = [
      lambda o: (topology(o)["gateway"]["api_keys_file"], mounts(gw_pod(o))["/etc/dgserve/api-keys"],
                 "/etc/dgserve/api-keys" in mounts(engine_pod(o))), ("/etc/dgserve/api-keys/k", "api-keys", False)),
     ({"tls": {"existingSecret": "tls"}},
-     lambda o: (topology(o)["gateway"]["tls_cert_file"], serve_config(o)["http_options"]["ssl_keyfile"],
-                mounts(engine_pod(o))["/etc/dgserve/tls"], "insecure_remote" in topology(o)["gateway"]),
-     ("/etc/dgserve/tls/tls.crt", "/etc/dgserve/tls/tls.key", "tls", False)),
+     lambda o: (topology(o)["gateway"]["tls_cert_file"], "ssl_keyfile" in serve_config(o)["http_options"],
+                mounts(engine_pod(o))["/etc/dgserve/tls"], "insecure_remote" in topology(o)["gateway"],
+                find(o, "Service", "-http")["spec"]["ports"][0]["appProtocol"]),
+     ("/etc/dgserve/tls/tls.crt", False, "tls", False, "http")),
+    ({"tls": {"existingSecret": "tls"}, "http": {"tls": True}},
+     lambda o: (serve_config(o)["http_options"]["ssl_keyfile"], find(o, "Service", "-http")["spec"]["ports"][0][
+         "appProtocol"]), ("/etc/dgserve/tls/tls.key", "https")),
+    ({"podSecurityContext": {"fsGroup": 2000, "runAsNonRoot": True}},
+     lambda o: (engine_pod(o)["securityContext"], gw_pod(o)["securityContext"]["fsGroup"],
+                cluster(o)["headGroupSpec"]["template"]["spec"]["securityContext"]["fsGroup"]),
+     ({"fsGroup": 2000, "runAsNonRoot": True}, 2000, 2000)),
     ({"tls": {"existingSecret": "tls", "serverName": "dg.example"}},
      lambda o: container(group(o, "gateway"))["readinessProbe"]["exec"]["command"][-2], "dg.example"),
     ({"tls": {"existingSecret": "tls", "clientCaSecret": "ca"}, "http": {"enabled": False}},
@@ -155,7 +163,7 @@ CASES = [
      lambda o: find(o, RS)["metadata"]["annotations"]["ray.io/initializing-timeout"], "90m"),
     ({"rayService": {"autoscaler": {"enabled": True, "upscalingMode": "Conservative", "idleTimeoutSeconds": 120}}},
      lambda o: (cluster(o)["enableInTreeAutoscaling"], cluster(o)["autoscalerOptions"]),
-     (True, {"upscalingMode": "Conservative", "idleTimeoutSeconds": 120})),
+     (True, {"version": "v2", "upscalingMode": "Conservative", "idleTimeoutSeconds": 120})),
     ({"rayService": {"autoscaler": {"enabled": False}}},
      lambda o: (cluster(o)["enableInTreeAutoscaling"], "autoscalerOptions" in cluster(o)), (False, False)),
     ({"fabric": {"profile": "ib"}},
@@ -191,6 +199,9 @@ CASES = [
     ({"networkPolicy": {"operatorNamespace": "kuberay"}},
      lambda o: find(o, "NetworkPolicy")["spec"]["ingress"][1]["from"][0]["namespaceSelector"]["matchLabels"],
      {"kubernetes.io/metadata.name": "kuberay"}),
+    ({"networkPolicy": {"operatorPodLabels": {"app.kubernetes.io/name": None, "app": "ray-operator"}}},
+     lambda o: find(o, "NetworkPolicy")["spec"]["ingress"][1]["from"][0],
+     {"namespaceSelector": {}, "podSelector": {"matchLabels": {"app": "ray-operator"}}}),
     ({"fabricCheck": {"enabled": True, "image": "kubectl:9", "binary": "/bin/a2a", "minBytes": "1M",
                       "maxBytes": "2G", "minBusbwGBps": 77, "timeoutSeconds": 99}},
      lambda o: (lambda j, c: (c["image"], j["spec"]["activeDeadlineSeconds"],
@@ -222,13 +233,15 @@ def test_the_gateway_services_select_the_pods_running_one_gateway_each():
     for svc in ("-grpc", "-http"):
         assert set(find(objs, "Service", svc)["spec"]["selector"].items()) <= set(labels.items())
     assert find(objs, "Service", "-grpc")["spec"]["ports"][0]["appProtocol"] == "kubernetes.io/h2c"
-    assert gw["resources"] == {"dgserve_gateway": "1", "dgserve_http": "1"}
+    assert gw["resources"] == {"CPU": "4", "GPU": "0", "dgserve_gateway": "1", "dgserve_http": "1"}
     assert topology(objs)["gateway"]["ray_resources"] == {"dgserve_gateway": 1}
     assert topology(objs)["http"]["ray_resources"] == {"dgserve_http": 1}
-    assert container(gw)["lifecycle"]["preStop"]["exec"]["command"][-1] == topology(objs)["gateway"]["drain_file"]
+    cmd = container(gw)["lifecycle"]["preStop"]["exec"]["command"]
+    assert cmd[-1] == topology(objs)["gateway"]["drain_file"] and cmd.count("--front") == 2  # gateway and http
     for pdb in (o for o in objs if o["kind"] == "PodDisruptionBudget"):
         assert "ray.io/group" in pdb["spec"]["selector"]["matchLabels"]
         assert "ray.io/cluster" not in pdb["spec"]["selector"]["matchLabels"]
+        assert pdb["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
 
 
 def test_the_unit_pods_drain_within_their_grace_period():
@@ -237,3 +250,15 @@ def test_the_unit_pods_drain_within_their_grace_period():
     cmd = pod["containers"][0]["lifecycle"]["preStop"]["exec"]["command"]
     assert cmd[:3] == ["dgserve", "drain-pod", "--ray"]
     assert 700 < int(cmd[cmd.index("--grace") + 1]) < pod["terminationGracePeriodSeconds"]
+
+
+@pytest.mark.parametrize("profile", ["packed", "disaggregated"])
+def test_no_group_sets_ray_resources_in_both_places_and_gpu_pods_probe_their_ray_node(profile):
+    """KubeRay refuses a group with Ray resources both in `resources` and in rayStartParams; a GPU pod is ready
+    when its Ray node is (not its Serve proxy, which an idle pod does not have)."""
+    objs = render({"profile": profile})
+    for g in cluster(objs)["workerGroupSpecs"]:
+        both = set(g.get("resources", {})) & {"CPU", "GPU"} and {"num-cpus", "num-gpus"} & set(g["rayStartParams"])
+        assert not both, g["groupName"]
+        if g["groupName"] != "gateway":
+            assert container(g)["readinessProbe"]["httpGet"] == {"path": "/api/healthz", "port": 52365}

@@ -31,6 +31,10 @@ class OpenAIIngress:
         self.service = OpenAIService(load_front(self.topo), unit, own_name(), self._gateway_serving)
         self._app = make_app(self.service, ApiKeys(g.api_keys_file, g.api_keys_env) if g.auth else None)
         log.info("HTTP API ready: model %r under %s", self.service.model_id, self.topo.http.route_prefix)
+        if g.drain_file:  # a pod's preStop hook asks for a drain through this file (the gateway's too)
+            from ...drain import watch
+
+            self._drain_watch = asyncio.create_task(watch(g.drain_file, self.drain, "http"))
 
     def __serve_build_asgi_app__(self):
         return self._app

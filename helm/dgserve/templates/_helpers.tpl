@@ -106,7 +106,7 @@ dgserve.cluster.app:build from the topology. */}}
 {{- $serve := $v.engine.serve | default dict -}}
 {{- $httpOpts := dict "host" "0.0.0.0" "port" ($v.http.port | int)
     "request_timeout_s" (add (($serve.max_request_s | default 600) | int) 5) -}}
-{{- if $v.tls.existingSecret -}}
+{{- if and $v.tls.existingSecret $v.http.tls -}}
 {{- $_ := set $httpOpts "ssl_certfile" (printf "%s/tls.crt" (include "dgserve.tlsDir" .)) -}}
 {{- $_ := set $httpOpts "ssl_keyfile" (printf "%s/tls.key" (include "dgserve.tlsDir" .)) -}}
 {{- end -}}

@@ -56,17 +56,54 @@
 {{- if and $v.tls.clientCaSecret (not $v.tls.existingSecret) -}}
 {{- fail "tls.clientCaSecret needs tls.existingSecret (client certificates need TLS)" -}}
 {{- end -}}
-{{- if not $v.tls.existingSecret -}}
-{{- range $svc := list (list "gateway.service.type" $v.gateway.service.type) (list "http.service.type" $v.http.service.type) -}}
-{{- if and (ne (index $svc 1) "ClusterIP") (not $v.gateway.service.allowPlaintextExternal) -}}
-{{- fail (printf "%s %s exposes the endpoint outside the cluster in plaintext: set tls.existingSecret, or gateway.service.allowPlaintextExternal true if something in front encrypts" (index $svc 0) (index $svc 1)) -}}
+{{- if and (ne $v.gateway.service.type "ClusterIP") (not $v.tls.existingSecret) (not $v.gateway.service.allowPlaintextExternal) -}}
+{{- fail (printf "gateway.service.type %s exposes the endpoint outside the cluster in plaintext: set tls.existingSecret, or gateway.service.allowPlaintextExternal true if something in front encrypts" $v.gateway.service.type) -}}
+{{- end -}}
+{{- if and $v.http.enabled (ne $v.http.service.type "ClusterIP") (not (and $v.tls.existingSecret $v.http.tls)) (not $v.gateway.service.allowPlaintextExternal) -}}
+{{- fail (printf "http.service.type %s exposes the HTTP API outside the cluster in plaintext: set tls.existingSecret and http.tls true, or gateway.service.allowPlaintextExternal true if something in front encrypts" $v.http.service.type) -}}
+{{- end -}}
+{{- if and $v.http.tls (not $v.tls.existingSecret) -}}
+{{- fail "http.tls needs tls.existingSecret (the certificate Serve's proxy serves)" -}}
+{{- end -}}
+{{- /* Ports: each listens once in a pod, and Ray's own ports are taken. */ -}}
+{{- $ports := dict -}}
+{{- range $entry := list (list "gateway.port" $v.gateway.port) (list "http.port" $v.http.port) (list "monitoring.metricsPort" $v.monitoring.metricsPort) -}}
+{{- $port := index $entry 1 | int | toString -}}
+{{- if has ($port | int) (list 6379 8265 10001 52365) -}}
+{{- fail (printf "%s %s is one of Ray's ports (6379 GCS, 8265 dashboard, 10001 client, 52365 dashboard agent): choose another" (index $entry 0) $port) -}}
+{{- end -}}
+{{- if hasKey $ports $port -}}
+{{- fail (printf "%s and %s are both %s: each port listens once in a pod" (get $ports $port) (index $entry 0) $port) -}}
+{{- end -}}
+{{- $_ := set $ports $port (index $entry 0) -}}
+{{- end -}}
+{{- if and (eq $v.fabric.profile "roce") (not $v.fabric.networks) -}}
+{{- fail "fabric.profile roce needs fabric.networks (the Multus network of the RoCE interface that NCCL_SOCKET_IFNAME=net1 names)" -}}
+{{- end -}}
+{{- /* Units fit the pods the autoscaler may add (replicated and packed: whole units per pod). */ -}}
+{{- if and (ne $p "disaggregated") (eq $v.model.device "cuda") -}}
+{{- $grp := $v.workerGroups.engine -}}
+{{- $a := $e.rankResources.attention -}}
+{{- $x := $e.rankResources.experts -}}
+{{- $unitGpus := addf (mulf ($e.attentionRanks | float64) ($a.gpus | default 0 | float64)) (mulf ($e.expertRanks | float64) ($x.gpus | default 0 | float64)) -}}
+{{- if gt $unitGpus 0.0 -}}
+{{- $perPod := floor (divf ($grp.gpus | float64) $unitGpus) -}}
+{{- $most := mulf $perPod ($grp.maxReplicas | float64) -}}
+{{- if gt ($e.units.max | float64) $most -}}
+{{- fail (printf "engine.units.max (%v) is more units than workerGroups.engine can hold: %v pods x %v units per pod (a unit takes %v GPUs of a pod's %v); raise workerGroups.engine.maxReplicas" $e.units.max $grp.maxReplicas $perPod $unitGpus $grp.gpus) -}}
 {{- end -}}
 {{- end -}}
 {{- end -}}
 {{- if and $v.fabricCheck.enabled (ne $v.model.device "cuda") -}}
 {{- fail "fabricCheck.enabled runs NCCL on the GPU worker pods: it needs model.device cuda" -}}
 {{- end -}}
-{{- if and (eq $v.rayService.upgradeStrategy "NewClusterWithIncrementalUpgrade") (not $v.rayService.clusterUpgradeOptions.gatewayClassName) -}}
+{{- if eq $v.rayService.upgradeStrategy "NewClusterWithIncrementalUpgrade" -}}
+{{- $o := $v.rayService.clusterUpgradeOptions | default dict -}}
+{{- if not (and $o.gatewayClassName $o.stepSizePercent $o.intervalSeconds) -}}
 {{- fail "rayService.upgradeStrategy NewClusterWithIncrementalUpgrade needs rayService.clusterUpgradeOptions (gatewayClassName, stepSizePercent, intervalSeconds)" -}}
+{{- end -}}
+{{- if not $v.rayService.autoscaler.enabled -}}
+{{- fail "rayService.upgradeStrategy NewClusterWithIncrementalUpgrade needs rayService.autoscaler.enabled (KubeRay scales the new cluster up step by step)" -}}
+{{- end -}}
 {{- end -}}
 {{- end -}}
