@@ -36,6 +36,25 @@ CASES = [
     ({"image": {"pullPolicy": "Always"}}, lambda o: container(group(o, "gateway"))["imagePullPolicy"], "Always"),
     ({"imagePullSecrets": [{"name": "regcred"}]}, lambda o: engine_pod(o)["imagePullSecrets"], [{"name": "regcred"}]),
     ({"fullnameOverride": "llm"}, lambda o: find(o, RS)["metadata"]["name"], "llm"),
+    ({"nameOverride": "gemma"}, lambda o: (find(o, RS)["metadata"]["name"],
+                                           find(o, RS)["metadata"]["labels"]["app.kubernetes.io/name"]),
+     ("rel-gemma", "gemma")),
+    ({"model": {"device": "cpu", "expertsDtype": "auto"}}, lambda o: topology(o)["device"], "cpu"),
+    ({"engine": {"rankResources": {"experts": {"cpus": 3, "gpus": 1}}}},
+     lambda o: topology(o)["resources"]["experts"], {"cpus": 3, "gpus": 1}),
+    ({"gateway": {"service": {"type": "LoadBalancer"}}, "tls": {"existingSecret": "t"}},
+     lambda o: (find(o, "Service", "-grpc")["spec"]["type"], "appProtocol" in find(o, "Service", "-grpc")["spec"][
+         "ports"][0]), ("LoadBalancer", False)),
+    ({"gateway": {"service": {"type": "NodePort", "allowPlaintextExternal": True}}},
+     lambda o: find(o, "Service", "-grpc")["spec"]["type"], "NodePort"),
+    ({"http": {"service": {"type": "LoadBalancer"}, "tls": True}, "tls": {"existingSecret": "t"}},
+     lambda o: find(o, "Service", "-http")["spec"]["type"], "LoadBalancer"),
+    ({"http": {"enabled": False}},
+     lambda o: (topology(o)["http"], serve_config(o)["applications"][0]["route_prefix"],
+                [x["metadata"]["name"] for x in o if x["kind"] == "Service"]), ({"enabled": False}, None,
+                                                                                  ["rel-dgserve-grpc"])),
+    ({"fabric": {"profile": "ib", "rdmaResource": {"name": "nvidia.com/hostdev", "quantity": 4}}},
+     lambda o: container(group(o, "engine"))["resources"]["limits"]["nvidia.com/hostdev"], "4"),
     ({"model": {"id": "/models/dg"}}, lambda o: topology(o)["model"], "/models/dg"),
     ({"model": {"revision": "abc123"}}, lambda o: topology(o)["revision"], "abc123"),
     ({"model": {"dtype": "float32"}}, lambda o: topology(o)["dtype"], "float32"),
@@ -218,7 +237,11 @@ def test_a_value_lands_in_its_field(values, where, expected):
 
 
 def test_disaggregated_groups_carry_the_ray_labels_the_topology_places_ranks_by():
-    objs = render({"profile": "disaggregated", "engine": {"attentionRanks": 4, "expertRanks": 8}})
+    objs = render({"profile": "disaggregated", "engine": {"attentionRanks": 4, "expertRanks": 8},
+                   "workerGroups": {"attention": {"gpus": 4}, "expert": {"maxReplicas": 3}}})
+    assert container(group(objs, "attention"))["resources"]["limits"]["nvidia.com/gpu"] == "4"
+    assert group(objs, "expert")["maxReplicas"] == 3 and "engine" not in str(
+        [g["groupName"] for g in cluster(objs)["workerGroupSpecs"]])
     labels = topology(objs)["node_labels"]
     assert group(objs, "attention")["labels"] == labels["attention"] == {"dgserve.io/role": "attention"}
     assert group(objs, "expert")["labels"] == labels["experts"] == {"dgserve.io/role": "expert"}
