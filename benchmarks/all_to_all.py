@@ -30,20 +30,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import common  # noqa: E402
-from dgserve.cluster.experts.selftest import ELEMENT  # noqa: E402
+from dgserve.cluster.experts.selftest import sizes  # noqa: E402
 
 QUICK = {"min_bytes": 1024, "max_bytes": 1 << 20, "iters": 10, "warmup": 3}
 FULL = {"min_bytes": 1024, "max_bytes": 64 << 20, "iters": 30, "warmup": 5}
-
-
-def sizes(lo: int, hi: int, ranks: int) -> list[int]:
-    """Doubling sizes from lo to hi, each rounded down to whole elements per peer (at least one)."""
-    out, s = [], lo
-    while s <= hi:
-        per_peer = max(1, s // (ELEMENT * ranks))
-        out.append(per_peer * ELEMENT * ranks)
-        s *= 2
-    return sorted(set(out))
 
 
 def parse_nccl_tests(text: str) -> list[dict]:

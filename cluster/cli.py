@@ -110,6 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a front whose report to wait for (repeatable; default: gateway)")
     dp.add_argument("--ray", action="store_true", help="drain this Ray node (Serve moves its replicas away "
                                                        "gracefully) and wait for its Serve replicas to leave")
+    fc = sub.add_parser("fabric-check", help="the expert all-to-all across pods (the Helm chart's helm test hook)")
+    from dgserve.cluster.experts.fabric_check import add_arguments
+
+    add_arguments(fc)
     return ap
 
 
@@ -257,6 +261,10 @@ def main(argv: list[str] | None = None) -> int:
             from dgserve.cluster.serve import run
 
             return run(args)
+        if args.command == "fabric-check":
+            from dgserve.cluster.experts.fabric_check import run as fabric_check
+
+            return fabric_check(args)
         if args.command == "drain-pod":
             from dgserve.cluster.drain import drain_pod
 

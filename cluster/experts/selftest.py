@@ -18,6 +18,16 @@ ELEMENT = 4  # float32
 STARTUP_SIZES = (64 << 10, 1 << 20, 4 << 20)  # what a unit measures when it starts (a fraction of a second)
 
 
+def sizes(lo: int, hi: int, ranks: int) -> list[int]:
+    """Doubling sizes from lo to hi, each rounded down to whole elements per peer (at least one)."""
+    out, s = [], lo
+    while s <= hi:
+        per_peer = max(1, s // (ELEMENT * ranks))
+        out.append(per_peer * ELEMENT * ranks)
+        s *= 2
+    return sorted(set(out))
+
+
 def bandwidths(size: int, seconds: float, ranks: int) -> tuple[float, float]:
     """(algbw, busbw) in GB/s."""
     alg = size / seconds / 1e9

@@ -47,6 +47,8 @@ GUARDS = [
     ({"rayService": {"upgradeStrategy": "NewClusterWithIncrementalUpgrade",
                      "clusterUpgradeOptions": {"gatewayClassName": "g"}}}, "needs rayService.clusterUpgradeOptions"),
     ({**CPU, "fabricCheck": {"enabled": True}}, "fabricCheck.enabled runs NCCL on the GPU worker pods"),
+    ({"fabricCheck": {"enabled": True, "crossPod": {"group": "expert"}}},
+     "fabricCheck.crossPod.group expert is not a GPU group of profile packed (engine)"),
     ({"rayService": {"upgradeStrategy": "NewClusterWithIncrementalUpgrade"}}, "needs rayService.clusterUpgradeOptions"),
 ]
 

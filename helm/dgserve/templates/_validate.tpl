@@ -94,6 +94,9 @@
 {{- end -}}
 {{- end -}}
 {{- end -}}
+{{- if and $v.fabricCheck.enabled $v.fabricCheck.crossPod.enabled $v.fabricCheck.crossPod.group (not (has $v.fabricCheck.crossPod.group (splitList "," (include "dgserve.gpuGroups" .)))) -}}
+{{- fail (printf "fabricCheck.crossPod.group %s is not a GPU group of profile %s (%s)" $v.fabricCheck.crossPod.group $p (include "dgserve.gpuGroups" .)) -}}
+{{- end -}}
 {{- if and $v.fabricCheck.enabled (ne $v.model.device "cuda") -}}
 {{- fail "fabricCheck.enabled runs NCCL on the GPU worker pods: it needs model.device cuda" -}}
 {{- end -}}
