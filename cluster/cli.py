@@ -9,8 +9,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 from dgserve.model.errors import DGServeError, InputError
 
 
@@ -278,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
                                experts_dtype=args.experts_dtype)
             print(f"wrote tiny checkpoint ({args.preset}, seed {args.seed}) to {folder}")
             return 0
+        import torch  # here, not at the top: `drain-pod` and `fabric-check` start fast without it
+
         if args.device != "cpu" and not torch.cuda.is_available():
             raise InputError("device", f"{args.device!r} requested but no CUDA device is available")
         if args.threads < 1:

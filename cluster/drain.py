@@ -7,7 +7,9 @@ Two parts, both bounded by the pod's grace period:
   and writes `<drain_file>.<front>.done` with what it had to fail; the hook waits for the reports it expects;
 - with `--ray`, Ray drains this node (`ray drain-node`, reason preemption, with the deadline): Serve starts the
   node's replicas elsewhere and stops these ones gracefully (their `graceful_shutdown_timeout_s`), which is how an
-  engine unit's requests finish before its pod goes.
+  engine unit's requests finish before its pod goes. Serve moves a replica when its own actor is on the node: a
+  unit whose replica lives elsewhere but has rank actors here (profile disaggregated, an attention or expert pod)
+  is not drained by this; its ranks stop with the pod and the unit is rebuilt (its requests fail as retryable).
 """
 
 from __future__ import annotations
@@ -58,51 +60,76 @@ def request(path: str | Path, wait_s: float, fronts: tuple[str, ...] = ("gateway
         time.sleep(period_s)
 
 
-def ray_drain_command(deadline_s: int) -> list[str]:
-    return ["ray", "drain-node", "--reason", "DRAIN_NODE_REASON_PREEMPTION", "--reason-message",
-            "dgserve drain-pod: the pod is stopping", "--deadline-remaining-seconds", str(int(deadline_s))]
+def ray_drain_command(deadline_s: float, node_id: str) -> list[str]:
+    return ["ray", "drain-node", "--node-id", node_id, "--reason", "DRAIN_NODE_REASON_PREEMPTION",
+            "--reason-message", "dgserve drain-pod: the pod is stopping",
+            "--deadline-remaining-seconds", str(max(1, int(deadline_s)))]
 
 
-def serve_replicas_here() -> int:
-    """Serve replicas alive on this pod's Ray node (as a driver on the local node)."""
+def _connect() -> str:
+    """This pod's Ray node id, as a driver on the local node (KubeRay's env gives the address and the token)."""
     import ray
-    from ray.util.state import list_actors
 
     if not ray.is_initialized():
         ray.init(address="auto", log_to_driver=False, logging_level="ERROR")
-    node = ray.get_runtime_context().get_node_id()
-    actors = list_actors(filters=[("node_id", "=", node), ("state", "=", "ALIVE")], limit=10_000)
+    return ray.get_runtime_context().get_node_id()
+
+
+def serve_replicas_here(timeout_s: float) -> int:
+    """Serve replicas alive on this pod's Ray node."""
+    from ray.util.state import list_actors
+
+    actors = list_actors(filters=[("node_id", "=", _connect()), ("state", "=", "ALIVE")], limit=10_000,
+                         timeout=max(1, int(timeout_s)))
     return sum(1 for a in actors if a.class_name.startswith("ServeReplica"))
 
 
+def _run(cmd: list[str], timeout_s: float) -> int:
+    try:
+        return subprocess.call(cmd, timeout=max(1.0, timeout_s))
+    except (OSError, subprocess.TimeoutExpired) as e:
+        print(f"{cmd[0]}: {type(e).__name__}: {e}", flush=True)
+        return -1
+
+
 def drain_pod(grace_s: float, gateway_file: str | None, ray: bool, fronts: tuple[str, ...] = ("gateway",),
-              run: Callable[[list[str]], int] = lambda cmd: subprocess.call(cmd, timeout=30),
-              replicas_here: Callable[[], int] = serve_replicas_here, period_s: float = 1.0) -> list[str]:
-    """The preStop hook: returns the lines it reports. Never raises: a pod must stop whatever happens here."""
-    t0 = time.monotonic()
+              run: Callable[[list[str], float], int] = _run, node_id: Callable[[], str] = _connect,
+              replicas_here: Callable[[float], int] = serve_replicas_here, period_s: float = 1.0) -> list[str]:
+    """The preStop hook: returns the lines it reports. Never raises and never outlives `grace_s` by more than one
+    call's timeout: a pod must stop whatever happens here."""
+    deadline = time.monotonic() + grace_s
     lines = []
     if ray:
-        rc = run(ray_drain_command(grace_s))
-        if rc != 0:
-            lines.append(f"ray drain-node failed (exit {rc}); the node's replicas stop with the pod")
+        try:
+            rc = run(ray_drain_command(grace_s, node_id()), deadline - time.monotonic())
+        except Exception as e:  # no Ray here (or not reachable): nothing to drain through it
+            rc, why = -1, f"{type(e).__name__}: {e}"
         else:
-            left = _wait_replicas(replicas_here, t0 + grace_s, period_s)
+            why = f"exit {rc}"
+        if rc != 0:
+            lines.append(f"ray drain-node failed ({why}); the node's replicas stop with the pod")
+        else:
+            left = _wait_replicas(replicas_here, deadline, period_s)
             lines.append("ray: this node's Serve replicas moved away" if left == 0 else
-                         f"ray: {left} Serve replica(s) still here at the deadline")
+                         f"ray: Serve replicas still here at the deadline: {left}")
     if gateway_file:
-        reports = request(gateway_file, max(0.0, grace_s - (time.monotonic() - t0)), fronts)
+        reports = request(gateway_file, max(0.0, deadline - time.monotonic()), fronts)
         for front, left in reports.items():
             lines.append(f"{front}: no drain report (none on this pod, or it did not finish)" if left is None
                          else f"{front} drained: {len(left['failed'])} request(s) failed")
     return lines
 
 
-def _wait_replicas(replicas_here: Callable[[], int], deadline: float, period_s: float) -> int | str:
+def _wait_replicas(replicas_here: Callable[[float], int], deadline: float, period_s: float) -> int | str:
+    last: int | str = "unknown (no time left to ask)"
     while True:
+        left_s = deadline - time.monotonic()
+        if left_s <= 0:
+            return last
         try:
-            n = replicas_here()
-        except Exception as e:  # Ray is going away under us: nothing more to wait for
+            last = replicas_here(left_s)
+        except Exception as e:  # Ray is going away under us, or did not answer in time
             return f"unknown ({type(e).__name__})"
-        if n == 0 or time.monotonic() >= deadline:
-            return n
-        time.sleep(period_s)
+        if last == 0:
+            return 0
+        time.sleep(min(period_s, max(0.0, deadline - time.monotonic())))

@@ -42,7 +42,9 @@ def sweep(sizes: list[int], iters: int = 3, warmup: int = 1, group=None,
     rows = []
     for size in sizes:
         n = max(1, size // (ELEMENT * world))  # elements to each peer
-        send = (torch.arange(world, device=device).repeat_interleave(n) + 1000 * rank).float()
+        # float32 from the start (no int64 temporaries: at 1 GiB a rank, memory the GPUs' units may need)
+        peers = torch.arange(world, device=device, dtype=torch.float32)
+        send = (peers + 1000 * rank).repeat_interleave(n)
         recv = torch.empty_like(send)
         times = []
         for i in range(warmup + iters):
@@ -53,9 +55,12 @@ def sweep(sizes: list[int], iters: int = 3, warmup: int = 1, group=None,
                 torch.cuda.synchronize(device)
             if i >= warmup:
                 times.append(time.perf_counter() - t0)
-        expect = (torch.arange(world, device=device).repeat_interleave(n) * 1000 + rank).float()
+        wrong = int((recv != (peers * 1000 + rank).repeat_interleave(n)).sum())
+        del send, recv
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
         everyone = [None] * world if rank == 0 else None
-        dist.gather_object((times, int((recv != expect).sum())), everyone, dst=0, group=group)
+        dist.gather_object((times, wrong), everyone, dst=0, group=group)
         if rank == 0:
             seconds = statistics.median(max(t[i] for t, _ in everyone) for i in range(iters))
             alg, bus = bandwidths(n * ELEMENT * world, seconds, world)

@@ -58,15 +58,44 @@ def test_a_stale_report_is_not_taken_and_no_gateway_means_no_report_within_the_g
 
 def test_the_hook_drains_the_ray_node_then_waits_for_its_replicas_to_leave(tmp_path):
     ran, left = [], iter([2, 1, 0])
-    lines = drain_pod(30, None, True, run=lambda cmd: ran.append(cmd) or 0, replicas_here=lambda: next(left),
-                      period_s=0.01)
-    assert ran == [ray_drain_command(30)] and "--deadline-remaining-seconds" in ran[0]
+    lines = drain_pod(30, None, True, run=lambda cmd, t: ran.append((cmd, t)) or 0, node_id=lambda: "n1",
+                      replicas_here=lambda t: next(left), period_s=0.01)
+    assert [c for c, _ in ran] == [ray_drain_command(30, "n1")] and 29 < ran[0][1] <= 30
+    assert ran[0][0][:4] == ["ray", "drain-node", "--node-id", "n1"] and "--deadline-remaining-seconds" in ran[0][0]
     assert lines == ["ray: this node's Serve replicas moved away"]
     t0 = time.monotonic()
-    lines = drain_pod(0.2, None, True, run=lambda cmd: 0, replicas_here=lambda: 3, period_s=0.01)
-    assert lines == ["ray: 3 Serve replica(s) still here at the deadline"] and time.monotonic() - t0 < 2
-    assert drain_pod(5, None, True, run=lambda cmd: 1) == [
+    lines = drain_pod(0.2, None, True, run=lambda cmd, t: 0, node_id=lambda: "n1", replicas_here=lambda t: 3,
+                      period_s=0.01)
+    assert lines == ["ray: Serve replicas still here at the deadline: 3"] and time.monotonic() - t0 < 2
+
+
+def test_the_hook_never_raises_and_keeps_to_its_grace_period(tmp_path):
+    def no_ray():
+        raise ConnectionError("no Ray at auto")
+
+    assert drain_pod(5, None, True, run=lambda cmd, t: 0, node_id=no_ray) == [
+        "ray drain-node failed (ConnectionError: no Ray at auto); the node's replicas stop with the pod"]
+    assert drain_pod(5, None, True, run=lambda cmd, t: 1, node_id=lambda: "n1") == [
         "ray drain-node failed (exit 1); the node's replicas stop with the pod"]
+
+    def slow(timeout_s):  # a state query that takes all the time it is given, then fails
+        time.sleep(min(timeout_s, 0.3))
+        raise TimeoutError
+
+    t0 = time.monotonic()
+    lines = drain_pod(0.3, str(tmp_path / "drain"), True, run=lambda cmd, t: 0, node_id=lambda: "n1",
+                      replicas_here=slow, period_s=0.01)
+    assert lines == ["ray: Serve replicas still here at the deadline: unknown (TimeoutError)",
+                     "gateway: no drain report (none on this pod, or it did not finish)"]
+    assert time.monotonic() - t0 < 1.5
+
+
+def test_a_missing_or_hung_command_is_a_failed_exit_not_an_exception():
+    from dgserve.cluster.drain import _run
+
+    assert _run(["/nonexistent/ray"], 5) == -1
+    t0 = time.monotonic()
+    assert _run(["sleep", "10"], 0.1) == -1 and time.monotonic() - t0 < 3
 
 
 def test_the_cli_hook_waits_for_the_gateway_report(tmp_path, capsys):

@@ -64,7 +64,7 @@ def test_the_hook_fails_under_the_threshold(tmp_path, bandwidths, ok):
     assert (out.returncode == 0) == ok, out.stdout + out.stderr
     assert "pod-a (engine, 8 GPUs): alltoall avg busbw 191.73 GB/s, threshold 100" in out.stdout
     calls = (tmp_path / "calls").read_text()
-    assert "exec -n serving pod-b -c ray-worker -- /opt/nccl-tests/build/alltoall_perf -b 8M -e 1G -f 2 -g 8" in calls
+    assert "exec -n serving pod-b -c ray-worker -- /opt/nccl-tests/build/alltoall_perf -b 8M -e 512M -f 2 -g 8" in calls
     assert "-l app.kubernetes.io/instance=rel,dgserve.io/role=engine" in calls
 
 

@@ -27,7 +27,8 @@ def test_notes_follow_tls_keys_and_the_fabric_check():
     text = notes("tls.existingSecret=t", "http.tls=true", "apiKeys.existingSecret=k", "http.routePrefix=/openai",
                  "fabricCheck.enabled=true")
     assert "--tls-ca ca.crt --tls-server-name dg-dgserve-grpc.serving.svc --api-key-file KEY_FILE health" in text
-    assert "https://127.0.0.1:8000/openai/v1/models" in text and "helm test dg -n serving --logs --timeout 11m" in text
+    assert "https://127.0.0.1:8000/openai/v1/models" in text and "helm test dg -n serving --timeout 11m" in text
+    assert "kubectl logs -n serving job/dg-dgserve-fabric-check" in text
     assert "WARNING" not in text
 
 

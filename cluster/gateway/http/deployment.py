@@ -44,7 +44,9 @@ class OpenAIIngress:
             status = await asyncio.wait_for(self.gateway.status.remote(), timeout=5)
         except Exception as e:  # the gateway replica is gone or stuck: nothing says the endpoint serves
             return False, f"the gateway did not answer ({type(e).__name__})"
-        return bool(status["serving"]) and not status["draining"], status["why"]
+        # Whether units can serve, from whichever gateway answered. Not whether that gateway drains: with several
+        # gateway pods, one pod's drain says nothing of this ingress (which drains through its own drain file).
+        return bool(status["serving"]), status["why"]
 
     async def drain(self, grace_s: float | None = None) -> dict:
         grace = self.topo.gateway.grace_s if grace_s is None else grace_s
