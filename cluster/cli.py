@@ -104,7 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                                "terminationGracePeriodSeconds)")
     dp.add_argument("--gateway-file", help="the topology's gateway.drain_file: the fronts here drain when it "
                                            "appears, and this waits for their reports")
-    dp.add_argument("--front", action="append", choices=["gateway", "http"], default=None,
+    from dgserve.cluster.drain import FRONTS
+
+    dp.add_argument("--front", action="append", choices=FRONTS, default=None,
                     help="a front whose report to wait for (repeatable; default: gateway)")
     dp.add_argument("--ray", action="store_true", help="drain this Ray node (Serve moves its replicas away "
                                                        "gracefully) and wait for its Serve replicas to leave")

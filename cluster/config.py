@@ -250,6 +250,24 @@ def parse_topology(raw: dict | None) -> Topology:
     return Topology(**kw)
 
 
+def _ray_resources_ok(v) -> bool:
+    return isinstance(v, dict) and all(
+        isinstance(k, str) and k != "" and k not in ("CPU", "GPU", "memory", "object_store_memory")
+        and is_number(n) and 0 < n <= 1000 for k, n in v.items())
+
+
+# How many replicas a front (the gateway, the HTTP ingress) has, and the custom Ray resources that place them.
+FRONT_PLACEMENT_CHECKS = {
+    "replicas": (lambda v: is_int(v) and 1 <= v <= 1000, "an integer in 1..1000"),
+    "ray_resources": (_ray_resources_ok,
+                      "a mapping of custom Ray resource names (not CPU, GPU or memory) to numbers in (0, 1000]"),
+}
+
+
+def _float_resources(section: dict) -> dict:
+    return {**section, "ray_resources": {k: float(n) for k, n in section.get("ray_resources", {}).items()}}
+
+
 def _gateway(raw) -> GatewaySettings:
     g = _section(raw, "gateway", {f.name for f in fields(GatewaySettings)})
     checks = {
@@ -267,8 +285,7 @@ def _gateway(raw) -> GatewaySettings:
         "max_media_bytes": (lambda v: v is None or (is_int(v) and 0 <= v <= 2**30),
                             "null or an integer in 0..1073741824"),
         "insecure_remote": (lambda v: isinstance(v, bool), "true or false"),
-        "replicas": (lambda v: is_int(v) and 1 <= v <= 1000, "an integer in 1..1000"),
-        "ray_resources": (_ray_resources_ok, RAY_RESOURCES_ALLOWED),
+        **FRONT_PLACEMENT_CHECKS,
     }
     for key in ("api_keys_file", "drain_file", "tls_cert_file", "tls_key_file", "tls_client_ca_file"):
         checks[key] = (lambda v: v is None or (isinstance(v, str) and v != ""), "null or a file path")
@@ -277,7 +294,7 @@ def _gateway(raw) -> GatewaySettings:
     for key, value in g.items():
         ok, allowed = checks[key]
         _need(f"gateway.{key}", value, ok(value), allowed)
-    out = GatewaySettings(**{**g, "ray_resources": {k: float(n) for k, n in g.get("ray_resources", {}).items()}})
+    out = GatewaySettings(**_float_resources(g))
     _need("gateway.tls_key_file", out.tls_key_file, (out.tls_cert_file is None) == (out.tls_key_file is None),
           "set together with gateway.tls_cert_file (a certificate and its private key)")
     _need("gateway.tls_client_ca_file", out.tls_client_ca_file, out.tls_client_ca_file is None or out.tls,
@@ -287,15 +304,6 @@ def _gateway(raw) -> GatewaySettings:
           "tls_key_file to listen on another address, or gateway.insecure_remote: true for plaintext behind a "
           "proxy or mesh that terminates TLS")
     return out
-
-
-RAY_RESOURCES_ALLOWED = "a mapping of custom Ray resource names (not CPU, GPU or memory) to numbers in (0, 1000]"
-
-
-def _ray_resources_ok(v) -> bool:
-    return isinstance(v, dict) and all(
-        isinstance(k, str) and k != "" and k not in ("CPU", "GPU", "memory", "object_store_memory")
-        and is_number(n) and 0 < n <= 1000 for k, n in v.items())
 
 
 def _http(raw, gateway: GatewaySettings) -> HttpSettings:
@@ -310,13 +318,12 @@ def _http(raw, gateway: GatewaySettings) -> HttpSettings:
         "served_model_name": (lambda v: v is None or (isinstance(v, str) and 0 < len(v) <= 256 and v.isprintable()),
                               "null or a printable string of 1..256 characters"),
         "request_timeout_s": (lambda v: v is None or (is_number(v) and v > 0), "null or a number of seconds > 0"),
-        "replicas": (lambda v: is_int(v) and 1 <= v <= 1000, "an integer in 1..1000"),
-        "ray_resources": (_ray_resources_ok, RAY_RESOURCES_ALLOWED),
+        **FRONT_PLACEMENT_CHECKS,
     }
     for key, value in h.items():
         ok, allowed = checks[key]
         _need(f"http.{key}", value, ok(value), allowed)
-    out = HttpSettings(**{**h, "ray_resources": {k: float(n) for k, n in h.get("ray_resources", {}).items()}})
+    out = HttpSettings(**_float_resources(h))
     if out.enabled:
         _need("http.host", out.host, out.host in LOOPBACK_HOSTS or gateway.tls or gateway.insecure_remote,
               f"a loopback address ({', '.join(LOOPBACK_HOSTS[:3])}) without TLS: set gateway.tls_cert_file and "

@@ -31,12 +31,6 @@ def parse_size(text: str) -> int:
     return int(m.group(1)) * UNITS[m.group(2)]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="dgserve fabric-check", description=__doc__.split("\n\n")[0])
-    add_arguments(ap)
-    return ap
-
-
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--node-rank", type=int, required=True, help="this pod's index, 0..nodes-1 (0 reports)")
     ap.add_argument("--nodes", type=int, required=True, help="pods taking part")

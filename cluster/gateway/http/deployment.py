@@ -55,7 +55,6 @@ class OpenAIIngress:
         return {"failed": left}
 
 
-
 def http_app(topo, units, gateway):
     """The ingress bound to the units and the gateway (which keeps serving gRPC beside it)."""
     return serve.deployment(OpenAIIngress).options(
