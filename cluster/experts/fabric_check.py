@@ -2,7 +2,8 @@
 it between GPU pods (where nccl-tests' single-process alltoall_perf only sees one pod's GPUs).
 
 Each of N pods runs `dgserve fabric-check --node-rank I --nodes N --master HOST:PORT`; each starts one process per
-local GPU (global rank I x G + local), all join one torch.distributed group through the master's TCP store, and
+local GPU (global rank I x G + local), all join one torch.distributed group through the master's TCP store (bound
+to the master address only, as ranks.py binds a unit's), and
 rank 0 measures the sweep of `selftest.sweep` (the units' start-up self-test, nccl-tests' busbw definition). Node 0
 prints nccl-tests-style rows and "# Avg bus bandwidth : X" (the mean busbw over the sizes), and exits 1 when X is
 under --min-busbw or any element arrived wrong. With --backend gloo it runs on CPUs (how the tests run it).
@@ -15,6 +16,7 @@ import datetime
 import json
 import os
 import re
+import socket
 import statistics
 import sys
 import tempfile
@@ -105,8 +107,17 @@ def _rank(local_rank: int, args: argparse.Namespace, local: int, out: str) -> No
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
     os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
-    dist.init_process_group(args.backend, init_method=f"tcp://{args.master}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=args.timeout))
+    timeout = datetime.timedelta(seconds=args.timeout)
+    host, port = args.master.rsplit(":", 1)
+    host = host.strip("[]")
+    if rank == 0:  # the store listens on the master address only (torch's TCPStore would bind every interface)
+        sock = socket.create_server((host, int(port)), family=socket.AF_INET6 if ":" in host else socket.AF_INET,
+                                    backlog=128)
+        store = dist.TCPStore(host, int(port), world, is_master=True, timeout=timeout,
+                              master_listen_fd=sock.detach())
+    else:
+        store = dist.TCPStore(host, int(port), world, is_master=False, timeout=timeout)
+    dist.init_process_group(args.backend, store=store, rank=rank, world_size=world, timeout=timeout)
     try:
         rows = sweep(sizes(args.min_bytes, args.max_bytes, world), iters=args.iters, warmup=args.warmup,
                      device=device)
